@@ -1,0 +1,383 @@
+"""The shardd wire protocol, sans-IO: bytes in, typed messages out, no socket in sight.
+
+Theory of operation
+-------------------
+A client sends one ZeroMQ frame per request; the frame is a msgpack array
+``[version, id, op]`` (an :class:`Envelope`) whose ``op`` is itself an array
+``[name, arg...]`` (one of the tagged Structs below). The daemon answers each request
+with one frame ``[id, status, value]`` (a :class:`Reply`). Ids are chosen by the client
+and echoed back, so a client may pipeline many requests on one socket and match replies
+by id. docs/protocol.md is the full, language-neutral description; this module is the
+reference implementation and must agree with it.
+
+Inside the daemon, the router forwards requests to a worker in a :class:`Batch`
+``[seq, [envelope...]]`` and the worker answers with one :class:`BatchReply`
+``[seq, [reply...]]`` whose replies are in the same order. The router forwards a
+client's envelope bytes untouched and relays the worker's reply bytes untouched, so a
+single-key request is decoded once by the router (to place it) and once by the worker.
+
+Rules
+-----
+Rule 1: decoding never raises to the caller's loop. ``decode_envelope`` returns either an
+        Envelope or a ready-to-send error Reply that names the problem.
+Rule 2: a request that fails validation changes nothing.
+Rule 3: keys and values are msgpack ``bin`` (bytes). Str keys are a client-side
+        convenience; on the wire they are already UTF-8 bytes.
+Rule 4: statuses and their meaning never change within a protocol version; new ops and
+        new statuses may be added, and a peer must treat an unknown status as an error.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+import msgspec
+
+from shardd.errors import (
+    BadRequest,
+    Busy,
+    InternalError,
+    NotInteger,
+    TooLarge,
+    Unavailable,
+    UnsupportedVersion,
+)
+
+PROTOCOL_VERSION = 1
+
+# Wire status codes. OK is the only success; the rest mirror shardd.errors.
+OK = 0
+BAD_REQUEST = BadRequest.status
+UNSUPPORTED_VERSION = UnsupportedVersion.status
+TOO_LARGE = TooLarge.status
+BUSY = Busy.status
+UNAVAILABLE = Unavailable.status
+NOT_INTEGER = NotInteger.status
+INTERNAL_ERROR = InternalError.status
+
+# SET conditions (memcached add/replace, Redis NX/XX).
+ALWAYS = 0
+IF_ABSENT = 1
+IF_PRESENT = 2
+
+SetCondition = Literal[0, 1, 2]
+
+
+class _Op(msgspec.Struct, array_like=True, frozen=True, omit_defaults=True, tag_field="op"):
+    """Base of every op: an array whose first element is the op name."""
+
+
+# --- single-key ops -----------------------------------------------------------------
+
+
+class Get(_Op, tag="get"):
+    key: bytes
+
+
+class Set(_Op, tag="set"):
+    key: bytes
+    value: bytes
+    ttl_ms: int | None = None
+    cond: SetCondition = ALWAYS
+
+
+class Delete(_Op, tag="delete"):
+    key: bytes
+
+
+class Exists(_Op, tag="exists"):
+    key: bytes
+
+
+class Expire(_Op, tag="expire"):
+    key: bytes
+    ttl_ms: int
+
+
+class Ttl(_Op, tag="ttl"):
+    key: bytes
+
+
+class Persist(_Op, tag="persist"):
+    key: bytes
+
+
+class Incr(_Op, tag="incr"):
+    key: bytes
+    delta: int = 1
+
+
+class Gets(_Op, tag="gets"):
+    key: bytes
+
+
+class Cas(_Op, tag="cas"):
+    key: bytes
+    value: bytes
+    version: int
+    ttl_ms: int | None = None
+
+
+# --- multi-key ops (split per shard by the router) --------------------------------
+
+
+class GetMany(_Op, tag="get_many"):
+    keys: list[bytes]
+
+
+class SetMany(_Op, tag="set_many"):
+    items: list[tuple[bytes, bytes]]
+    ttl_ms: int | None = None
+
+
+class DeleteMany(_Op, tag="delete_many"):
+    keys: list[bytes]
+
+
+# --- admin ops (fanned out to every shard) -----------------------------------------
+
+
+class Ping(_Op, tag="ping"):
+    pass
+
+
+class Stats(_Op, tag="stats"):
+    pass
+
+
+class Flush(_Op, tag="flush"):
+    pass
+
+
+class DebugSleep(_Op, tag="debug_sleep"):
+    """Test-only: make one shard sleep ``ms`` milliseconds. Refused unless enabled in config."""
+
+    shard: int
+    ms: int
+
+
+Op = Union[
+    Get, Set, Delete, Exists, Expire, Ttl, Persist, Incr, Gets, Cas,
+    GetMany, SetMany, DeleteMany, Ping, Stats, Flush, DebugSleep,
+]
+SINGLE_KEY_OPS = (Get, Set, Delete, Exists, Expire, Ttl, Persist, Incr, Gets, Cas)
+MULTI_KEY_OPS = (GetMany, SetMany, DeleteMany)
+ADMIN_OPS = (Ping, Stats, Flush)
+WRITE_OPS = (Set, Delete, Expire, Persist, Incr, Cas, SetMany, DeleteMany, Flush)
+
+
+class Envelope(msgspec.Struct, array_like=True, frozen=True):
+    """One request: ``[version, id, op]``."""
+
+    version: int
+    id: int
+    op: Op
+
+
+class Reply(msgspec.Struct, array_like=True, frozen=True):
+    """One answer: ``[id, status, value]``; on an error status ``value`` is the message."""
+
+    id: int
+    status: int
+    value: Any = None
+
+
+class Batch(msgspec.Struct, array_like=True, frozen=True):
+    """Router → worker: several envelopes to apply in order, answered by one BatchReply."""
+
+    seq: int
+    ops: list[msgspec.Raw]
+
+
+class BatchReply(msgspec.Struct, array_like=True, frozen=True):
+    """Worker → router: the replies to one Batch, in the same order."""
+
+    seq: int
+    replies: list[msgspec.Raw]
+
+
+class Limits(msgspec.Struct, frozen=True):
+    """Size limits a request must respect; the daemon's config supplies the values."""
+
+    max_key_bytes: int = 1024
+    max_value_bytes: int = 1024 * 1024
+    max_message_bytes: int = 16 * 1024 * 1024
+
+
+# Encoders and decoders are reused: building them is the expensive part.
+_encoder = msgspec.msgpack.Encoder()
+encode = _encoder.encode
+_envelope_decoder = msgspec.msgpack.Decoder(Envelope)
+_reply_decoder = msgspec.msgpack.Decoder(Reply)
+_batch_decoder = msgspec.msgpack.Decoder(Batch)
+_batch_reply_decoder = msgspec.msgpack.Decoder(BatchReply)
+_loose_decoder = msgspec.msgpack.Decoder()
+
+_U64 = (1 << 64) - 1
+
+
+def encode_request(request_id: int, op: Op) -> bytes:
+    """The frame a client sends for ``op``."""
+    return _encoder.encode(Envelope(PROTOCOL_VERSION, request_id, op))
+
+
+def encode_reply(request_id: int, status: int, value: Any = None) -> bytes:
+    return _encoder.encode(Reply(request_id, status, value))
+
+
+def error_reply(request_id: int, exc: BaseException) -> bytes:
+    """An error Reply for a shardd ServerError (its status) or any other exception (INTERNAL)."""
+    status = getattr(exc, "status", INTERNAL_ERROR)
+    return encode_reply(request_id, status if status > 0 else INTERNAL_ERROR, str(exc))
+
+
+def decode_reply(frame: bytes) -> Reply:
+    """Decode a reply frame; raises msgspec.DecodeError/ValidationError if it is not one."""
+    return _reply_decoder.decode(frame)
+
+
+def decode_batch(frame: bytes) -> Batch:
+    return _batch_decoder.decode(frame)
+
+
+def decode_batch_reply(frame: bytes) -> BatchReply:
+    return _batch_reply_decoder.decode(frame)
+
+
+def encode_batch(seq: int, frames: list[bytes]) -> bytes:
+    return _encoder.encode(Batch(seq, [msgspec.Raw(f) for f in frames]))
+
+
+def encode_batch_reply(seq: int, frames: list[bytes]) -> bytes:
+    return _encoder.encode(BatchReply(seq, [msgspec.Raw(f) for f in frames]))
+
+
+def decode_envelope(frame: bytes, limits: Limits) -> Envelope | bytes:
+    """Decode and validate one request frame.
+
+    Returns the Envelope, or (Rule 1) the encoded error Reply to send instead. The error
+    path is allowed to be slow; the success path is one msgspec decode plus size checks.
+    """
+    if len(frame) > limits.max_message_bytes:
+        return encode_reply(
+            _salvage_id(frame, limits.max_message_bytes), TOO_LARGE,
+            f"message is {len(frame)} bytes; the limit is {limits.max_message_bytes} (max_message_bytes)",
+        )
+    try:
+        env = _envelope_decoder.decode(frame)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        return _explain_bad_frame(frame, exc)
+    if env.version != PROTOCOL_VERSION:
+        return encode_reply(
+            env.id, UNSUPPORTED_VERSION,
+            f"protocol version {env.version} is not supported; this server speaks {PROTOCOL_VERSION}",
+        )
+    problem = check_op(env.op, limits)
+    if problem is not None:
+        return encode_reply(env.id, problem[0], problem[1])
+    return env
+
+
+def check_op(op: Op, limits: Limits) -> tuple[int, str] | None:
+    """Return (status, message) if ``op`` breaks a size limit or has a bad argument, else None."""
+    max_key = limits.max_key_bytes
+    key = getattr(op, "key", None)
+    if key is not None and len(key) > max_key:
+        return TOO_LARGE, f"key is {len(key)} bytes; the limit is {max_key} (max_key_bytes)"
+    value = getattr(op, "value", None)
+    if value is not None and len(value) > limits.max_value_bytes:
+        return TOO_LARGE, (
+            f"value is {len(value)} bytes; the limit is {limits.max_value_bytes} (max_value_bytes)"
+        )
+    ttl = getattr(op, "ttl_ms", None)
+    if ttl is not None and not 0 < ttl <= _U64:
+        return BAD_REQUEST, f"ttl_ms must be a positive number of milliseconds, got {ttl}"
+    cls = type(op)
+    if cls is GetMany or cls is DeleteMany:
+        for k in op.keys:
+            if len(k) > max_key:
+                return TOO_LARGE, f"a key is {len(k)} bytes; the limit is {max_key} (max_key_bytes)"
+    elif cls is SetMany:
+        for k, v in op.items:
+            if len(k) > max_key:
+                return TOO_LARGE, f"a key is {len(k)} bytes; the limit is {max_key} (max_key_bytes)"
+            if len(v) > limits.max_value_bytes:
+                return TOO_LARGE, (
+                    f"a value is {len(v)} bytes; the limit is {limits.max_value_bytes} (max_value_bytes)"
+                )
+    elif cls is Incr and not -(1 << 63) <= op.delta < (1 << 63):
+        return BAD_REQUEST, f"delta must fit in a signed 64-bit integer, got {op.delta}"
+    elif cls is Cas and not 0 <= op.version <= _U64:
+        return BAD_REQUEST, f"version must be an unsigned 64-bit integer, got {op.version}"
+    elif cls is DebugSleep and not 0 <= op.ms <= 60_000:
+        return BAD_REQUEST, f"debug_sleep ms must be in [0, 60000], got {op.ms}"
+    return None
+
+
+def _salvage_id(frame: bytes, limit: int | None = None) -> int:
+    """Best-effort request id of a frame that failed to decode, so the error reaches its caller.
+
+    Only the first few bytes are needed: msgpack arrays put version and id first.
+    """
+    head = frame[:32] if limit is not None else frame
+    try:
+        obj = _loose_decoder.decode(head)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        obj = _partial_prefix(head)
+    if isinstance(obj, list) and len(obj) >= 2 and isinstance(obj[1], int) and 0 <= obj[1] <= _U64:
+        return obj[1]
+    return 0
+
+
+def _partial_prefix(head: bytes) -> list[Any] | None:
+    """Decode ``[version, id, ...`` from a truncated frame (array header plus two ints)."""
+    if not head:
+        return None
+    first = head[0]
+    if 0x90 <= first <= 0x9F:
+        pos = 1
+    elif first == 0xDC:
+        pos = 3
+    elif first == 0xDD:
+        pos = 5
+    else:
+        return None
+    items: list[Any] = []
+    for _ in range(2):
+        for end in range(pos + 1, min(len(head), pos + 9) + 1):
+            try:
+                items.append(_loose_decoder.decode(head[pos:end]))
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                continue
+            pos = end
+            break
+        else:
+            return None
+    return items
+
+
+def _explain_bad_frame(frame: bytes, exc: Exception) -> bytes:
+    """Turn a decode failure into an error Reply that names the problem."""
+    request_id = _salvage_id(frame)
+    try:
+        obj = _loose_decoder.decode(frame)
+    except msgspec.DecodeError:
+        return encode_reply(request_id, BAD_REQUEST, f"malformed request: not valid msgpack ({exc})")
+    if not isinstance(obj, list) or len(obj) != 3:
+        return encode_reply(
+            request_id, BAD_REQUEST,
+            "malformed request: expected a msgpack array [version, id, [op, args...]]",
+        )
+    version = obj[0]
+    if isinstance(version, int) and version != PROTOCOL_VERSION:
+        return encode_reply(
+            request_id, UNSUPPORTED_VERSION,
+            f"protocol version {version} is not supported; this server speaks {PROTOCOL_VERSION}",
+        )
+    op = obj[2]
+    if isinstance(op, list) and op and isinstance(op[0], str) and op[0] not in OP_NAMES:
+        return encode_reply(request_id, BAD_REQUEST, f"unknown op {op[0]!r}")
+    return encode_reply(request_id, BAD_REQUEST, f"malformed request: {exc}")
+
+
+OP_NAMES = frozenset(cls.__struct_config__.tag for cls in Op.__args__)  # type: ignore[attr-defined]
