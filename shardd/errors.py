@@ -101,3 +101,13 @@ def error_for_status(status: int, message: str) -> ServerError:
     if cls is None:
         return ServerError(f"status {status}: {message}", status)
     return cls(message)
+
+
+class ExitCode:
+    """Exit statuses of ``shardd`` commands and daemon processes."""
+
+    OK = 0
+    FAILURE = 1          # a client command failed (daemon down, error reply, …)
+    CONFIG = 2           # bad configuration file or flag
+    BOOT_FAILED = 3      # a child did not start (port in use, runtime dir unusable, …)
+    CHILD_FAILED = 4     # the router died, or a worker crash-looped, while serving

@@ -1,0 +1,441 @@
+"""What the clients share: each op's argument checks, wire Struct and reply conversion.
+
+Every public command is one function here returning a :data:`Call`, the pair
+``(op, convert)``: ``op`` is the protocol Struct to send and ``convert`` turns the OK
+reply's ``value`` into the Python result. ``Client``, ``AsyncClient`` and both pipelines
+only move frames; they never build an op or interpret a value themselves, so a command
+behaves the same whichever way it is sent. Argument misuse raises ``TypeError`` or
+``ValueError`` here, when the command is called (or queued), before anything is sent.
+
+Rules
+-----
+Rule 1: a reply value of the wrong shape raises ProtocolError, never a stray TypeError.
+Rule 2: TTLs are seconds in Python and whole milliseconds on the wire, rounded up, so any
+        positive TTL is at least 1 ms.
+Rule 3: request ids run 1 .. 2**64-1 and wrap to 1. Id 0 is never used: it is the id a
+        server gives an error about a request whose id it could not read.
+
+No I/O and no zmq here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Self
+
+import msgspec
+
+from shardd import protocol
+from shardd.errors import ProtocolError, ServerError, SharddError, Timeout, error_for_status
+
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:7400"
+DEFAULT_TIMEOUT = 1.0  # seconds; a local round trip is ~0.2 ms, so this only trips on trouble
+
+U64 = (1 << 64) - 1
+_I64_MIN = -(1 << 63)
+_I64_MAX = (1 << 63) - 1
+_NO_TTL = -1
+_MISSING = -2
+
+Key = bytes | str
+Value = bytes | bytearray | memoryview
+Convert = Callable[[Any], Any]
+Call = tuple[protocol.Op, Convert]
+
+
+def next_id(last: int) -> int:
+    """The request id after ``last`` (Rule 3)."""
+    return last % U64 + 1
+
+
+# --- argument checks -------------------------------------------------------------------
+
+
+def key_bytes(key: object) -> bytes:
+    """A key as wire bytes; str keys are UTF-8 encoded."""
+    if type(key) is bytes:
+        return key
+    if isinstance(key, str):
+        return key.encode()
+    if isinstance(key, bytes):
+        return bytes(key)
+    raise TypeError(f"key must be bytes or str, not {type(key).__name__}")
+
+
+def value_bytes(value: object) -> bytes:
+    if type(value) is bytes:
+        return value
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    hint = " (encode it first)" if isinstance(value, str) else ""
+    raise TypeError(f"value must be bytes, bytearray or memoryview, not {type(value).__name__}{hint}")
+
+
+def ttl_ms(ttl: object) -> int:
+    """Seconds (int or float, > 0) as whole milliseconds, rounded up (Rule 2)."""
+    if type(ttl) is int:
+        if ttl <= 0:
+            raise ValueError(f"ttl must be > 0 seconds, got {ttl}")
+        ms = ttl * 1000
+    elif isinstance(ttl, int | float) and not isinstance(ttl, bool):
+        if not 0 < ttl < math.inf:  # also rejects NaN
+            raise ValueError(f"ttl must be a finite number of seconds > 0, got {ttl}")
+        # Allow for float representation error (0.003 * 1000 == 3.0000000000000004), which
+        # would otherwise add a whole millisecond; then at least 1 ms.
+        ms = max(1, math.ceil(ttl * 1000 - 1e-6))
+    else:
+        raise TypeError(f"ttl must be an int or float number of seconds, not {type(ttl).__name__}")
+    if ms > U64:
+        raise ValueError(f"ttl is too large: {ttl} seconds")
+    return ms
+
+
+def _opt_ttl_ms(ttl: object) -> int | None:
+    return None if ttl is None else ttl_ms(ttl)
+
+
+def _int_arg(name: str, value: object) -> int:
+    if type(value) is int or (isinstance(value, int) and not isinstance(value, bool)):
+        return int(value)
+    raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+
+
+def _key_list(keys: object) -> list[Any]:
+    if isinstance(keys, str | bytes | bytearray | memoryview):
+        raise TypeError("keys must be an iterable of keys, not a single key")
+    return list(keys)  # type: ignore[call-overload]
+
+
+# --- reply conversions (Rule 1) -------------------------------------------------------
+
+
+def _bad(what: str, value: Any) -> ProtocolError:
+    text = repr(value)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return ProtocolError(f"expected {what} in reply, got {text}")
+
+
+def _to_bytes_or_none(value: Any) -> bytes | None:
+    if value is None or type(value) is bytes:
+        return value
+    raise _bad("bytes or nil", value)
+
+
+def _to_bool(value: Any) -> bool:
+    if type(value) is bool:
+        return value
+    raise _bad("a bool", value)
+
+
+def _to_int(value: Any) -> int:
+    if type(value) is int:
+        return value
+    raise _bad("an int", value)
+
+
+def _to_ttl(value: Any) -> float | None:
+    if type(value) is int:
+        if value >= 0:
+            return value / 1000
+        if value == _NO_TTL:
+            return math.inf
+        if value == _MISSING:
+            return None
+    raise _bad("milliseconds, -1 or -2", value)
+
+
+def _to_versioned(value: Any) -> tuple[bytes, int] | None:
+    if value is None:
+        return None
+    if type(value) is list and len(value) == 2 and type(value[0]) is bytes and type(value[1]) is int:
+        return value[0], value[1]
+    raise _bad("[value, version] or nil", value)
+
+
+def _to_cas(value: Any) -> bool | None:
+    if value is None or type(value) is bool:
+        return value
+    raise _bad("a bool or nil", value)
+
+
+def _to_dict(value: Any) -> dict[Any, Any]:
+    if type(value) is dict:
+        return value
+    raise _bad("a map", value)
+
+
+# --- commands: arguments -> (op, convert) ----------------------------------------------
+
+
+def get(key: Key) -> Call:
+    return protocol.Get(key_bytes(key)), _to_bytes_or_none
+
+
+def set(key: Key, value: Value, ttl: float | None = None, nx: bool = False, xx: bool = False) -> Call:
+    if nx and xx:
+        raise ValueError("nx and xx are mutually exclusive")
+    cond = protocol.IF_ABSENT if nx else protocol.IF_PRESENT if xx else protocol.ALWAYS
+    return protocol.Set(key_bytes(key), value_bytes(value), _opt_ttl_ms(ttl), cond), _to_bool
+
+
+def delete(key: Key) -> Call:
+    return protocol.Delete(key_bytes(key)), _to_bool
+
+
+def exists(key: Key) -> Call:
+    return protocol.Exists(key_bytes(key)), _to_bool
+
+
+def expire(key: Key, ttl: float) -> Call:
+    return protocol.Expire(key_bytes(key), ttl_ms(ttl)), _to_bool
+
+
+def ttl(key: Key) -> Call:
+    return protocol.Ttl(key_bytes(key)), _to_ttl
+
+
+def persist(key: Key) -> Call:
+    return protocol.Persist(key_bytes(key)), _to_bool
+
+
+def incr(key: Key, amount: int = 1) -> Call:
+    return _incr(key, _int_arg("amount", amount))
+
+
+def decr(key: Key, amount: int = 1) -> Call:
+    return _incr(key, -_int_arg("amount", amount))
+
+
+def _incr(key: Key, delta: int) -> Call:
+    if not _I64_MIN <= delta <= _I64_MAX:
+        raise ValueError(f"amount must fit in a signed 64-bit integer, got {abs(delta)}")
+    return protocol.Incr(key_bytes(key), delta), _to_int
+
+
+def gets(key: Key) -> Call:
+    return protocol.Gets(key_bytes(key)), _to_versioned
+
+
+def cas(key: Key, value: Value, version: int, ttl: float | None = None) -> Call:
+    version = _int_arg("version", version)
+    if not 0 <= version <= U64:
+        raise ValueError(f"version must be an unsigned 64-bit integer, got {version}")
+    return protocol.Cas(key_bytes(key), value_bytes(value), version, _opt_ttl_ms(ttl)), _to_cas
+
+
+def get_many(keys: Iterable[Key]) -> Call:
+    originals = _key_list(keys)
+    wire = [key_bytes(k) for k in originals]
+
+    def convert(values: Any) -> dict[Any, bytes]:
+        if type(values) is not list or len(values) != len(originals):
+            raise _bad(f"a list of {len(originals)} values", values)
+        found = {}
+        for key, value in zip(originals, values, strict=True):
+            if value is not None:
+                if type(value) is not bytes:
+                    raise _bad("bytes or nil", value)
+                found[key] = value
+        return found
+
+    return protocol.GetMany(wire), convert
+
+
+def set_many(items: Mapping[Key, Value] | Iterable[tuple[Key, Value]], ttl: float | None = None) -> Call:
+    pairs = items.items() if isinstance(items, Mapping) else items
+    wire = []
+    for pair in pairs:
+        try:
+            key, value = pair
+        except (TypeError, ValueError):
+            raise TypeError(f"set_many wants a mapping or (key, value) pairs, got item {pair!r}") from None
+        wire.append((key_bytes(key), value_bytes(value)))
+    return protocol.SetMany(wire, _opt_ttl_ms(ttl)), _to_int
+
+
+def delete_many(keys: Iterable[Key]) -> Call:
+    return protocol.DeleteMany([key_bytes(k) for k in _key_list(keys)]), _to_int
+
+
+def flush() -> Call:
+    return protocol.Flush(), _to_int
+
+
+def ping() -> Call:
+    return protocol.Ping(), _to_int
+
+
+def stats() -> Call:
+    return protocol.Stats(), _to_dict
+
+
+# --- replies -------------------------------------------------------------------------
+
+
+def decode(frame: bytes) -> protocol.Reply:
+    """Decode one reply frame; a frame that is not a Reply raises ProtocolError."""
+    try:
+        return protocol.decode_reply(frame)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"undecodable reply frame ({len(frame)} bytes): {exc}") from None
+
+
+def server_error(reply: protocol.Reply) -> ServerError:
+    value = reply.value
+    return error_for_status(reply.status, value if isinstance(value, str) else repr(value))
+
+
+def result(reply: protocol.Reply, convert: Convert) -> Any:
+    """The converted value of ``reply``; an error status raises its ServerError."""
+    if reply.status != protocol.OK:
+        raise server_error(reply)
+    return convert(reply.value)
+
+
+def outcome(reply: protocol.Reply, convert: Convert) -> Any:
+    """Like :func:`result`, but an error is returned instead of raised (for pipelines)."""
+    if reply.status != protocol.OK:
+        return server_error(reply)
+    try:
+        return convert(reply.value)
+    except ProtocolError as exc:
+        return exc
+
+
+def op_name(op: protocol.Op) -> str:
+    return op.__struct_config__.tag  # type: ignore[return-value]
+
+
+def timeout_error(endpoint: str, timeout: float, op: protocol.Op) -> Timeout:
+    return Timeout(f"no reply from {endpoint} within {timeout:g} s to {op_name(op)}")
+
+
+UNANSWERED: Any = object()
+"""Placeholder in a pipeline's result list for a request with no reply yet."""
+
+
+def finish(results: list[Any], raise_on_error: bool, endpoint: str, timeout: float) -> list[Any]:
+    """Pipeline results in call order, a Timeout in each unanswered slot.
+
+    With ``raise_on_error`` the first error in call order is raised instead.
+    """
+    missing = results.count(UNANSWERED)
+    if missing:
+        text = f"{missing} of {len(results)} pipelined requests got no reply from {endpoint} within {timeout:g} s"
+        results = [Timeout(text) if r is UNANSWERED else r for r in results]
+    if raise_on_error:
+        for item in results:
+            if isinstance(item, SharddError):
+                raise item
+    return results
+
+
+# --- pipelines -----------------------------------------------------------------------
+
+
+class PipelineBase:
+    """Queues commands for one round of sends; subclasses add ``execute``.
+
+    Each command method checks its arguments at once, queues the request and returns the
+    pipeline, so calls chain. Nothing is sent until ``execute``.
+    """
+
+    def __init__(self) -> None:
+        self._calls: list[Call] = []
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.reset()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Drop every queued command without sending it."""
+        self._calls = []
+
+    def _take(self) -> list[Call]:
+        calls, self._calls = self._calls, []
+        return calls
+
+    def _queue(self, call: Call) -> Self:
+        self._calls.append(call)
+        return self
+
+    def get(self, key: Key) -> Self:
+        """Queue get(key)."""
+        return self._queue(get(key))
+
+    def set(self, key: Key, value: Value, ttl: float | None = None, nx: bool = False, xx: bool = False) -> Self:
+        """Queue set(key, value, ttl, nx, xx)."""
+        return self._queue(set(key, value, ttl, nx, xx))
+
+    def delete(self, key: Key) -> Self:
+        """Queue delete(key)."""
+        return self._queue(delete(key))
+
+    def exists(self, key: Key) -> Self:
+        """Queue exists(key)."""
+        return self._queue(exists(key))
+
+    def expire(self, key: Key, ttl: float) -> Self:
+        """Queue expire(key, ttl)."""
+        return self._queue(expire(key, ttl))
+
+    def ttl(self, key: Key) -> Self:
+        """Queue ttl(key)."""
+        return self._queue(ttl(key))
+
+    def persist(self, key: Key) -> Self:
+        """Queue persist(key)."""
+        return self._queue(persist(key))
+
+    def incr(self, key: Key, amount: int = 1) -> Self:
+        """Queue incr(key, amount)."""
+        return self._queue(incr(key, amount))
+
+    def decr(self, key: Key, amount: int = 1) -> Self:
+        """Queue decr(key, amount)."""
+        return self._queue(decr(key, amount))
+
+    def gets(self, key: Key) -> Self:
+        """Queue gets(key)."""
+        return self._queue(gets(key))
+
+    def cas(self, key: Key, value: Value, version: int, ttl: float | None = None) -> Self:
+        """Queue cas(key, value, version, ttl)."""
+        return self._queue(cas(key, value, version, ttl))
+
+    def get_many(self, keys: Iterable[Key]) -> Self:
+        """Queue get_many(keys)."""
+        return self._queue(get_many(keys))
+
+    def set_many(self, items: Mapping[Key, Value] | Iterable[tuple[Key, Value]], ttl: float | None = None) -> Self:
+        """Queue set_many(items, ttl)."""
+        return self._queue(set_many(items, ttl))
+
+    def delete_many(self, keys: Iterable[Key]) -> Self:
+        """Queue delete_many(keys)."""
+        return self._queue(delete_many(keys))
+
+    def flush(self) -> Self:
+        """Queue flush()."""
+        return self._queue(flush())
+
+    def ping(self) -> Self:
+        """Queue ping()."""
+        return self._queue(ping())
+
+    def stats(self) -> Self:
+        """Queue stats()."""
+        return self._queue(stats())

@@ -1,0 +1,155 @@
+"""Daemon configuration: one frozen, typed, validated object, built once.
+
+Sources, later wins: built-in defaults < the TOML file (``--config``) < CLI flags. Every
+default is justified in ``configs/shardd.toml``. The object is cheap and picklable, so the
+supervisor hands it to each child; children derive paths from it but acquire nothing at
+import time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import msgspec
+
+from shardd.errors import ConfigError
+from shardd.protocol import Limits
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+    "kib": 1024, "mib": 1024**2, "gib": 1024**3,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([a-zA-Z]*)\s*$")
+SIZE_KEYS = ("max_key_bytes", "max_value_bytes", "max_message_bytes")
+_ENDPOINT_RE = re.compile(r"^(tcp://[^\s]+:\d+|ipc://\S+)$")
+
+
+class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Every setting of the daemon. See configs/shardd.toml for why each default is what it is."""
+
+    bind: str = "tcp://127.0.0.1:7400"
+    shards: int = 0
+    runtime_dir: str = ""
+    mailbox_limit: int = 1024
+    max_key_bytes: int = 1024
+    max_value_bytes: int = 1024 * 1024
+    max_message_bytes: int = 16 * 1024 * 1024
+    expiry_interval_ms: int = 100
+    expiry_budget_ms: int = 5
+    pin_cpus: bool = True
+    stop_timeout: float = 5.0
+    ready_timeout: float = 15.0
+    log_level: LogLevel = "info"
+    enable_debug_ops: bool = False
+
+    def __post_init__(self) -> None:
+        if not _ENDPOINT_RE.match(self.bind):
+            raise ValueError(f"must be tcp://HOST:PORT or ipc://PATH, got {self.bind!r} - at `$.bind`")
+        checks: list[tuple[str, bool, str]] = [
+            ("shards", 0 <= self.shards <= 1024, "between 0 (one per CPU) and 1024"),
+            ("mailbox_limit", 1 <= self.mailbox_limit <= 10_000_000, "between 1 and 10000000"),
+            ("max_key_bytes", 1 <= self.max_key_bytes <= 65536, "between 1 and 65536"),
+            ("max_value_bytes", 1 <= self.max_value_bytes <= 512 * 1024**2, "between 1 and 512MiB"),
+            ("max_message_bytes", self.max_message_bytes >= self.max_value_bytes + self.max_key_bytes + 64,
+             "at least max_value_bytes + max_key_bytes + 64, so one largest SET fits"),
+            ("max_message_bytes", self.max_message_bytes <= 1024**3, "at most 1GiB"),
+            ("expiry_interval_ms", 1 <= self.expiry_interval_ms <= 60_000, "between 1 and 60000"),
+            ("expiry_budget_ms", 0 < self.expiry_budget_ms <= self.expiry_interval_ms,
+             "positive and at most expiry_interval_ms"),
+            ("stop_timeout", 0 < self.stop_timeout <= 600, "between 0 and 600 seconds"),
+            ("ready_timeout", 0 < self.ready_timeout <= 600, "between 0 and 600 seconds"),
+        ]
+        for key, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"must be {expected}, got {getattr(self, key)!r} - at `$.{key}`")
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.max_key_bytes, self.max_value_bytes, self.max_message_bytes)
+
+    def shard_count(self) -> int:
+        """The number of shards: as configured, or one per CPU this process may run on."""
+        return self.shards or len(allowed_cpus())
+
+    def worker_endpoint(self, shard: int) -> str:
+        return f"ipc://{os.path.join(self.runtime_dir, f'shard-{shard}.ipc')}"
+
+    def control_endpoint(self) -> str:
+        """A second, local-only endpoint of the router, used by the supervisor's readiness check."""
+        return f"ipc://{os.path.join(self.runtime_dir, 'router.ipc')}"
+
+
+def allowed_cpus() -> list[int]:
+    """The CPUs this process may run on (its affinity mask), in ascending order."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return list(range(os.cpu_count() or 1))
+
+
+def parse_size(value: Any, key: str) -> int:
+    """``1048576``, ``"1MiB"``, ``"512 KiB"``, ``"16MB"`` → bytes."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a size like 1048576 or \"1MiB\", got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m and m.group(2).lower() in _SIZE_UNITS:
+            return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+    raise ConfigError(f"{key}: expected a size like 1048576 or \"1MiB\", got {value!r}")
+
+
+def build_config(file_values: Mapping[str, Any] | None = None,
+                 overrides: Mapping[str, Any] | None = None) -> Config:
+    """Merge file values and overrides (None values ignored) into a validated Config."""
+    raw: dict[str, Any] = dict(file_values or {})
+    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    for key in SIZE_KEYS:
+        if key in raw:
+            raw[key] = parse_size(raw[key], key)
+    try:
+        return msgspec.convert(raw, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_friendly(str(exc))) from None
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """Read a TOML file into a dict, turning every failure into a one-line ConfigError."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    return data
+
+
+def load_config(path: str | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Defaults < file at ``path`` (if given) < overrides."""
+    file_values = read_config_file(path) if path else {}
+    try:
+        return build_config(file_values, overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+
+
+def _friendly(message: str) -> str:
+    """msgspec says '... - at `$.shards`'; put the key first: 'shards: ...'."""
+    m = re.search(r" - at `\$\.([A-Za-z_]+)[^`]*`$", message)
+    if m:
+        return f"{m.group(1)}: {message[: m.start()]}"
+    m = re.match(r"Object contains unknown field `([^`]+)`", message)
+    if m:
+        return f"{m.group(1)}: unknown key (see configs/shardd.toml for the valid ones)"
+    return message

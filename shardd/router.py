@@ -1,0 +1,475 @@
+"""The router: owns the public endpoint and places every request on its shard.
+
+Theory of operation
+-------------------
+Clients talk to one ROUTER socket. Each request frame is decoded once (to validate it and
+find its key), then:
+
+* a single-key op goes to the shard ``shard_for(key, N)``: its raw bytes are appended to
+  that shard's outbox, untouched, and the worker's reply bytes come back to the client
+  untouched;
+* a multi-key op (get_many, set_many, delete_many) is split into one sub-op per shard
+  involved and gathered into one reply;
+* an admin op (ping, stats, flush) fans out to every shard and is gathered.
+
+All requests read in one pass over the client socket are grouped per shard and sent as one
+Batch per shard: per-message overhead dominates on this machine (DESIGN.md), so batching is
+the main lever on throughput.
+
+Rules
+-----
+Rule 1: ``inflight`` of a shard is exact: +1 for each op put in its outbox, -1 for each reply
+        received or each op failed because the shard went down. Past ``mailbox_limit`` an op
+        is answered BUSY at once and never queued. A multi-key op is checked against every
+        shard it touches before any part is queued, so BUSY never half-applies a write.
+Rule 2: a shard is "up" only between a completed handshake and a disconnect of its worker
+        (socket monitor). When it goes down, everything in flight to it is answered
+        UNAVAILABLE; other shards are untouched.
+Rule 3: every Batch carries a seq; replies are matched by seq, so a reply from before a
+        restart, or one for a request already failed, is recognised and dropped.
+Rule 4: nothing a client sends raises out of the loop, and a client that vanished or stopped
+        reading costs us a dropped reply, never a blocked send (all sends are non-blocking).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from shardd import protocol as p
+from shardd import transport
+from shardd.config import Config
+from shardd.errors import ExitCode
+from shardd.hashing import shard_for
+from shardd.logs import setup_logging
+
+log = logging.getLogger("shardd.router")
+
+# Messages taken from the client socket per pass before outboxes are flushed: bounds the
+# latency batching adds, while a burst still becomes one Batch per shard.
+_DRAIN_LIMIT = 512
+
+
+class ReqPeer:
+    """A client on a REQ socket: its replies need the empty delimiter frame echoed."""
+
+    __slots__ = ("identity",)
+
+    def __init__(self, identity: bytes) -> None:
+        self.identity = identity
+
+
+class Gather:
+    """One client request answered from several shard replies (multi-key and admin ops)."""
+
+    __slots__ = ("combine", "error", "parts", "peer", "remaining", "request_id", "tolerant")
+
+    def __init__(self, peer: Any, request_id: int, parts: int,
+                 combine: Callable[[list[tuple[int, Any, Any]]], Any], tolerant: bool = False) -> None:
+        self.peer = peer
+        self.request_id = request_id
+        self.remaining = parts
+        self.parts: list[tuple[int, Any, Any]] = []  # (shard, context, value or (status, message))
+        self.error: tuple[int, str] | None = None
+        self.combine = combine
+        # A tolerant gather (stats) still combines when some shards failed; others answer
+        # the first error.
+        self.tolerant = tolerant
+
+
+class ShardLink:
+    """The router's view of one shard: its socket, health, mailbox and what is in flight."""
+
+    __slots__ = ("busy", "high", "inflight", "monitor", "next_seq", "out_frames", "out_targets",
+                 "pending", "shard", "sock", "up")
+
+    def __init__(self, shard: int, sock: transport.Socket, monitor: transport.Socket) -> None:
+        self.shard = shard
+        self.sock = sock
+        self.monitor = monitor
+        self.up = False
+        self.inflight = 0
+        self.high = 0
+        self.busy = 0
+        self.next_seq = 1
+        # seq → (targets, frames): the frames are kept (not copied) so a request failed
+        # because its shard went down can be answered with its own request id.
+        self.pending: dict[int, tuple[list[Any], list[bytes]]] = {}
+        self.out_frames: list[bytes] = []
+        self.out_targets: list[Any] = []
+
+
+class Router:
+    """The routing state machine; ``run_router`` drives it with sockets."""
+
+    def __init__(self, config: Config, frontend: transport.Socket, links: list[ShardLink]) -> None:
+        self.config = config
+        self.frontend = frontend
+        self.links = links
+        self.n = len(links)
+        self.limits = config.limits
+        self.mailbox_limit = config.mailbox_limit
+        self.requests = 0
+        self.draining = False
+        self.started = time.monotonic()
+        self._admin: dict[type, tuple[Callable, bool]] = {
+            p.Ping: (_count_parts, False),
+            p.Flush: (_sum_parts, False),
+            p.Stats: (self._combine_stats, True),
+        }
+
+    # --- replies to clients -------------------------------------------------------
+
+    def send_to(self, peer: Any, frame: bytes) -> None:
+        """Send one reply frame; a peer that left or stopped reading loses it (Rule 4)."""
+        send = self.frontend.send
+        try:
+            if type(peer) is bytes:
+                send(peer, transport.SNDMORE | transport.NOBLOCK)
+            else:
+                send(peer.identity, transport.SNDMORE | transport.NOBLOCK)
+                send(b"", transport.SNDMORE)
+            send(frame, transport.NOBLOCK)
+        except transport.ZMQError:
+            pass
+
+    def reply(self, peer: Any, request_id: int, status: int, value: Any = None) -> None:
+        self.send_to(peer, p.encode_reply(request_id, status, value))
+
+    # --- client requests ----------------------------------------------------------
+
+    def on_frontend(self) -> None:
+        """Read what the client socket has ready (bounded), route it, flush the outboxes."""
+        sock = self.frontend
+        recv, getsockopt = sock.recv, sock.getsockopt
+        EVENTS, POLLIN, RCVMORE = transport.EVENTS, transport.POLLIN, transport.RCVMORE
+        for _ in range(_DRAIN_LIMIT):
+            if not getsockopt(EVENTS) & POLLIN:
+                break
+            peer: Any = recv()
+            frame = recv()
+            extra = 0
+            if getsockopt(RCVMORE):
+                if not frame:  # REQ socket: empty delimiter, then the body
+                    peer = ReqPeer(peer)
+                    frame = recv()
+                while getsockopt(RCVMORE):
+                    recv()
+                    extra += 1
+            self.requests += 1
+            if extra:
+                self.reply(peer, 0, p.BAD_REQUEST,
+                           f"a request must be exactly one frame; got {extra} extra frame(s)")
+            elif self.draining:
+                self.reply(peer, 0, p.UNAVAILABLE, "the daemon is shutting down")
+            else:
+                self.route(peer, frame)
+        self.flush_outboxes()
+
+    def route(self, peer: Any, frame: bytes) -> None:
+        env = p.decode_envelope(frame, self.limits)
+        if type(env) is bytes:
+            self.send_to(peer, env)
+            return
+        op = env.op
+        key = getattr(op, "key", None)
+        if key is not None:
+            link = self.links[shard_for(key, self.n)]
+            problem = self._refusal(link)
+            if problem is not None:
+                self.reply(peer, env.id, *problem)
+                return
+            link.inflight += 1
+            link.out_frames.append(frame)
+            link.out_targets.append(peer)
+            return
+        cls = type(op)
+        if cls is p.GetMany or cls is p.DeleteMany:
+            self._split_keys(peer, env.id, op, cls)
+        elif cls is p.SetMany:
+            self._split_set_many(peer, env.id, op)
+        elif cls is p.DebugSleep:
+            self._debug_sleep(peer, env.id, op)
+        else:
+            self._fan_out(peer, env.id, op)
+
+    def _refusal(self, link: ShardLink) -> tuple[int, str] | None:
+        if not link.up:
+            return p.UNAVAILABLE, f"shard {link.shard} is down (being restarted); retry shortly"
+        if link.inflight >= self.mailbox_limit:
+            link.busy += 1
+            return p.BUSY, (f"shard {link.shard} has {link.inflight} requests in flight "
+                            f"(mailbox_limit {self.mailbox_limit}); back off and retry")
+        return None
+
+    def _queue(self, link: ShardLink, op: p.Op, target: Any) -> None:
+        link.inflight += 1
+        link.out_frames.append(p.encode_request(0, op))
+        link.out_targets.append(target)
+
+    def _start_gather(self, peer: Any, request_id: int, groups: dict[int, Any],
+                      make_op: Callable[[Any], p.Op], combine: Callable) -> None:
+        """Check every shard involved (Rule 1), then queue one sub-op per shard."""
+        for shard in groups:
+            problem = self._refusal(self.links[shard])
+            if problem is not None:
+                self.reply(peer, request_id, *problem)
+                return
+        gather = Gather(peer, request_id, len(groups), combine)
+        for shard, context in groups.items():
+            self._queue(self.links[shard], make_op(context), (gather, context))
+
+    def _split_keys(self, peer: Any, request_id: int, op: Any, cls: type) -> None:
+        groups: dict[int, list[int]] = {}
+        keys = op.keys
+        n = self.n
+        for i, key in enumerate(keys):
+            groups.setdefault(shard_for(key, n), []).append(i)
+        if not groups:
+            self.reply(peer, request_id, p.OK, [] if cls is p.GetMany else 0)
+            return
+        if cls is p.GetMany:
+            size = len(keys)
+
+            def combine(parts: list[tuple[int, Any, Any]]) -> list[Any]:
+                out: list[Any] = [None] * size
+                for _, positions, values in parts:
+                    for pos, value in zip(positions, values, strict=True):
+                        out[pos] = value
+                return out
+        else:
+            combine = _sum_parts
+        self._start_gather(peer, request_id, groups, lambda pos: cls([keys[i] for i in pos]), combine)
+
+    def _split_set_many(self, peer: Any, request_id: int, op: p.SetMany) -> None:
+        groups: dict[int, list[tuple[bytes, bytes]]] = {}
+        n = self.n
+        for item in op.items:
+            groups.setdefault(shard_for(item[0], n), []).append(item)
+        if not groups:
+            self.reply(peer, request_id, p.OK, 0)
+            return
+        self._start_gather(peer, request_id, groups, lambda items: p.SetMany(items, op.ttl_ms), _sum_parts)
+
+    def _fan_out(self, peer: Any, request_id: int, op: p.Op) -> None:
+        """Admin ops go to every shard; a down shard is an error part, not a refusal."""
+        combine, tolerant = self._admin[type(op)]
+        gather = Gather(peer, request_id, self.n, combine, tolerant)
+        for link in self.links:
+            if link.up:
+                self._queue(link, op, (gather, None))
+            else:
+                self._complete_part(gather, link.shard, None,
+                                    (p.UNAVAILABLE, f"shard {link.shard} is down"), None)
+
+    def _debug_sleep(self, peer: Any, request_id: int, op: p.DebugSleep) -> None:
+        if not 0 <= op.shard < self.n:
+            self.reply(peer, request_id, p.BAD_REQUEST, f"no shard {op.shard}; there are {self.n}")
+            return
+        self._start_gather(peer, request_id, {op.shard: None}, lambda _: op, lambda parts: parts[0][2])
+
+    # --- shard traffic --------------------------------------------------------------
+
+    def flush_outboxes(self) -> None:
+        for link in self.links:
+            if not link.out_frames:
+                continue
+            frames, targets = link.out_frames, link.out_targets
+            link.out_frames, link.out_targets = [], []
+            seq = link.next_seq
+            link.next_seq += 1
+            try:
+                link.sock.send(p.encode_batch(seq, frames), transport.NOBLOCK)
+            except transport.ZMQError:  # no live connection (IMMEDIATE): the worker just died
+                self._fail(link, targets, frames, "went down")
+                continue
+            link.pending[seq] = (targets, frames)
+            if link.inflight > link.high:
+                link.high = link.inflight
+
+    def on_shard(self, link: ShardLink) -> None:
+        sock = link.sock
+        recv, getsockopt = sock.recv, sock.getsockopt
+        EVENTS, POLLIN = transport.EVENTS, transport.POLLIN
+        send_to = self.send_to
+        while getsockopt(EVENTS) & POLLIN:
+            frame = recv()
+            try:
+                batch = p.decode_batch_reply(frame)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                log.error("shard %d sent an undecodable reply (%d bytes); dropped", link.shard, len(frame))
+                continue
+            entry = link.pending.pop(batch.seq, None)
+            if entry is None:
+                continue  # Rule 3: a reply to something already failed
+            targets = entry[0]
+            link.inflight -= len(targets)
+            for target, raw in zip(targets, batch.replies, strict=False):
+                if type(target) is tuple:
+                    self._on_part(target, link.shard, raw)
+                else:
+                    send_to(target, raw)
+
+    def _on_part(self, target: tuple[Gather, Any], shard: int, raw: Any) -> None:
+        gather, context = target
+        try:
+            reply = p.decode_reply(raw)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            self._complete_part(gather, shard, context, (p.INTERNAL_ERROR, f"shard {shard} sent garbage"), None)
+            return
+        error = None if reply.status == p.OK else (reply.status, f"shard {shard}: {reply.value}")
+        self._complete_part(gather, shard, context, error, reply.value)
+
+    def _complete_part(self, gather: Gather, shard: int, context: Any,
+                       error: tuple[int, str] | None, value: Any) -> None:
+        if error is not None and gather.error is None:
+            gather.error = error
+        gather.parts.append((shard, context, value if error is None else error))
+        gather.remaining -= 1
+        if gather.remaining:
+            return
+        if gather.error is not None and not gather.tolerant:
+            self.reply(gather.peer, gather.request_id, *gather.error)
+            return
+        try:
+            value = gather.combine(gather.parts)
+        except Exception as exc:
+            log.exception("gather failed")
+            self.reply(gather.peer, gather.request_id, p.INTERNAL_ERROR, f"internal error: {exc!r}")
+            return
+        self.reply(gather.peer, gather.request_id, p.OK, value)
+
+    def _fail(self, link: ShardLink, targets: list[Any], frames: list[bytes], why: str) -> None:
+        """Answer UNAVAILABLE for ops that were queued to a shard that went down (Rule 2)."""
+        message = f"shard {link.shard} {why}; retry shortly"
+        link.inflight -= len(targets)
+        for target, frame in zip(targets, frames, strict=True):
+            if type(target) is tuple:
+                self._complete_part(target[0], link.shard, target[1], (p.UNAVAILABLE, message), None)
+            else:
+                env = p.decode_envelope(frame, self.limits)
+                request_id = env.id if isinstance(env, p.Envelope) else 0
+                self.reply(target, request_id, p.UNAVAILABLE, message)
+
+    def on_shard_event(self, link: ShardLink, event: str | None) -> None:
+        if event == "up" and not link.up:
+            link.up = True
+            log.info("shard %d is up", link.shard)
+        elif event == "down" and link.up:
+            link.up = False
+            log.warning("shard %d is down; answering UNAVAILABLE for it", link.shard)
+            pending, link.pending = link.pending, {}
+            for targets, frames in pending.values():
+                self._fail(link, targets, frames, "went down")
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "uptime_s": round(time.monotonic() - self.started, 3),
+            "shards": self.n,
+            "mailbox_limit": self.mailbox_limit,
+            "requests": self.requests,
+        }
+
+    def _combine_stats(self, parts: list[tuple[int, Any, Any]]) -> dict[str, Any]:
+        """Router stats plus one row per shard: the worker's own numbers and the router's view."""
+        by_shard = {shard: value for shard, _, value in parts}
+        rows = []
+        for link in self.links:
+            value = by_shard.get(link.shard)
+            row: dict[str, Any] = dict(value) if isinstance(value, dict) else {"shard": link.shard}
+            row.update(status="up" if isinstance(value, dict) else "down",
+                       mailbox=link.inflight, mailbox_high=link.high, busy=link.busy)
+            rows.append(row)
+        return {"router": self.stats(), "shards": rows}
+
+    def idle(self) -> bool:
+        return all(not link.pending for link in self.links)
+
+
+def _sum_parts(parts: list[tuple[int, Any, Any]]) -> int:
+    return sum(value for _, _, value in parts)
+
+
+def _count_parts(parts: list[tuple[int, Any, Any]]) -> int:
+    return len(parts)
+
+
+def run_router(config: Config) -> int:
+    """Serve the public endpoint until SIGTERM; the entry point of the router process.
+
+    On SIGTERM the router unbinds its public endpoints (no new connections), answers
+    requests that still arrive with UNAVAILABLE, waits until every shard has answered what
+    was in flight (bounded by ``stop_timeout``), and exits 0.
+    """
+    setup_logging(config.log_level, "router")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor orders the stop
+    stopping = False
+
+    def on_term(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    wakeup = transport.signal_wakeup_pipe([signal.SIGTERM], on_term)
+    ctx = transport.new_context()
+    public = [config.bind, config.control_endpoint()]
+    links: list[ShardLink] = []
+    try:
+        for shard in range(config.shards):
+            sock = transport.connect_shard_dealer(ctx, config.worker_endpoint(shard))
+            links.append(ShardLink(shard, sock, transport.monitor_socket(sock)))
+        try:
+            frontend = transport.bind_public_router(ctx, public, config.max_message_bytes)
+        except transport.ZMQError as exc:
+            log.error("cannot bind %s: %s", config.bind, exc)
+            return ExitCode.BOOT_FAILED
+        router = Router(config, frontend, links)
+        log.info("listening on %s for %d shards", config.bind, config.shards)
+        _serve(router, wakeup, lambda: stopping)
+        frontend.close(linger=0)
+    finally:
+        for endpoint in public:
+            transport.remove_ipc_file(endpoint)
+        for link in links:
+            link.monitor.close(linger=0)
+            link.sock.close(linger=0)
+        ctx.term()
+    log.info("stopped")
+    return ExitCode.OK
+
+
+def _serve(router: Router, wakeup: int, should_stop: Callable[[], bool]) -> None:
+    poller = transport.Poller()
+    frontend = router.frontend
+    poller.register(frontend, transport.POLLIN)
+    poller.register(wakeup, transport.POLLIN)
+    by_socket: dict[Any, Callable[[], None]] = {frontend: router.on_frontend, wakeup: lambda: transport.drain_fd(wakeup)}
+    for link in router.links:
+        poller.register(link.sock, transport.POLLIN)
+        poller.register(link.monitor, transport.POLLIN)
+        by_socket[link.sock] = lambda link=link: router.on_shard(link)
+        by_socket[link.monitor] = lambda link=link: router.on_shard_event(link, transport.read_monitor_event(link.monitor))
+    deadline = None
+    while True:
+        if deadline is None and should_stop():
+            router.draining = True
+            deadline = time.monotonic() + router.config.stop_timeout * 0.6
+            for endpoint in (router.config.bind, router.config.control_endpoint()):
+                try:
+                    frontend.unbind(endpoint)
+                except transport.ZMQError:
+                    pass
+            log.info("stopping: no new connections; answering what is in flight")
+        if deadline is not None and (router.idle() or time.monotonic() >= deadline):
+            if not router.idle():
+                log.warning("stop timeout: %d shard(s) still had requests in flight",
+                            sum(1 for link in router.links if link.pending))
+            return
+        for sock, _ in poller.poll(100 if deadline is not None else 1000):
+            by_socket[sock]()

@@ -1,0 +1,474 @@
+"""The per-shard key/value store: a dict of compact entries with TTLs, versions and stats.
+
+Theory of operation
+-------------------
+One worker owns one :class:`Store` and applies every op on its shard to it, one at a time
+(DESIGN.md, decision 2), so nothing here locks. The store does no I/O: time comes from an
+injected ``clock`` (monotonic milliseconds, an ``int`` >= 0) and randomness from an
+injected ``random.Random``, so tests drive it with a fake clock and a seeded rng.
+
+Keys map to :class:`_Entry` objects (``__slots__``, no per-entry dict). Expiry is the
+Redis model: *lazy* expiry on every read and write path, which treats an expired key as
+absent and reclaims it the moment it is touched, plus *active* expiry
+(:meth:`Store.active_expire`), which the worker calls between batches to reclaim keys
+nobody touches. Active expiry samples from ``_ttl_keys``, a list of exactly the keys
+that have a TTL; each entry remembers its position in that list (``ttl_index``) so it
+can be swap-removed in O(1).
+
+Every value write (SET, CAS, INCR, SET_MANY items) takes the next value of a per-store
+counter as the entry's version, like memcached's CAS unique. TTL-only changes (EXPIRE,
+PERSIST) keep the version, as memcached's TOUCH keeps the CAS unique: a version names a
+value, and CAS compares values.
+
+Rules
+-----
+Rule 1: a key is live iff it has an entry and (``expires_at_ms == 0`` or
+        ``expires_at_ms > clock()``). A key set with ``ttl_ms=100`` at t=0 is gone at
+        t=100. No public method ever returns or acts on an expired entry.
+Rule 2: ``entry.expires_at_ms != 0`` iff ``entry.ttl_index >= 0``, and then
+        ``_ttl_keys[entry.ttl_index]`` is the entry's key. ``_ttl_keys`` holds no other key.
+Rule 3: versions are unique and strictly increasing within a store: the first write gets
+        version 1, and a key that is deleted and written again gets a new, higher version,
+        so a CAS with a version read before the delete can never succeed.
+Rule 4: ``used_bytes`` is the sum over all entries (live or not yet reclaimed) of
+        ``len(key) + len(value) + ENTRY_OVERHEAD``, kept up to date on every insert,
+        replace and removal; it is 0 when the store is empty.
+Rule 5: an op that raises (bad argument, INCR on a non-integer or overflow) changes
+        nothing visible. Reclaiming an expired entry on the way is not visible.
+Rule 6: the hot paths (GET, SET without TTL on a key without TTL) never raise, never read
+        the clock, and allocate nothing beyond a new entry and its version int.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import struct
+import sys
+from collections.abc import Callable, Iterable
+
+from shardd.errors import NotInteger
+from shardd.protocol import ALWAYS, IF_ABSENT, IF_PRESENT
+
+_I64_MIN = -(1 << 63)
+_I64_MAX = (1 << 63) - 1
+
+# Redis's string2ll is this strict; Python's int() would also take b" 1", b"+1", b"1_0",
+# b"01" and non-ASCII digits, which would make INCR disagree with every other client.
+_match_int = re.compile(rb"-?(?:0|[1-9][0-9]*)").fullmatch
+# len(b"-9223372036854775808"): anything longer cannot fit, and int() of a huge digit
+# string is slow (and past 4300 digits raises ValueError).
+_MAX_INT_LEN = 20
+
+# Redis's activeExpireCycle defaults: ACTIVE_EXPIRE_CYCLE_KEYS_PER_LOOP = 20 and
+# "repeat while more than 25% of the sample was expired".
+EXPIRE_SAMPLE = 20
+
+
+class _Entry:
+    """One stored value. ``expires_at_ms`` 0 means no TTL; ``ttl_index`` -1 means not in _ttl_keys."""
+
+    __slots__ = ("expires_at_ms", "ttl_index", "value", "version")
+
+    def __init__(self, value: bytes, expires_at_ms: int, version: int, ttl_index: int) -> None:
+        self.value = value
+        self.expires_at_ms = expires_at_ms
+        self.version = version
+        self.ttl_index = ttl_index
+
+
+def _dict_slot_estimate() -> int:
+    # A dict entry is (hash, key, value): three words, plus a 4-byte slot in the index
+    # table, which is 3/2 the size of the entry table. At its fullest (2/3 of the index
+    # table) that is 3 words + 6 bytes per key; right after a resize it is about twice
+    # that. 7/5 is roughly the geometric middle of that sawtooth; calibrate against RSS.
+    word = struct.calcsize("P")
+    return (3 * word + 6) * 7 // 5
+
+
+# What one entry costs beyond the bytes of its key and value: the _Entry object (with its
+# GC header, which sys.getsizeof includes), the headers of the key and value bytes objects
+# (getsizeof(b"") is the header plus the trailing NUL), the version int (always a separate
+# object once the counter passes 256) and the entry's share of the dict. TTL bookkeeping
+# (the deadline int and a list slot) and allocator rounding are not counted.
+ENTRY_OVERHEAD: int = (
+    sys.getsizeof(_Entry(b"", 0, 0, -1))
+    + 2 * sys.getsizeof(b"")
+    + sys.getsizeof(1 << 20)
+    + _dict_slot_estimate()
+)
+
+
+class Store:
+    """One shard's keys. Not thread-safe: exactly one worker loop may call it.
+
+    Counters (plain ints, read them for stats): ``hits`` and ``misses`` count key lookups
+    by get/gets/get_many; ``sets`` counts values written (set, set_many items, a CAS that
+    stored, INCR); ``deletes`` counts live keys removed by delete/delete_many; ``expired``
+    counts keys reclaimed because their TTL had passed (lazily, actively or by flush);
+    ``used_bytes`` is the accounted size (Rule 4).
+    """
+
+    def __init__(self, clock: Callable[[], int], rng: random.Random | None = None) -> None:
+        self._clock = clock
+        self._rng = rng if rng is not None else random.Random()
+        self._data: dict[bytes, _Entry] = {}
+        self._ttl_keys: list[bytes] = []
+        self._version = 0
+        self.hits = 0
+        self.misses = 0
+        self.sets = 0
+        self.deletes = 0
+        self.expired = 0
+        self.used_bytes = 0
+
+    def __len__(self) -> int:
+        """Number of entries, including expired ones not yet reclaimed (an upper bound on live keys)."""
+        return len(self._data)
+
+    @property
+    def expiring(self) -> int:
+        """Number of entries with a TTL (Redis INFO's ``expires``), including unreclaimed ones."""
+        return len(self._ttl_keys)
+
+    # --- reads ----------------------------------------------------------------------
+
+    def get(self, key: bytes) -> bytes | None:
+        entry = self._data.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        expires = entry.expires_at_ms
+        if expires and expires <= self._clock():
+            self._reclaim(key, entry)
+            self.misses += 1
+            return None
+        self.hits += 1
+        return entry.value
+
+    def gets(self, key: bytes) -> tuple[bytes, int] | None:
+        """The value and its version (the CAS token), or None if the key is missing."""
+        entry = self._data.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        expires = entry.expires_at_ms
+        if expires and expires <= self._clock():
+            self._reclaim(key, entry)
+            self.misses += 1
+            return None
+        self.hits += 1
+        return entry.value, entry.version
+
+    def get_many(self, keys: Iterable[bytes]) -> list[bytes | None]:
+        """Values in the order of ``keys``; None for each missing key."""
+        lookup = self._data.get
+        clock = self._clock
+        now = -1  # read the clock at most once per call, and only if a TTL needs it
+        out: list[bytes | None] = []
+        append = out.append
+        hits = 0
+        for key in keys:
+            entry = lookup(key)
+            if entry is not None:
+                expires = entry.expires_at_ms
+                if expires:
+                    if now < 0:
+                        now = clock()
+                    if expires <= now:
+                        self._reclaim(key, entry)
+                        append(None)
+                        continue
+                hits += 1
+                append(entry.value)
+            else:
+                append(None)
+        self.hits += hits
+        self.misses += len(out) - hits
+        return out
+
+    def exists(self, key: bytes) -> bool:
+        return self._live(key) is not None
+
+    def ttl(self, key: bytes) -> int:
+        """Milliseconds left (>= 1) for a live key with a TTL; -1 if it has none; -2 if missing.
+
+        The clock is integral and a live key has ``expires_at_ms > now`` (Rule 1), so the
+        difference is already the ceiling and never 0 (Redis PTTL convention).
+        """
+        entry = self._live(key)
+        if entry is None:
+            return -2
+        if not entry.expires_at_ms:
+            return -1
+        return entry.expires_at_ms - self._clock()
+
+    # --- writes ---------------------------------------------------------------------
+
+    def set(self, key: bytes, value: bytes, ttl_ms: int | None = None, cond: int = ALWAYS) -> bool:
+        """Store ``value``; returns whether it stored (cond IF_ABSENT/IF_PRESENT may refuse).
+
+        Without ``ttl_ms`` any previous TTL is cleared (Redis SET semantics).
+        """
+        if ttl_ms is not None and ttl_ms <= 0:
+            raise ValueError(f"ttl_ms must be a positive number of milliseconds, got {ttl_ms}")
+        entry = self._data.get(key)
+        if entry is not None:
+            expires = entry.expires_at_ms
+            if expires and expires <= self._clock():
+                self._reclaim(key, entry)
+                entry = None
+        if cond:
+            if cond == IF_ABSENT:
+                if entry is not None:
+                    return False
+            elif cond == IF_PRESENT:
+                if entry is None:
+                    return False
+            else:
+                raise ValueError(f"cond must be ALWAYS, IF_ABSENT or IF_PRESENT (0, 1, 2), got {cond!r}")
+        if ttl_ms is not None or (entry is not None and entry.ttl_index >= 0):
+            self._write(key, entry, value, ttl_ms)
+            return True
+        # The hot path (Rule 6): _write inlined for a key that ends up without a TTL; the
+        # saved method call is about a tenth of a SET's time in the store.
+        self._version = version = self._version + 1
+        if entry is None:
+            self._data[key] = _Entry(value, 0, version, -1)
+            self.used_bytes += len(key) + len(value) + ENTRY_OVERHEAD
+        else:
+            self.used_bytes += len(value) - len(entry.value)
+            entry.value = value
+            entry.version = version
+        self.sets += 1
+        return True
+
+    def set_many(self, items: Iterable[tuple[bytes, bytes]], ttl_ms: int | None = None) -> int:
+        """SET each (key, value) in order (later duplicates win); returns how many were stored."""
+        if ttl_ms is not None and ttl_ms <= 0:
+            raise ValueError(f"ttl_ms must be a positive number of milliseconds, got {ttl_ms}")
+        lookup = self._data.get
+        clock = self._clock
+        write = self._write
+        count = 0
+        for key, value in items:
+            entry = lookup(key)
+            if entry is not None:
+                expires = entry.expires_at_ms
+                if expires and expires <= clock():
+                    self._reclaim(key, entry)
+                    entry = None
+            write(key, entry, value, ttl_ms)
+            count += 1
+        return count
+
+    def cas(self, key: bytes, value: bytes, version: int, ttl_ms: int | None = None) -> bool | None:
+        """Store ``value`` only if the key's version is still ``version``.
+
+        Returns None if the key is missing, False if the version is stale (nothing
+        changes), True if stored. Like SET, no ``ttl_ms`` clears the TTL.
+        """
+        if ttl_ms is not None and ttl_ms <= 0:
+            raise ValueError(f"ttl_ms must be a positive number of milliseconds, got {ttl_ms}")
+        entry = self._live(key)
+        if entry is None:
+            return None
+        if entry.version != version:
+            return False
+        self._write(key, entry, value, ttl_ms)
+        return True
+
+    def incr(self, key: bytes, delta: int) -> int:
+        """Add ``delta`` to the decimal integer at ``key`` (missing: 0) and return the result.
+
+        The key keeps its TTL (Redis INCR). Raises NotInteger, changing nothing, if the
+        value is not a canonical signed 64-bit decimal or the result would overflow.
+        """
+        if not _I64_MIN <= delta <= _I64_MAX:
+            raise ValueError(f"delta must fit in a signed 64-bit integer, got {delta}")
+        entry = self._live(key)
+        if entry is None:
+            result = delta
+        else:
+            raw = entry.value
+            if len(raw) > _MAX_INT_LEN or _match_int(raw) is None:
+                raise NotInteger("value is not an integer or out of range")
+            current = int(raw)
+            if not _I64_MIN <= current <= _I64_MAX:
+                raise NotInteger("value is not an integer or out of range")
+            result = current + delta
+        if not _I64_MIN <= result <= _I64_MAX:
+            raise NotInteger("increment would overflow")
+        value = b"%d" % result
+        if entry is None:
+            self._write(key, None, value, None)
+        else:
+            # Not _write: that would clear the TTL, and INCR keeps it.
+            self._version += 1
+            self.used_bytes += len(value) - len(entry.value)
+            entry.value = value
+            entry.version = self._version
+            self.sets += 1
+        return result
+
+    def expire(self, key: bytes, ttl_ms: int) -> bool:
+        """Give a live key a TTL of ``ttl_ms`` from now (replacing any); False if missing."""
+        if ttl_ms <= 0:
+            raise ValueError(f"ttl_ms must be a positive number of milliseconds, got {ttl_ms}")
+        entry = self._live(key)
+        if entry is None:
+            return False
+        self._track(key, entry, self._clock() + ttl_ms)
+        return True
+
+    def persist(self, key: bytes) -> bool:
+        """Remove a live key's TTL; True if it had one."""
+        entry = self._live(key)
+        if entry is None or not entry.expires_at_ms:
+            return False
+        self._untrack(entry)
+        return True
+
+    def delete(self, key: bytes) -> bool:
+        """Remove a key; True if it was live."""
+        entry = self._live(key)
+        if entry is None:
+            return False
+        self._remove(key, entry)
+        self.deletes += 1
+        return True
+
+    def delete_many(self, keys: Iterable[bytes]) -> int:
+        """Remove each key; returns how many were live (a duplicate key counts once)."""
+        live = self._live
+        remove = self._remove
+        count = 0
+        for key in keys:
+            entry = live(key)
+            if entry is not None:
+                remove(key, entry)
+                count += 1
+        self.deletes += count
+        return count
+
+    def flush(self) -> int:
+        """Remove every key; returns how many were live. Versions keep counting up (Rule 3)."""
+        data = self._data
+        # Only TTL keys can be stale, so counting them costs O(keys with TTL), not O(keys).
+        stale = 0
+        if self._ttl_keys:
+            now = self._clock()
+            for key in self._ttl_keys:
+                if data[key].expires_at_ms <= now:
+                    stale += 1
+        live = len(data) - stale
+        self.expired += stale
+        data.clear()
+        self._ttl_keys.clear()
+        self.used_bytes = 0
+        return live
+
+    # --- active expiry --------------------------------------------------------------
+
+    def active_expire(self, budget_ms: int) -> int:
+        """Reclaim expired keys nobody touches; returns how many were removed.
+
+        Redis's activeExpireCycle: each round checks ``EXPIRE_SAMPLE`` random keys with a
+        TTL (all of them, if there are no more than that) and reclaims the expired ones.
+        Rounds repeat while more than 25% of a round's sample was expired, keys with a TTL
+        remain and less than ``budget_ms`` has passed on the clock. The first round always
+        runs, so a budget of 0 means one round. The clock is read once per round.
+        """
+        keys = self._ttl_keys
+        if not keys:
+            return 0
+        data = self._data
+        randrange = self._rng.randrange
+        reclaim = self._reclaim
+        start = now = self._clock()
+        removed = 0
+        while True:
+            n = len(keys)
+            expired = 0
+            if n <= EXPIRE_SAMPLE:
+                # Backwards, so a swap-remove only moves keys already checked.
+                sampled = n
+                for i in range(n - 1, -1, -1):
+                    key = keys[i]
+                    entry = data[key]
+                    if entry.expires_at_ms <= now:
+                        reclaim(key, entry)
+                        expired += 1
+            else:
+                # With replacement: removals reshuffle the list, and a repeat is harmless.
+                sampled = EXPIRE_SAMPLE
+                for _ in range(EXPIRE_SAMPLE):
+                    key = keys[randrange(len(keys))]
+                    entry = data[key]
+                    if entry.expires_at_ms <= now:
+                        reclaim(key, entry)
+                        expired += 1
+            removed += expired
+            if not keys or expired * 4 <= sampled:
+                return removed
+            now = self._clock()
+            if now - start >= budget_ms:
+                return removed
+
+    # --- internals ------------------------------------------------------------------
+
+    def _live(self, key: bytes) -> _Entry | None:
+        """The key's entry if it is live; an expired one is reclaimed and reads as missing."""
+        entry = self._data.get(key)
+        if entry is None:
+            return None
+        expires = entry.expires_at_ms
+        if expires and expires <= self._clock():
+            self._reclaim(key, entry)
+            return None
+        return entry
+
+    def _write(self, key: bytes, entry: _Entry | None, value: bytes, ttl_ms: int | None) -> None:
+        """Store ``value`` at ``key`` (``entry``: its live entry or None) with a new version."""
+        self._version = version = self._version + 1
+        if entry is None:
+            entry = _Entry(value, 0, version, -1)
+            self._data[key] = entry
+            self.used_bytes += len(key) + len(value) + ENTRY_OVERHEAD
+        else:
+            self.used_bytes += len(value) - len(entry.value)
+            entry.value = value
+            entry.version = version
+        if ttl_ms is not None:
+            self._track(key, entry, self._clock() + ttl_ms)
+        elif entry.ttl_index >= 0:
+            self._untrack(entry)
+        self.sets += 1
+
+    def _track(self, key: bytes, entry: _Entry, expires_at_ms: int) -> None:
+        if entry.ttl_index < 0:
+            entry.ttl_index = len(self._ttl_keys)
+            self._ttl_keys.append(key)
+        entry.expires_at_ms = expires_at_ms
+
+    def _untrack(self, entry: _Entry) -> None:
+        """Drop the entry's TTL: swap-remove its key from _ttl_keys (Rule 2)."""
+        keys = self._ttl_keys
+        index = entry.ttl_index
+        last = keys.pop()
+        if index < len(keys):
+            keys[index] = last
+            self._data[last].ttl_index = index
+        entry.ttl_index = -1
+        entry.expires_at_ms = 0
+
+    def _remove(self, key: bytes, entry: _Entry) -> None:
+        if entry.ttl_index >= 0:
+            self._untrack(entry)
+        del self._data[key]
+        self.used_bytes -= len(key) + len(entry.value) + ENTRY_OVERHEAD
+
+    def _reclaim(self, key: bytes, entry: _Entry) -> None:
+        """Remove an entry whose TTL has passed."""
+        self._remove(key, entry)
+        self.expired += 1

@@ -1,0 +1,248 @@
+"""The supervisor: the ``shardd serve`` main process. It never serves a request.
+
+Theory of operation
+-------------------
+``Arbiter.run`` prepares a private runtime directory for the ipc sockets, spawns one
+worker per shard and then the router (``spawn`` start method: children get a picklable
+Config and a shard id, and build everything else themselves), waits until a ping through
+the router is answered by every shard, reports ready (a log line and ``READY=1`` to
+systemd), then sleeps on its children's sentinels and a signal wake-up pipe.
+
+Invariants:
+1. Signal handlers only record the signal; the main loop dispatches to ``handle_<name>``.
+2. A child that fails during boot stops the daemon (exit BOOT_FAILED); it is not retried.
+3. A worker that dies while serving is respawned at once; its shard answers UNAVAILABLE
+   meanwhile (the router sees the disconnect). Too many deaths of one shard within
+   ``_CRASH_WINDOW`` stop the daemon (exit CHILD_FAILED) instead of looping forever.
+4. If the router dies the daemon exits CHILD_FAILED, so systemd restarts it whole.
+5. Stop order: router first (it stops accepting and drains what is in flight), then the
+   workers; anything still alive at the deadline is killed. The runtime directory is
+   removed if we created it. Exit 0 on a requested stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import shutil
+import signal
+import tempfile
+import time
+from collections import deque
+from multiprocessing.process import BaseProcess
+
+import msgspec
+
+from shardd import systemd
+from shardd.client import Client
+from shardd.config import Config
+from shardd.errors import ExitCode, SharddError
+from shardd.logs import setup_logging
+from shardd.router import run_router
+from shardd.worker import run_worker
+
+log = logging.getLogger("shardd.supervisor")
+
+_CRASH_LIMIT = 5          # deaths of one shard within the window before we give up
+_CRASH_WINDOW = 60.0      # seconds
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class Arbiter:
+    """Spawns, watches and stops the router and the workers."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.mp = multiprocessing.get_context("spawn")
+        self.workers: dict[int, BaseProcess] = {}
+        self.router: BaseProcess | None = None
+        self.deaths: dict[int, deque[float]] = {}
+        self.signals: deque[int] = deque()
+        self.owns_runtime_dir = False
+
+    # --- entry point --------------------------------------------------------------
+
+    def run(self) -> int:
+        wakeup_r = self._install_signals()
+        try:
+            self.prepare_runtime_dir()
+        except OSError as exc:
+            log.error("cannot create runtime directory: %s", exc)
+            return ExitCode.BOOT_FAILED
+        try:
+            code = self.boot()
+            if code == ExitCode.OK:
+                code = self.loop(wakeup_r)
+        finally:
+            self.stop()
+            self.cleanup_runtime_dir()
+        return code
+
+    # --- boot ---------------------------------------------------------------------
+
+    def prepare_runtime_dir(self) -> None:
+        cfg = self.config
+        path = cfg.runtime_dir or os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+        if path:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        else:
+            path = tempfile.mkdtemp(prefix="shardd-")  # mode 0700
+            self.owns_runtime_dir = True
+        self.config = msgspec.structs.replace(cfg, runtime_dir=path, shards=cfg.shard_count())
+
+    def boot(self) -> int:
+        cfg = self.config
+        for shard in range(cfg.shards):
+            self.spawn_worker(shard)
+        self.spawn_router()
+        deadline = time.monotonic() + cfg.ready_timeout
+        with Client(cfg.control_endpoint(), timeout=0.5) as client:
+            while True:
+                failed = self.dead_children()
+                if failed:
+                    log.error("%s exited during start-up (exit code %s); stopping",
+                              failed[0].name, failed[0].exitcode)
+                    return ExitCode.BOOT_FAILED
+                if self.signals:
+                    return ExitCode.OK
+                try:
+                    client.ping()
+                    break
+                except SharddError:
+                    pass
+                if time.monotonic() > deadline:
+                    log.error("not every shard answered within ready_timeout (%ss); stopping", cfg.ready_timeout)
+                    return ExitCode.BOOT_FAILED
+                time.sleep(0.05)
+        log.info("ready: %d shards behind %s (pid %d)", cfg.shards, cfg.bind, os.getpid())
+        systemd.notify("READY=1", f"STATUS=serving {cfg.shards} shards on {cfg.bind}", f"MAINPID={os.getpid()}")
+        return ExitCode.OK
+
+    def spawn_worker(self, shard: int) -> None:
+        proc = self.mp.Process(target=run_worker, args=(self.config, shard), name=f"shardd-worker-{shard}")
+        proc.start()
+        self.workers[shard] = proc
+
+    def spawn_router(self) -> None:
+        self.router = self.mp.Process(target=run_router, args=(self.config,), name="shardd-router")
+        self.router.start()
+
+    def dead_children(self) -> list[BaseProcess]:
+        procs = [*self.workers.values(), *([self.router] if self.router else [])]
+        return [proc for proc in procs if not proc.is_alive()]
+
+    # --- serving --------------------------------------------------------------------
+
+    def loop(self, wakeup_r: int) -> int:
+        while True:
+            sentinels = [proc.sentinel for proc in self.workers.values()]
+            if self.router is not None:
+                sentinels.append(self.router.sentinel)
+            multiprocessing.connection.wait([*sentinels, wakeup_r], timeout=1.0)
+            _drain(wakeup_r)
+            while self.signals:
+                signum = self.signals.popleft()
+                code = getattr(self, f"handle_{signal.Signals(signum).name.lower()}")()
+                if code is not None:
+                    return code
+            code = self.reap_children()
+            if code is not None:
+                return code
+
+    def reap_children(self) -> int | None:
+        if self.router is not None and not self.router.is_alive():
+            log.error("router exited (exit code %s); stopping so the service manager restarts us",
+                      self.router.exitcode)
+            return ExitCode.CHILD_FAILED
+        for shard, proc in list(self.workers.items()):
+            if proc.is_alive():
+                continue
+            proc.join()
+            now = time.monotonic()
+            recent = self.deaths.setdefault(shard, deque())
+            recent.append(now)
+            while recent and now - recent[0] > _CRASH_WINDOW:
+                recent.popleft()
+            if len(recent) >= _CRASH_LIMIT:
+                log.error("worker %d died %d times in %.0f s (last exit code %s); giving up and stopping",
+                          shard, len(recent), _CRASH_WINDOW, proc.exitcode)
+                return ExitCode.CHILD_FAILED
+            log.warning("worker %d exited (exit code %s); restarting it", shard, proc.exitcode)
+            self.spawn_worker(shard)
+        return None
+
+    # --- signals --------------------------------------------------------------------
+
+    def _install_signals(self) -> int:
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        for signum in _SIGNALS:
+            signal.signal(signum, lambda signum, frame: self.signals.append(signum))
+        return r
+
+    def handle_sigterm(self) -> int:
+        log.info("SIGTERM: stopping")
+        return ExitCode.OK
+
+    def handle_sigint(self) -> int:
+        log.info("SIGINT: stopping")
+        return ExitCode.OK
+
+    def handle_sighup(self) -> None:
+        log.info("SIGHUP: live reload is not implemented yet; configuration unchanged")
+
+    # --- stop -----------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Router first, then workers; kill whatever outlives ``stop_timeout``."""
+        systemd.notify("STOPPING=1")
+        deadline = time.monotonic() + self.config.stop_timeout
+        if self.router is not None:
+            _terminate([self.router], deadline)
+        _terminate(list(self.workers.values()), deadline)
+
+    def cleanup_runtime_dir(self) -> None:
+        path = self.config.runtime_dir
+        if not path:
+            return
+        if self.owns_runtime_dir:
+            shutil.rmtree(path, ignore_errors=True)
+            return
+        for shard in range(self.config.shards):
+            _unlink(self.config.worker_endpoint(shard).removeprefix("ipc://"))
+        _unlink(self.config.control_endpoint().removeprefix("ipc://"))
+
+
+def _terminate(procs: list[BaseProcess], deadline: float) -> None:
+    for proc in procs:
+        if proc.is_alive():
+            proc.terminate()
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
+        if proc.is_alive():
+            log.warning("%s did not stop in time; killing it", proc.name)
+            proc.kill()
+            proc.join(5)
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 512):
+            pass
+    except BlockingIOError:
+        pass
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def serve(config: Config) -> int:
+    """Run the daemon in the foreground until stopped; returns the process exit code."""
+    setup_logging(config.log_level, "supervisor")
+    return Arbiter(config).run()
