@@ -40,6 +40,7 @@ _MISSING = -2
 
 Key = bytes | str
 Value = bytes | bytearray | memoryview
+Items = Mapping[Key, Value] | Iterable[tuple[Key, Value]]
 Convert = Callable[[Any], Any]
 Call = tuple[protocol.Op, Convert]
 
@@ -89,6 +90,15 @@ def ttl_ms(ttl: object) -> int:
     if ms > U64:
         raise ValueError(f"ttl is too large: {ttl} seconds")
     return ms
+
+
+def check_timeout(timeout: object) -> float:
+    """A client timeout in seconds: a finite number > 0."""
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
+    if not 0 < timeout < math.inf:
+        raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout}")
+    return float(timeout)
 
 
 def _opt_ttl_ms(ttl: object) -> int | None:
@@ -243,7 +253,7 @@ def get_many(keys: Iterable[Key]) -> Call:
     return protocol.GetMany(wire), convert
 
 
-def set_many(items: Mapping[Key, Value] | Iterable[tuple[Key, Value]], ttl: float | None = None) -> Call:
+def set_many(items: Items, ttl: float | None = None) -> Call:
     pairs = items.items() if isinstance(items, Mapping) else items
     wire = []
     for pair in pairs:
@@ -323,7 +333,10 @@ def finish(results: list[Any], raise_on_error: bool, endpoint: str, timeout: flo
     """
     missing = results.count(UNANSWERED)
     if missing:
-        text = f"{missing} of {len(results)} pipelined requests got no reply from {endpoint} within {timeout:g} s"
+        text = (
+            f"{missing} of {len(results)} pipelined requests got no reply"
+            f" from {endpoint} within {timeout:g} s"
+        )
         results = [Timeout(text) if r is UNANSWERED else r for r in results]
     if raise_on_error:
         for item in results:
@@ -376,7 +389,9 @@ class PipelineBase:
         """Queue get(key)."""
         return self._queue(get(key))
 
-    def set(self, key: Key, value: Value, ttl: float | None = None, nx: bool = False, xx: bool = False) -> Self:
+    def set(
+        self, key: Key, value: Value, ttl: float | None = None, nx: bool = False, xx: bool = False
+    ) -> Self:
         """Queue set(key, value, ttl, nx, xx)."""
         return self._queue(set(key, value, ttl, nx, xx))
 
@@ -420,7 +435,7 @@ class PipelineBase:
         """Queue get_many(keys)."""
         return self._queue(get_many(keys))
 
-    def set_many(self, items: Mapping[Key, Value] | Iterable[tuple[Key, Value]], ttl: float | None = None) -> Self:
+    def set_many(self, items: Items, ttl: float | None = None) -> Self:
         """Queue set_many(items, ttl)."""
         return self._queue(set_many(items, ttl))
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import zmq
@@ -60,14 +60,6 @@ def _ms(seconds: float) -> int:
     return math.ceil(seconds * 1000) if seconds > 0 else 0
 
 
-def check_timeout(timeout: object) -> float:
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-        raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
-    if not 0 < timeout < math.inf:
-        raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout}")
-    return float(timeout)
-
-
 class Client:
     """A blocking shardd client; one per thread (see the module docstring)."""
 
@@ -80,7 +72,7 @@ class Client:
         if not isinstance(endpoint, str):
             raise TypeError(f"endpoint must be a str such as {DEFAULT_ENDPOINT!r}")
         self.endpoint = endpoint
-        self.timeout = check_timeout(timeout)
+        self.timeout = _ops.check_timeout(timeout)
         ctx = context if context is not None else zmq.Context.instance()
         sock = ctx.socket(zmq.DEALER)
         try:
@@ -234,10 +226,7 @@ class Client:
         """The values of the keys that exist, keyed by the key objects given."""
         return self._call(_ops.get_many(keys))
 
-    def set_many(
-        self, items: Mapping[_ops.Key, _ops.Value] | Iterable[tuple[_ops.Key, _ops.Value]],
-        ttl: float | None = None,
-    ) -> int:
+    def set_many(self, items: _ops.Items, ttl: float | None = None) -> int:
         """Store every (key, value) of a mapping or iterable of pairs; the number stored."""
         return self._call(_ops.set_many(items, ttl))
 

@@ -404,8 +404,7 @@ def _count_parts(parts: list[tuple[int, Any, Any]]) -> int:
 def run_router(config: Config) -> int:
     """Serve the public endpoint until SIGTERM; the entry point of the router process.
 
-    On SIGTERM the router unbinds its public endpoints (no new connections), answers
-    requests that still arrive with UNAVAILABLE, waits until every shard has answered what
+    On SIGTERM the router answers requests that still arrive with UNAVAILABLE, waits until every shard has answered what
     was in flight (bounded by ``stop_timeout``), and exits 0.
     """
     setup_logging(config.log_level, "router")
@@ -460,12 +459,9 @@ def _serve(router: Router, wakeup: int, should_stop: Callable[[], bool]) -> None
         if deadline is None and should_stop():
             router.draining = True
             deadline = time.monotonic() + router.config.stop_timeout * 0.6
-            for endpoint in (router.config.bind, router.config.control_endpoint()):
-                try:
-                    frontend.unbind(endpoint)
-                except transport.ZMQError:
-                    pass
-            log.info("stopping: no new connections; answering what is in flight")
+            # Unbinding would also drop the connections accepted on the endpoint, and with them the
+            # replies we still owe; so connections stay, and new requests get UNAVAILABLE.
+            log.info("stopping: refusing new requests; answering what is in flight")
         if deadline is not None and (router.idle() or time.monotonic() >= deadline):
             if not router.idle():
                 log.warning("stop timeout: %d shard(s) still had requests in flight",

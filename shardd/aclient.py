@@ -1,0 +1,300 @@
+"""The asyncio shardd client: one zmq.asyncio DEALER socket shared by many coroutines.
+
+Theory of operation
+-------------------
+Requests and replies are the frames of :mod:`shardd.protocol`, as for
+:class:`shardd.client.Client`. Any number of coroutines may call one AsyncClient at
+once: each call registers a future under its request id, sends its frame, and waits. A
+single reader task, started lazily inside the running loop, receives every reply and
+resolves the future registered under the reply's id.
+
+Rules
+-----
+Rule 1: a reply whose id has no registered future is dropped. A call removes its entry
+        when it ends, however it ends, so the late reply of a request that timed out
+        can never resolve a later call.
+Rule 2: ``timeout`` bounds each call, sending included (one shared deadline for a whole
+        pipeline); past it the call raises :class:`~shardd.errors.Timeout`. The request
+        is not withdrawn, so the daemon may still have applied it.
+Rule 3: a reply frame that cannot be decoded cannot be matched to a call, so every call
+        waiting at that moment raises ProtocolError.
+Rule 4: an AsyncClient belongs to one event loop at a time, and to the process that
+        created it. ``aclose()`` cancels the reader and fails any waiting call with
+        ConnectionClosed.
+
+The client owns only its socket; the Context is shared
+(``zmq.asyncio.Context.instance()`` by default) and never terminated here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from shardd import _ops
+from shardd.errors import ConnectionClosed, ProtocolError
+from shardd.protocol import Reply, encode_request
+
+__all__ = ["AsyncClient", "AsyncPipeline"]
+
+_result = _ops.result
+
+
+class AsyncClient:
+    """An asyncio shardd client; safe to share between the coroutines of one loop."""
+
+    def __init__(
+        self,
+        endpoint: str = _ops.DEFAULT_ENDPOINT,
+        timeout: float = _ops.DEFAULT_TIMEOUT,
+        context: zmq.asyncio.Context | None = None,
+    ) -> None:
+        if not isinstance(endpoint, str):
+            raise TypeError(f"endpoint must be a str such as {_ops.DEFAULT_ENDPOINT!r}")
+        self.endpoint = endpoint
+        self.timeout = _ops.check_timeout(timeout)
+        ctx = context if context is not None else zmq.asyncio.Context.instance()
+        sock = ctx.socket(zmq.DEALER)
+        try:
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.IMMEDIATE, 1)  # see shardd.client, Rule 3
+            sock.connect(endpoint)
+        except BaseException:
+            sock.close(0)
+            raise
+        self._sock: zmq.asyncio.Socket | None = sock
+        self._pid = os.getpid()
+        self._last_id = 0
+        self._pending: dict[int, asyncio.Future[Reply]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reader: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        state = "closed" if self._sock is None else "open"
+        return f"<shardd.AsyncClient {self.endpoint} timeout={self.timeout:g} {state}>"
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    @property
+    def closed(self) -> bool:
+        return self._sock is None
+
+    async def aclose(self) -> None:
+        """Stop the reader, fail waiting calls and close the socket; calling it again does nothing."""
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return
+        reader, self._reader = self._reader, None
+        if reader is not None and not reader.done() and reader.get_loop() is asyncio.get_running_loop():
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+        self._fail_pending(lambda: ConnectionClosed(f"this AsyncClient for {self.endpoint} was closed"))
+        if self._pid == os.getpid():  # a socket inherited through fork belongs to the parent
+            sock.close(0)
+
+    def _fail_pending(self, make_error: Any) -> None:
+        """Fail every waiting call with a fresh ``make_error()`` and forget them all."""
+        pending = self._pending
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(make_error())
+        pending.clear()
+
+    def _socket(self) -> zmq.asyncio.Socket:
+        """The socket, checked for use after close, after fork and from another loop."""
+        sock = self._sock
+        if sock is None:
+            raise ConnectionClosed(f"this AsyncClient for {self.endpoint} is closed")
+        if self._pid != os.getpid():
+            raise RuntimeError(
+                f"this AsyncClient was created in process {self._pid}; create a new one in each process"
+            )
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._bind(loop)
+        reader = self._reader
+        if reader is None or reader.done():
+            self._reader = loop.create_task(self._read_replies(sock), name=f"shardd reader {self.endpoint}")
+        return sock
+
+    def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        old = self._loop
+        if old is not None and not old.is_closed():
+            raise RuntimeError(
+                "this AsyncClient is in use by another event loop; create one AsyncClient per loop"
+            )
+        # The previous loop is gone (e.g. a finished asyncio.run), and with it its reader
+        # and every call that was waiting in it.
+        self._loop, self._reader = loop, None
+        self._pending.clear()
+
+    async def _read_replies(self, sock: zmq.asyncio.Socket) -> None:
+        """The reader task: resolve the future registered under each reply's id (Rule 1)."""
+        pending = self._pending
+        try:
+            while True:
+                frame = await sock.recv()
+                try:
+                    reply = _ops.decode(frame)
+                except ProtocolError as exc:  # Rule 3
+                    message = str(exc)
+                    self._fail_pending(lambda message=message: ProtocolError(message))
+                    continue
+                fut = pending.pop(reply.id, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(reply)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the socket failed: let no caller wait for a reply that cannot come
+            message = f"receiving from {self.endpoint} failed: {exc!r}"
+            self._fail_pending(lambda: ConnectionClosed(message))
+
+    async def _call(self, call: _ops.Call) -> Any:
+        sock = self._socket()
+        op, convert = call
+        rid = self._last_id = _ops.next_id(self._last_id)
+        fut: asyncio.Future[Reply] = self._loop.create_future()  # type: ignore[union-attr]
+        pending = self._pending
+        pending[rid] = fut
+        try:
+            async with asyncio.timeout(self.timeout):
+                await sock.send(encode_request(rid, op))
+                reply = await fut
+        except TimeoutError:
+            raise _ops.timeout_error(self.endpoint, self.timeout, op) from None
+        finally:
+            pending.pop(rid, None)
+        return _result(reply, convert)
+
+    async def _execute(self, calls: list[_ops.Call], raise_on_error: bool) -> list[Any]:
+        sock = self._socket()
+        if not calls:
+            return []
+        loop = self._loop
+        assert loop is not None
+        deadline = loop.time() + self.timeout
+        pending = self._pending
+        futures: list[asyncio.Future[Reply]] = []
+        ids: list[int] = []
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline):
+                    for op, _ in calls:
+                        rid = self._last_id = _ops.next_id(self._last_id)
+                        fut = loop.create_future()
+                        pending[rid] = fut
+                        ids.append(rid)
+                        futures.append(fut)
+                        await sock.send(encode_request(rid, op))
+            if futures:
+                await asyncio.wait(futures, timeout=max(0.0, deadline - loop.time()))
+        finally:
+            for rid in ids:
+                pending.pop(rid, None)
+        results: list[Any] = [_ops.UNANSWERED] * len(calls)
+        for index, fut in enumerate(futures):
+            if fut.done():
+                exc = fut.exception()
+                results[index] = exc if exc is not None else _ops.outcome(fut.result(), calls[index][1])
+            else:
+                fut.cancel()
+        return _ops.finish(results, raise_on_error, self.endpoint, self.timeout)
+
+    def pipeline(self) -> AsyncPipeline:
+        """An AsyncPipeline that queues commands and sends them together on ``await execute()``."""
+        return AsyncPipeline(self)
+
+    async def get(self, key: _ops.Key) -> bytes | None:
+        """The value of ``key``, or None if it does not exist."""
+        return await self._call(_ops.get(key))
+
+    async def set(
+        self, key: _ops.Key, value: _ops.Value, ttl: float | None = None, nx: bool = False, xx: bool = False
+    ) -> bool:
+        """Store ``value`` (only if absent with ``nx``, only if present with ``xx``); True if stored."""
+        return await self._call(_ops.set(key, value, ttl, nx, xx))
+
+    async def delete(self, key: _ops.Key) -> bool:
+        """Remove ``key``; True if it existed."""
+        return await self._call(_ops.delete(key))
+
+    async def exists(self, key: _ops.Key) -> bool:
+        """True if ``key`` exists."""
+        return await self._call(_ops.exists(key))
+
+    async def expire(self, key: _ops.Key, ttl: float) -> bool:
+        """Make ``key`` expire ``ttl`` seconds from now; True if it existed."""
+        return await self._call(_ops.expire(key, ttl))
+
+    async def ttl(self, key: _ops.Key) -> float | None:
+        """Seconds until ``key`` expires: math.inf without a TTL, None if it does not exist."""
+        return await self._call(_ops.ttl(key))
+
+    async def persist(self, key: _ops.Key) -> bool:
+        """Remove the TTL of ``key``; True if the key existed."""
+        return await self._call(_ops.persist(key))
+
+    async def incr(self, key: _ops.Key, amount: int = 1) -> int:
+        """Add ``amount`` to the integer at ``key`` (missing counts as 0); the new value."""
+        return await self._call(_ops.incr(key, amount))
+
+    async def decr(self, key: _ops.Key, amount: int = 1) -> int:
+        """Subtract ``amount`` from the integer at ``key`` (missing counts as 0); the new value."""
+        return await self._call(_ops.decr(key, amount))
+
+    async def gets(self, key: _ops.Key) -> tuple[bytes, int] | None:
+        """``(value, version)`` of ``key`` for a later cas(), or None if it does not exist."""
+        return await self._call(_ops.gets(key))
+
+    async def cas(
+        self, key: _ops.Key, value: _ops.Value, version: int, ttl: float | None = None
+    ) -> bool | None:
+        """Store ``value`` if ``key`` is still at ``version``: True stored, False stale, None missing."""
+        return await self._call(_ops.cas(key, value, version, ttl))
+
+    async def get_many(self, keys: Iterable[_ops.Key]) -> dict[Any, bytes]:
+        """The values of the keys that exist, keyed by the key objects given."""
+        return await self._call(_ops.get_many(keys))
+
+    async def set_many(self, items: _ops.Items, ttl: float | None = None) -> int:
+        """Store every (key, value) of a mapping or iterable of pairs; the number stored."""
+        return await self._call(_ops.set_many(items, ttl))
+
+    async def delete_many(self, keys: Iterable[_ops.Key]) -> int:
+        """Remove the keys; the number that existed."""
+        return await self._call(_ops.delete_many(keys))
+
+    async def flush(self) -> int:
+        """Remove every key on every shard; the number removed."""
+        return await self._call(_ops.flush())
+
+    async def ping(self) -> int:
+        """The number of shards that answered."""
+        return await self._call(_ops.ping())
+
+    async def stats(self) -> dict[Any, Any]:
+        """The daemon's statistics, as it sent them."""
+        return await self._call(_ops.stats())
+
+
+class AsyncPipeline(_ops.PipelineBase):
+    """Commands queued on an AsyncClient and sent together by ``await execute()``."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        super().__init__()
+        self._client = client
+
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
+        """Send every queued command, then return their results in call order (see AsyncClient rules)."""
+        return await self._client._execute(self._take(), raise_on_error)

@@ -1,0 +1,179 @@
+"""Every client method, sync and async, against a real daemon over loopback TCP."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pytest
+
+from shardd.aclient import AsyncClient
+from shardd.client import Client
+from shardd.errors import NotInteger, TooLarge
+
+
+@pytest.fixture
+def client(daemon):
+    with Client(daemon.endpoint, timeout=2) as c:
+        c.flush()
+        yield c
+
+
+def test_get_set_delete_exists(client):
+    assert client.get("nope") is None
+    assert client.set("greeting", b"hello") is True
+    assert client.get("greeting") == b"hello"
+    assert client.get(b"greeting") == b"hello"  # str keys are their UTF-8 bytes
+    assert client.exists("greeting") is True
+    assert client.delete("greeting") is True
+    assert client.delete("greeting") is False
+    assert client.exists("greeting") is False
+    assert client.set("ключ", b"\x00\xff") and client.get("ключ".encode()) == b"\x00\xff"
+
+
+def test_nx_xx(client):
+    assert client.set("a", b"1", xx=True) is False
+    assert client.get("a") is None
+    assert client.set("a", b"1", nx=True) is True
+    assert client.set("a", b"2", nx=True) is False
+    assert client.get("a") == b"1"
+    assert client.set("a", b"3", xx=True) is True
+    assert client.get("a") == b"3"
+
+
+def test_ttl_expire_persist(client):
+    assert client.ttl("missing") is None
+    client.set("p", b"v")
+    assert client.ttl("p") == math.inf
+    assert client.expire("p", 100) is True
+    assert 99 < client.ttl("p") <= 100
+    assert client.persist("p") is True
+    assert client.ttl("p") == math.inf
+    assert client.expire("missing", 10) is False
+    client.set("short", b"v", ttl=0.05)
+    assert 0 < client.ttl("short") <= 0.05
+    deadline_hit = False
+    for _ in range(200):  # bounded wait for the 50 ms TTL to pass
+        if client.get("short") is None:
+            deadline_hit = True
+            break
+        import time
+        time.sleep(0.01)
+    assert deadline_hit
+    assert client.exists("short") is False
+
+
+def test_incr_decr(client):
+    assert client.incr("n") == 1
+    assert client.incr("n", 10) == 11
+    assert client.decr("n", 20) == -9
+    assert client.get("n") == b"-9"
+    client.set("s", b"abc")
+    with pytest.raises(NotInteger):
+        client.incr("s")
+    assert client.get("s") == b"abc"
+
+
+def test_gets_cas(client):
+    assert client.gets("c") is None
+    assert client.cas("c", b"x", 1) is None
+    client.set("c", b"v1")
+    value, version = client.gets("c")
+    assert value == b"v1"
+    assert client.cas("c", b"v2", version) is True
+    assert client.cas("c", b"v3", version) is False  # stale
+    assert client.get("c") == b"v2"
+    _, newer = client.gets("c")
+    assert newer > version
+
+
+def test_multi_key_ops_cross_shards(client, daemon):
+    items = {f"m{i}".encode(): f"v{i}".encode() for i in range(200)}
+    assert client.set_many(items) == 200
+    got = client.get_many([*items, b"absent"])
+    assert got == items
+    stats = client.stats()
+    keys = [row["keys"] for row in stats["shards"]]
+    assert len(keys) == daemon.shards and all(k > 0 for k in keys)
+    assert client.delete_many([*list(items)[:50], b"absent"]) == 50
+    assert len(client.get_many(list(items))) == 150
+    assert client.get_many([]) == {}
+
+
+def test_keys_spread_over_shards_near_their_share(client, daemon):
+    n = 4000
+    client.set_many({f"spread:{i}": b"x" for i in range(n)})
+    rows = client.stats()["shards"]
+    share = n / daemon.shards
+    for row in rows:
+        assert abs(row["keys"] - share) < 0.1 * share, rows
+
+
+def test_flush_ping_stats(client, daemon):
+    client.set_many({b"f1": b"1", b"f2": b"2", b"f3": b"3"})
+    assert client.flush() == 3
+    assert client.get("f1") is None
+    assert client.ping() == daemon.shards
+    stats = client.stats()
+    assert stats["router"]["shards"] == daemon.shards
+    for row in stats["shards"]:
+        assert row["status"] == "up"
+        for field in ("keys", "used_bytes", "ops", "hits", "misses", "mailbox", "cpu", "pid"):
+            assert field in row
+
+
+def test_too_large_is_refused_and_daemon_keeps_serving(client):
+    with pytest.raises(TooLarge, match="max_key_bytes"):
+        client.set(b"k" * 2000, b"v")
+    with pytest.raises(TooLarge, match="max_value_bytes"):
+        client.set("big", b"v" * (1024 * 1024 + 1))
+    assert client.set("big", b"v" * (1024 * 1024)) is True
+    assert len(client.get("big")) == 1024 * 1024
+
+
+def test_pipeline(client):
+    p = client.pipeline()
+    for i in range(100):
+        p.set(f"p{i}", str(i).encode())
+    for i in range(100):
+        p.get(f"p{i}")
+    p.incr("pc")
+    p.incr("pc")
+    results = p.execute()
+    assert results[:100] == [True] * 100
+    assert results[100:200] == [str(i).encode() for i in range(100)]
+    assert results[200:] == [1, 2]
+
+
+def test_async_client_all_methods(daemon):
+    async def main() -> None:
+        async with AsyncClient(daemon.endpoint, timeout=2) as c:
+            await c.flush()
+            assert await c.set("a", b"1") is True
+            assert await c.get("a") == b"1"
+            assert await c.exists("a") is True
+            assert await c.set("a", b"2", nx=True) is False
+            assert await c.expire("a", 50) is True
+            assert 49 < await c.ttl("a") <= 50
+            assert await c.persist("a") is True
+            assert await c.incr("n", 5) == 5
+            assert await c.decr("n") == 4
+            value, version = await c.gets("a")
+            assert await c.cas("a", b"3", version) is True
+            assert await c.cas("a", b"4", version) is False
+            assert await c.set_many({"x": b"1", "y": b"2"}) == 2
+            assert await c.get_many(["x", "y", "z"]) == {"x": b"1", "y": b"2"}
+            assert await c.delete_many(["x", "y"]) == 2
+            assert await c.delete("a") is True
+            assert await c.ping() == daemon.shards
+            assert len((await c.stats())["shards"]) == daemon.shards
+            # many coroutines on one client: replies are matched by id
+            results = await asyncio.gather(*(c.incr("shared") for _ in range(200)))
+            assert sorted(results) == list(range(1, 201))
+            p = c.pipeline()
+            p.set("q", b"1")
+            p.get("q")
+            assert await p.execute() == [True, b"1"]
+            assert await c.flush() >= 2
+
+    asyncio.run(main())

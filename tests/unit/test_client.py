@@ -1,0 +1,721 @@
+"""Client and AsyncClient against an in-process fake daemon (a ROUTER socket in a thread).
+
+The fake applies ops to a dict, and can be told to stay silent, hold replies back, answer
+a batch of requests in reverse order, or answer a key with an error status, a strange
+value or a garbage frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import zmq
+
+from shardd import errors, protocol
+from shardd.aclient import AsyncClient
+from shardd.client import Client
+
+WAIT = 5.0  # seconds: the bound on every wait that should succeed at once
+FAST = 0.2  # seconds: the client timeout in tests that expect a Timeout
+
+
+class FakeServer:
+    """A fake shardd router: one ROUTER socket served by one thread."""
+
+    def __init__(self) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+        self.data: dict[bytes, list[Any]] = {}  # key -> [value, version, ttl_ms or None]
+        self.version = 0
+        self.received: list[protocol.Envelope] = []
+        self.silent = False  # drop every request
+        self.hold_keys: set[bytes] = set()  # hold replies for these keys while they are in it
+        self.gather = 0  # > 0: collect this many requests, then answer them in reverse order
+        self.errors: dict[bytes, tuple[int, Any]] = {}  # key -> (status, value) to answer with
+        self.values: dict[bytes | str, Any] = {}  # key or op name -> OK value to answer with
+        self.garbage: set[bytes] = set()  # keys answered with an undecodable frame
+        self._held: list[tuple[set[bytes], bytes, bytes]] = []
+        self._gathered: list[tuple[bytes, bytes]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="fake shardd", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(WAIT)
+        assert not self._thread.is_alive(), "fake server thread did not stop"
+        self.sock.close(0)
+        self.ctx.term()
+
+    def _serve(self) -> None:
+        sock, limits = self.sock, protocol.Limits()
+        while not self._stop.is_set():
+            if not sock.poll(20, zmq.POLLIN):
+                continue
+            ident, frame = sock.recv_multipart()
+            env = protocol.decode_envelope(frame, limits)
+            assert isinstance(env, protocol.Envelope), protocol.decode_reply(env)
+            self.received.append(env)
+            if self.silent:
+                continue
+            answer, keys = self._answer(env), self._keys(env.op)
+            # Release held replies whose keys are no longer held before answering, so a
+            # late reply reaches the client just ahead of the reply it must not be taken for.
+            still_held = []
+            for held in self._held:
+                if held[0] & self.hold_keys:
+                    still_held.append(held)
+                else:
+                    sock.send_multipart(held[1:])
+            self._held = still_held
+            if keys & self.hold_keys:
+                self._held.append((keys, ident, answer))
+                continue
+            if self.gather:
+                self._gathered.append((ident, answer))
+                if len(self._gathered) >= self.gather:
+                    for out in reversed(self._gathered):
+                        sock.send_multipart(out)
+                    self._gathered.clear()
+                continue
+            sock.send_multipart([ident, answer])
+
+    @staticmethod
+    def _keys(op: Any) -> set[bytes]:
+        if hasattr(op, "key"):
+            return {op.key}
+        if hasattr(op, "keys"):
+            return set(op.keys)
+        if hasattr(op, "items"):
+            return {k for k, _ in op.items}
+        return set()
+
+    def _answer(self, env: protocol.Envelope) -> bytes:
+        keys = self._keys(env.op)
+        tag = env.op.__struct_config__.tag
+        if tag in self.values:
+            return protocol.encode_reply(env.id, protocol.OK, self.values[tag])
+        for key in keys:
+            if key in self.garbage:
+                return b"\xc1 not msgpack"
+            if key in self.errors:
+                return protocol.encode_reply(env.id, *self.errors[key])
+            if key in self.values:
+                return protocol.encode_reply(env.id, protocol.OK, self.values[key])
+        try:
+            return protocol.encode_reply(env.id, protocol.OK, self._apply(env.op))
+        except ValueError as exc:
+            return protocol.encode_reply(env.id, protocol.NOT_INTEGER, str(exc))
+
+    def _store(self, key: bytes, value: bytes, ttl_ms: int | None) -> None:
+        self.version += 1
+        self.data[key] = [value, self.version, ttl_ms]
+
+    def _apply(self, op: Any) -> Any:
+        data = self.data
+        match op:
+            case protocol.Get(key):
+                return data[key][0] if key in data else None
+            case protocol.Set(key, value, ttl_ms, cond):
+                if (cond == protocol.IF_ABSENT and key in data) or (cond == protocol.IF_PRESENT and key not in data):
+                    return False
+                self._store(key, value, ttl_ms)
+                return True
+            case protocol.Delete(key):
+                return data.pop(key, None) is not None
+            case protocol.Exists(key):
+                return key in data
+            case protocol.Expire(key, ttl_ms):
+                if key in data:
+                    data[key][2] = ttl_ms
+                return key in data
+            case protocol.Ttl(key):
+                if key not in data:
+                    return -2
+                return -1 if data[key][2] is None else data[key][2]
+            case protocol.Persist(key):
+                if key in data:
+                    data[key][2] = None
+                return key in data
+            case protocol.Incr(key, delta):
+                new = int(data[key][0]) + delta if key in data else delta
+                self._store(key, str(new).encode(), data[key][2] if key in data else None)
+                return new
+            case protocol.Gets(key):
+                return data[key][:2] if key in data else None
+            case protocol.Cas(key, value, version, ttl_ms):
+                if key not in data:
+                    return None
+                if data[key][1] != version:
+                    return False
+                self._store(key, value, ttl_ms)
+                return True
+            case protocol.GetMany(keys):
+                return [data[k][0] if k in data else None for k in keys]
+            case protocol.SetMany(items, ttl_ms):
+                for k, v in items:
+                    self._store(k, v, ttl_ms)
+                return len(items)
+            case protocol.DeleteMany(keys):
+                return sum(data.pop(k, None) is not None for k in keys)
+            case protocol.Flush():
+                count = len(data)
+                data.clear()
+                return count
+            case protocol.Ping():
+                return 4
+            case protocol.Stats():
+                return {"keys": len(data), "shards": [{"id": 0}]}
+        raise AssertionError(f"fake server cannot apply {op!r}")
+
+
+@pytest.fixture
+def server() -> Iterator[FakeServer]:
+    fake = FakeServer()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def client(server: FakeServer) -> Iterator[Client]:
+    with Client(server.endpoint, timeout=WAIT) as c:
+        yield c
+
+
+def run(coro_fn: Callable[[AsyncClient], Any], endpoint: str, timeout: float = WAIT) -> Any:
+    """Run ``coro_fn(client)`` in a fresh loop with a fresh AsyncClient, closed at the end."""
+
+    async def main() -> Any:
+        async with AsyncClient(endpoint, timeout=timeout) as ac:
+            return await asyncio.wait_for(coro_fn(ac), WAIT * 2)
+
+    return asyncio.run(main())
+
+
+# --- one scenario table, run by Client, AsyncClient and both pipelines --------------------
+
+# (method, args, kwargs, expected result); run in order against one empty fake.
+SCENARIO: list[tuple[str, tuple[Any, ...], dict[str, Any], Any]] = [
+    ("ping", (), {}, 4),
+    ("get", ("k",), {}, None),
+    ("set", ("k", b"v1"), {}, True),
+    ("get", ("k",), {}, b"v1"),
+    ("get", (b"k",), {}, b"v1"),
+    ("set", ("k", bytearray(b"v2")), {"nx": True}, False),
+    ("set", ("absent", b"x"), {"xx": True}, False),
+    ("set", ("k", memoryview(b"v2")), {"xx": True}, True),
+    ("get", ("k",), {}, b"v2"),
+    ("exists", ("k",), {}, True),
+    ("exists", ("nope",), {}, False),
+    ("ttl", ("k",), {}, math.inf),
+    ("ttl", ("nope",), {}, None),
+    ("expire", ("k", 2.5), {}, True),
+    ("ttl", ("k",), {}, 2.5),
+    ("expire", ("nope", 1), {}, False),
+    ("persist", ("k",), {}, True),
+    ("ttl", ("k",), {}, math.inf),
+    ("persist", ("nope",), {}, False),
+    ("incr", ("n",), {}, 1),
+    ("incr", ("n", 10), {}, 11),
+    ("decr", ("n",), {}, 10),
+    ("decr", ("n", 20), {}, -10),
+    ("delete", ("k",), {}, True),
+    ("delete", ("k",), {}, False),
+    ("gets", ("nope",), {}, None),
+    ("cas", ("nope", b"x", 1), {}, None),
+    ("set", ("c", b"one"), {}, True),
+    ("cas", ("c", b"two", 10**6), {}, False),
+    ("get", ("c",), {}, b"one"),
+    ("set_many", ({"a": b"A", b"b": b"B"},), {}, 2),
+    ("set_many", ([("d", bytearray(b"D"))],), {"ttl": 60}, 1),
+    ("get_many", (["a", b"b", "zz", "d"],), {}, {"a": b"A", b"b": b"B", "d": b"D"}),
+    ("get_many", ([],), {}, {}),
+    ("delete_many", (["a", "b", "zz"],), {}, 2),
+    ("stats", (), {}, {"keys": 3, "shards": [{"id": 0}]}),
+    ("flush", (), {}, 3),
+    ("get", ("c",), {}, None),
+]
+
+
+def test_every_method_converts_its_reply(client: Client) -> None:
+    for name, args, kwargs, expected in SCENARIO:
+        assert getattr(client, name)(*args, **kwargs) == expected, (name, args, kwargs)
+
+
+def test_every_method_async(server: FakeServer) -> None:
+    async def body(ac: AsyncClient) -> None:
+        for name, args, kwargs, expected in SCENARIO:
+            assert await getattr(ac, name)(*args, **kwargs) == expected, (name, args, kwargs)
+
+    run(body, server.endpoint)
+
+
+def test_pipeline_runs_the_scenario_in_one_round(client: Client, server: FakeServer) -> None:
+    pipe = client.pipeline()
+    for name, args, kwargs, _ in SCENARIO:
+        assert getattr(pipe, name)(*args, **kwargs) is pipe
+    assert len(pipe) == len(SCENARIO)
+    assert pipe.execute() == [expected for *_, expected in SCENARIO]
+    assert len(pipe) == 0
+    assert pipe.execute() == []
+
+
+def test_async_pipeline_runs_the_scenario(server: FakeServer) -> None:
+    async def body(ac: AsyncClient) -> list[Any]:
+        pipe = ac.pipeline()
+        for name, args, kwargs, _ in SCENARIO:
+            getattr(pipe, name)(*args, **kwargs)
+        return await pipe.execute()
+
+    assert run(body, server.endpoint) == [expected for *_, expected in SCENARIO]
+
+
+def test_gets_and_cas_round_trip(client: Client) -> None:
+    client.set("c", b"one")
+    value, version = client.gets("c")
+    assert value == b"one" and isinstance(version, int)
+    assert client.cas("c", b"two", version, ttl=5) is True
+    assert client.cas("c", b"three", version) is False
+    assert client.get("c") == b"two"
+
+
+# --- wire mapping ---------------------------------------------------------------------
+
+
+def test_wire_ops_and_str_keys(client: Client, server: FakeServer) -> None:
+    client.set("ключ", b"v", ttl=1.5, nx=True)
+    client.set(b"k", b"v", xx=True)
+    client.set(b"k", b"v")
+    client.incr("n", 5)
+    client.decr("n", 5)
+    client.get_many(("a", b"b"))
+    client.delete_many(["a"])
+    client.cas(b"k", b"v", 7)
+    client.set_many([("x", b"1")], ttl=2)
+    ops = [env.op for env in server.received]
+    assert ops == [
+        protocol.Set("ключ".encode(), b"v", 1500, protocol.IF_ABSENT),
+        protocol.Set(b"k", b"v", None, protocol.IF_PRESENT),
+        protocol.Set(b"k", b"v", None, protocol.ALWAYS),
+        protocol.Incr(b"n", 5),
+        protocol.Incr(b"n", -5),
+        protocol.GetMany([b"a", b"b"]),
+        protocol.DeleteMany([b"a"]),
+        protocol.Cas(b"k", b"v", 7, None),
+        protocol.SetMany([(b"x", b"1")], 2000),
+    ]
+    assert all(env.version == protocol.PROTOCOL_VERSION for env in server.received)
+
+
+@pytest.mark.parametrize(
+    ("ttl", "ms"),
+    [(1, 1000), (2.5, 2500), (0.003, 3), (0.0015, 2), (0.0001, 1), (1e-12, 1), (86400, 86_400_000)],
+)
+def test_ttl_seconds_become_whole_milliseconds_rounded_up(client: Client, server: FakeServer, ttl, ms) -> None:
+    client.expire("k", ttl)
+    assert server.received[-1].op == protocol.Expire(b"k", ms)
+
+
+def test_request_ids_count_up_and_wrap_past_zero(client: Client, server: FakeServer) -> None:
+    client.ping()
+    client.ping()
+    client._last_id = 2**64 - 2
+    client.ping()
+    client.ping()
+    client.ping()
+    assert [env.id for env in server.received] == [1, 2, 2**64 - 1, 1, 2]
+
+
+def test_get_many_keys_results_by_the_callers_key_objects(client: Client) -> None:
+    client.set(b"k", b"v")
+    assert client.get_many(["k", b"k"]) == {"k": b"v", b"k": b"v"}
+    assert client.get_many(iter(["k"])) == {"k": b"v"}
+
+
+# --- argument misuse ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "args", "kwargs", "exc"),
+    [
+        ("get", (1,), {}, TypeError),
+        ("get", (None,), {}, TypeError),
+        ("get", (bytearray(b"k"),), {}, TypeError),
+        ("set", ("k", "text"), {}, TypeError),
+        ("set", ("k", 5), {}, TypeError),
+        ("set", ("k", b"v"), {"nx": True, "xx": True}, ValueError),
+        ("set", ("k", b"v"), {"ttl": 0}, ValueError),
+        ("set", ("k", b"v"), {"ttl": -1.5}, ValueError),
+        ("set", ("k", b"v"), {"ttl": math.nan}, ValueError),
+        ("set", ("k", b"v"), {"ttl": math.inf}, ValueError),
+        ("set", ("k", b"v"), {"ttl": "10"}, TypeError),
+        ("set", ("k", b"v"), {"ttl": True}, TypeError),
+        ("expire", ("k", 0), {}, ValueError),
+        ("expire", ("k", None), {}, TypeError),
+        ("incr", ("k", 1.5), {}, TypeError),
+        ("incr", ("k", 2**63), {}, ValueError),
+        ("decr", ("k", -(2**63)), {}, ValueError),
+        ("cas", ("k", b"v", -1), {}, ValueError),
+        ("cas", ("k", b"v", "1"), {}, TypeError),
+        ("get_many", ("abc",), {}, TypeError),
+        ("get_many", ([b"a", 1],), {}, TypeError),
+        ("delete_many", (b"abc",), {}, TypeError),
+        ("set_many", ([b"ab"],), {}, TypeError),
+        ("set_many", ({"k": "v"},), {}, TypeError),
+    ],
+)
+def test_argument_misuse_raises_before_sending(client, server, method, args, kwargs, exc) -> None:
+    with pytest.raises(exc):
+        getattr(client, method)(*args, **kwargs)
+    with pytest.raises(exc):
+        getattr(client.pipeline(), method)(*args, **kwargs)
+    assert client.ping() == 4
+    assert len(server.received) == 1
+
+
+@pytest.mark.parametrize("timeout", [0, -1, math.inf, math.nan])
+def test_bad_timeout(timeout) -> None:
+    with pytest.raises(ValueError):
+        Client(timeout=timeout)
+
+
+# --- errors from the daemon -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "cls"),
+    [
+        (protocol.BAD_REQUEST, errors.BadRequest),
+        (protocol.UNSUPPORTED_VERSION, errors.UnsupportedVersion),
+        (protocol.TOO_LARGE, errors.TooLarge),
+        (protocol.BUSY, errors.Busy),
+        (protocol.UNAVAILABLE, errors.Unavailable),
+        (protocol.NOT_INTEGER, errors.NotInteger),
+        (protocol.INTERNAL_ERROR, errors.InternalError),
+        (99, errors.ServerError),
+    ],
+)
+def test_error_status_raises_its_exception(client: Client, server: FakeServer, status, cls) -> None:
+    server.errors[b"bad"] = (status, "it went wrong")
+    with pytest.raises(cls, match="it went wrong") as info:
+        client.get("bad")
+    assert type(info.value) is cls
+    assert info.value.status == status
+    assert client.get("good") is None  # the client is still usable
+
+
+def test_not_integer_from_incr(client: Client) -> None:
+    client.set("k", b"abc")
+    with pytest.raises(errors.NotInteger):
+        client.incr("k")
+
+
+def test_garbage_frame_raises_protocol_error(client: Client, server: FakeServer) -> None:
+    server.garbage.add(b"junk")
+    with pytest.raises(errors.ProtocolError):
+        client.get("junk")
+    assert client.set("k", b"v") is True
+
+
+@pytest.mark.parametrize(
+    ("method", "args", "value"),
+    [
+        ("get", ("odd",), 5),
+        ("set", ("odd", b"v"), 1),
+        ("ttl", ("odd",), -3),
+        ("ttl", ("odd",), b"1"),
+        ("incr", ("odd",), True),
+        ("gets", ("odd",), [b"v"]),
+        ("cas", ("odd", b"v", 1), 0),
+        ("get_many", (["odd", "b"],), [b"x"]),
+        ("get_many", (["odd"],), [5]),
+        ("stats", (), [1]),
+    ],
+)
+def test_wrong_shaped_reply_raises_protocol_error(client, server, method, args, value) -> None:
+    server.values[b"odd"] = value
+    server.values["stats"] = value
+    with pytest.raises(errors.ProtocolError):
+        getattr(client, method)(*args)
+
+
+# --- timeouts and late replies --------------------------------------------------------
+
+
+def test_silent_server_times_out_with_endpoint_and_duration(server: FakeServer) -> None:
+    server.silent = True
+    with Client(server.endpoint, timeout=FAST) as c:
+        start = time.monotonic()
+        with pytest.raises(errors.Timeout, match=rf"{server.endpoint}.*0\.2 s.*get") as info:
+            c.get("k")
+        elapsed = time.monotonic() - start
+    assert isinstance(info.value, TimeoutError)
+    assert FAST * 0.9 <= elapsed < FAST + 1.0
+
+
+def test_unreachable_endpoint_times_out() -> None:
+    with Client("tcp://127.0.0.1:1", timeout=FAST) as c, pytest.raises(errors.Timeout):
+        c.ping()
+
+
+def test_late_reply_is_not_returned_by_the_next_call(server: FakeServer) -> None:
+    server.data[b"a"] = [b"A", 1, None]
+    server.data[b"b"] = [b"B", 2, None]
+    server.hold_keys = {b"a"}
+    with Client(server.endpoint, timeout=FAST) as c:
+        with pytest.raises(errors.Timeout):
+            c.get("a")
+        server.hold_keys = set()
+        # The fake now sends the held reply for "a" first, then the one for "b".
+        assert c.get("b") == b"B"
+        assert c.get("a") == b"A"
+        assert c.pipeline().get("b").get("a").execute() == [b"B", b"A"]
+
+
+def test_late_reply_is_not_taken_by_a_pipeline(server: FakeServer) -> None:
+    server.data[b"a"] = [b"A", 1, None]
+    server.hold_keys = {b"a"}
+    with Client(server.endpoint, timeout=FAST) as c:
+        with pytest.raises(errors.Timeout):
+            c.get("a")
+        server.hold_keys = set()
+        assert c.pipeline().get("b").exists("a").execute() == [None, True]
+
+
+def test_pipeline_timeout(server: FakeServer) -> None:
+    server.hold_keys = {b"slow"}
+    with Client(server.endpoint, timeout=FAST) as c:
+        pipe = c.pipeline().set("k", b"v").get("slow").get("k")
+        with pytest.raises(errors.Timeout, match="1 of 3"):
+            pipe.execute()
+        pipe.set("k", b"w").get("slow").get("k")
+        first, second, third = pipe.execute(raise_on_error=False)
+    assert first is True and third == b"w"
+    assert isinstance(second, errors.Timeout)
+
+
+# --- pipelines ------------------------------------------------------------------------
+
+
+def test_pipeline_sends_everything_before_reading_and_matches_reversed_replies(
+    client: Client, server: FakeServer
+) -> None:
+    server.gather = 5  # the fake answers only once it has all 5 requests, last first
+    with client.pipeline() as pipe:
+        pipe.set("a", b"1").incr("n").get("a").exists("zz").ttl("a")
+        assert pipe.execute() == [True, 1, b"1", False, math.inf]
+    assert [env.id for env in server.received] == [1, 2, 3, 4, 5]
+
+
+def test_pipeline_errors_in_place_or_first_raised(client: Client, server: FakeServer) -> None:
+    server.errors[b"busy"] = (protocol.BUSY, "mailbox full")
+    server.errors[b"down"] = (protocol.UNAVAILABLE, "shard 1 is down")
+    server.values[b"odd"] = 7
+    pipe = client.pipeline().set("k", b"v").get("busy").get("odd").get("down").get("k")
+    results = pipe.execute(raise_on_error=False)
+    assert results[0] is True and results[4] == b"v"
+    assert isinstance(results[1], errors.Busy)
+    assert isinstance(results[2], errors.ProtocolError)
+    assert isinstance(results[3], errors.Unavailable)
+    pipe.get("down").get("busy").set("k2", b"v")
+    with pytest.raises(errors.Unavailable):
+        pipe.execute()
+    # Every reply was collected before raising: the next call is not confused.
+    assert client.get("k2") == b"v"
+
+
+def test_pipeline_context_manager_resets_without_executing(client: Client, server: FakeServer) -> None:
+    with client.pipeline() as pipe:
+        pipe.set("k", b"v")
+    assert len(pipe) == 0
+    assert server.received == []
+    pipe.set("k", b"v")
+    pipe.reset()
+    assert pipe.execute() == []
+    assert server.received == []
+
+
+# --- lifecycle ------------------------------------------------------------------------
+
+
+def test_close_is_idempotent_and_use_after_close_raises(server: FakeServer) -> None:
+    c = Client(server.endpoint, timeout=WAIT)
+    pipe = c.pipeline().ping()
+    assert c.ping() == 4
+    c.close()
+    c.close()
+    assert c.closed
+    with pytest.raises(errors.ConnectionClosed):
+        c.get("k")
+    with pytest.raises(errors.ConnectionClosed):
+        pipe.execute()
+    with Client(server.endpoint) as c2:
+        assert not c2.closed
+    assert c2.closed
+
+
+def test_explicit_context_is_not_terminated(server: FakeServer) -> None:
+    ctx = zmq.Context()
+    try:
+        with Client(server.endpoint, timeout=WAIT, context=ctx) as c:
+            assert c.ping() == 4
+        assert not ctx.closed
+    finally:
+        ctx.term()
+
+
+def test_the_client_never_imports_daemon_modules() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, shardd.client, shardd.aclient\n"
+        "bad = {'config', 'store', 'worker', 'router', 'supervisor', 'transport'}\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'shardd' and m.split('.')[-1] in bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# --- AsyncClient ----------------------------------------------------------------------
+
+
+def test_async_many_concurrent_coroutines(server: FakeServer) -> None:
+    n = 300
+
+    async def body(ac: AsyncClient) -> None:
+        assert await ac.set_many({f"k{i}": str(i).encode() for i in range(n)}) == n
+        server.gather = 50  # answer in reversed groups of 50
+        values = await asyncio.gather(*(ac.get(f"k{i}") for i in range(n)))
+        assert values == [str(i).encode() for i in range(n)]
+        server.gather = 0
+        counts = await asyncio.gather(*(ac.incr("counter") for _ in range(n)))
+        assert sorted(counts) == list(range(1, n + 1))
+        assert not ac._pending
+
+    run(body, server.endpoint)
+
+
+def test_async_concurrent_pipelines_and_calls(server: FakeServer) -> None:
+    async def one(ac: AsyncClient, i: int) -> None:
+        key = f"p{i}"
+        assert await ac.pipeline().set(key, b"x").get(key).delete(key).execute() == [True, b"x", True]
+        assert await ac.get(key) is None
+
+    async def body(ac: AsyncClient) -> None:
+        await asyncio.gather(*(one(ac, i) for i in range(50)))
+
+    run(body, server.endpoint)
+
+
+def test_async_error_statuses_and_garbage(server: FakeServer) -> None:
+    server.errors[b"busy"] = (protocol.BUSY, "mailbox full")
+    server.errors[b"weird"] = (42, "what")
+    server.garbage.add(b"junk")
+
+    async def body(ac: AsyncClient) -> None:
+        with pytest.raises(errors.Busy, match="mailbox full"):
+            await ac.get("busy")
+        with pytest.raises(errors.ServerError) as info:
+            await ac.get("weird")
+        assert info.value.status == 42
+        with pytest.raises(errors.ProtocolError):
+            await ac.get("junk")
+        with pytest.raises(TypeError):
+            await ac.get(3)
+        results = await ac.pipeline().get("busy").set("k", b"v").execute(raise_on_error=False)
+        assert isinstance(results[0], errors.Busy) and results[1] is True
+        assert await ac.get("k") == b"v"
+
+    run(body, server.endpoint)
+
+
+def test_async_timeout_and_late_reply_dropped(server: FakeServer) -> None:
+    server.data[b"a"] = [b"A", 1, None]
+    server.data[b"b"] = [b"B", 2, None]
+    server.hold_keys = {b"a"}
+
+    async def body(ac: AsyncClient) -> None:
+        start = time.monotonic()
+        with pytest.raises(errors.Timeout, match=server.endpoint):
+            await ac.get("a")
+        assert time.monotonic() - start >= FAST * 0.9
+        assert not ac._pending
+        server.hold_keys = set()
+        assert await ac.get("b") == b"B"
+        assert await ac.get("a") == b"A"
+
+    run(body, server.endpoint, timeout=FAST)
+
+
+def test_async_one_slow_key_does_not_delay_the_others(server: FakeServer) -> None:
+    server.hold_keys = {b"slow"}
+
+    async def body(ac: AsyncClient) -> None:
+        slow = asyncio.ensure_future(ac.get("slow"))
+        fast = await asyncio.gather(*(ac.set(f"f{i}", b"v") for i in range(20)))
+        assert fast == [True] * 20
+        assert not slow.done()
+        with pytest.raises(errors.Timeout):
+            await slow
+        results = await ac.pipeline().get("slow").get("f1").execute(raise_on_error=False)
+        assert isinstance(results[0], errors.Timeout) and results[1] == b"v"
+
+    run(body, server.endpoint, timeout=FAST * 2)
+
+
+def test_async_silent_server_times_out(server: FakeServer) -> None:
+    server.silent = True
+
+    async def body(ac: AsyncClient) -> None:
+        results = await asyncio.gather(*(ac.ping() for _ in range(10)), return_exceptions=True)
+        assert all(isinstance(r, errors.Timeout) for r in results)
+        with pytest.raises(errors.Timeout, match="2 of 2"):
+            await ac.pipeline().ping().ping().execute()
+
+    run(body, server.endpoint, timeout=FAST)
+
+
+def test_async_aclose_cancels_reader_and_fails_waiters(server: FakeServer) -> None:
+    server.silent = True
+
+    async def main() -> None:
+        ac = AsyncClient(server.endpoint, timeout=WAIT)
+        waiter = asyncio.ensure_future(ac.get("k"))
+        await asyncio.sleep(0.05)
+        reader = ac._reader
+        assert reader is not None and not reader.done()
+        await ac.aclose()
+        await ac.aclose()
+        assert reader.done()
+        with pytest.raises(errors.ConnectionClosed):
+            await asyncio.wait_for(waiter, WAIT)
+        with pytest.raises(errors.ConnectionClosed):
+            await ac.get("k")
+        with pytest.raises(errors.ConnectionClosed):
+            await ac.pipeline().ping().execute()
+
+    asyncio.run(main())
+
+
+def test_async_client_survives_a_new_event_loop(server: FakeServer) -> None:
+    ac = AsyncClient(server.endpoint, timeout=WAIT)
+    assert asyncio.run(ac.ping()) == 4
+    assert asyncio.run(ac.set("k", b"v")) is True
+
+    async def finish() -> bytes | None:
+        try:
+            return await ac.get("k")
+        finally:
+            await ac.aclose()
+
+    assert asyncio.run(finish()) == b"v"
