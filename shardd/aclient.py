@@ -63,7 +63,7 @@ class AsyncClient:
         sock = ctx.socket(zmq.DEALER)
         try:
             sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.IMMEDIATE, 1)  # see shardd.client, Rule 3
+            sock.setsockopt(zmq.IMMEDIATE, 1)  # see shardd.client, Rule 4
             sock.connect(endpoint)
         except BaseException:
             sock.close(0)
@@ -87,6 +87,7 @@ class AsyncClient:
 
     @property
     def closed(self) -> bool:
+        """True once aclose() has been called."""
         return self._sock is None
 
     async def aclose(self) -> None:

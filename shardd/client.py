@@ -16,9 +16,11 @@ Rule 2: ``timeout`` bounds the whole call, sending included: a call (or a whole 
         raises :class:`~shardd.errors.Timeout` once ``timeout`` seconds have passed
         without its reply(s). The request is not withdrawn, so the daemon may still have
         applied it.
-Rule 3: the socket only queues a request once a connection exists (``IMMEDIATE``), so a
+Rule 3: a frame that cannot be decoded cannot be matched to a request, so the call (or
+        pipeline) that receives it raises ProtocolError.
+Rule 4: the socket only queues a request once a connection exists (``IMMEDIATE``), so a
         request that timed out while the daemon was unreachable is not delivered later.
-Rule 4: a client is not thread-safe: use one per thread. Create it in the process that
+Rule 5: a client is not thread-safe: use one per thread. Create it in the process that
         uses it; a client carried across ``fork`` refuses to work.
 
 The client owns only its socket; the Context is shared (``zmq.Context.instance()`` by
@@ -98,6 +100,7 @@ class Client:
 
     @property
     def closed(self) -> bool:
+        """True once close() has been called."""
         return self._sock is None
 
     def close(self) -> None:
@@ -257,4 +260,3 @@ class Pipeline(_ops.PipelineBase):
     def execute(self, raise_on_error: bool = True) -> list[Any]:
         """Send every queued command, then return their results in call order (see Client rules)."""
         return self._client._execute(self._take(), raise_on_error)
-

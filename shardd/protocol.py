@@ -265,7 +265,7 @@ def decode_envelope(frame: bytes, limits: Limits) -> Envelope | bytes:
         )
     try:
         env = _envelope_decoder.decode(frame)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except Exception as exc:  # Rule 1. Not only DecodeError: bad UTF-8 raises UnicodeDecodeError.
         return _explain_bad_frame(frame, exc)
     if env.version != PROTOCOL_VERSION:
         return encode_reply(
@@ -322,7 +322,7 @@ def _salvage_id(frame: bytes, limit: int | None = None) -> int:
     head = frame[:32] if limit is not None else frame
     try:
         obj = _loose_decoder.decode(head)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except Exception:
         obj = _partial_prefix(head)
     if isinstance(obj, list) and len(obj) >= 2 and isinstance(obj[1], int) and 0 <= obj[1] <= _U64:
         return obj[1]
@@ -347,7 +347,7 @@ def _partial_prefix(head: bytes) -> list[Any] | None:
         for end in range(pos + 1, min(len(head), pos + 9) + 1):
             try:
                 items.append(_loose_decoder.decode(head[pos:end]))
-            except (msgspec.DecodeError, msgspec.ValidationError):
+            except Exception:
                 continue
             pos = end
             break
@@ -361,8 +361,8 @@ def _explain_bad_frame(frame: bytes, exc: Exception) -> bytes:
     request_id = _salvage_id(frame)
     try:
         obj = _loose_decoder.decode(frame)
-    except msgspec.DecodeError:
-        return encode_reply(request_id, BAD_REQUEST, f"malformed request: not valid msgpack ({exc})")
+    except Exception as loose_exc:
+        return encode_reply(request_id, BAD_REQUEST, f"malformed request: not valid msgpack ({loose_exc})")
     if not isinstance(obj, list) or len(obj) != 3:
         return encode_reply(
             request_id, BAD_REQUEST,

@@ -169,7 +169,11 @@ class Router:
             elif self.draining:
                 self.reply(peer, 0, p.UNAVAILABLE, "the daemon is shutting down")
             else:
-                self.route(peer, frame)
+                try:
+                    self.route(peer, frame)
+                except Exception as exc:  # Rule 4: a bug in one request must not stop the router
+                    log.exception("internal error routing a request")
+                    self.reply(peer, 0, p.INTERNAL_ERROR, f"internal error: {exc!r}")
         self.flush_outboxes()
 
     def route(self, peer: Any, frame: bytes) -> None:
@@ -302,7 +306,7 @@ class Router:
             frame = recv()
             try:
                 batch = p.decode_batch_reply(frame)
-            except (msgspec.DecodeError, msgspec.ValidationError):
+            except Exception:
                 log.error("shard %d sent an undecodable reply (%d bytes); dropped", link.shard, len(frame))
                 continue
             entry = link.pending.pop(batch.seq, None)
@@ -320,7 +324,7 @@ class Router:
         gather, context = target
         try:
             reply = p.decode_reply(raw)
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except Exception:
             self._complete_part(gather, shard, context, (p.INTERNAL_ERROR, f"shard {shard} sent garbage"), None)
             return
         error = None if reply.status == p.OK else (reply.status, f"shard {shard}: {reply.value}")
@@ -421,8 +425,8 @@ def run_router(config: Config) -> int:
     links: list[ShardLink] = []
     try:
         for shard in range(config.shards):
-            sock = transport.connect_shard_dealer(ctx, config.worker_endpoint(shard))
-            links.append(ShardLink(shard, sock, transport.monitor_socket(sock)))
+            sock, monitor = transport.connect_shard_dealer(ctx, config.worker_endpoint(shard))
+            links.append(ShardLink(shard, sock, monitor))
         try:
             frontend = transport.bind_public_router(ctx, public, config.max_message_bytes)
         except transport.ZMQError as exc:

@@ -50,8 +50,12 @@ def bind_public_router(ctx: zmq.Context, endpoints: Iterable[str], max_message_b
     return sock
 
 
-def connect_shard_dealer(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
-    """The router's DEALER to one worker."""
+def connect_shard_dealer(ctx: zmq.Context, endpoint: str) -> tuple[zmq.Socket, zmq.Socket]:
+    """The router's DEALER to one worker, and a monitor socket reporting its connection state.
+
+    The monitor is attached before connecting: a handshake that completed before it would
+    never be reported, and the shard would stay "down" forever.
+    """
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     # Queue only on a live connection: with no worker, a send fails at once (→ UNAVAILABLE)
@@ -63,14 +67,9 @@ def connect_shard_dealer(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
     # In-flight work is bounded by the mailbox limit, not by the HWM; keep HWM out of the way.
     sock.setsockopt(zmq.SNDHWM, 0)
     sock.setsockopt(zmq.RCVHWM, 0)
+    monitor = sock.get_monitor_socket(int(zmq.EVENT_HANDSHAKE_SUCCEEDED) | int(zmq.EVENT_DISCONNECTED))
     sock.connect(endpoint)
-    return sock
-
-
-def monitor_socket(sock: zmq.Socket) -> zmq.Socket:
-    """A PAIR socket that receives connect/disconnect events of ``sock``."""
-    events = int(zmq.EVENT_HANDSHAKE_SUCCEEDED) | int(zmq.EVENT_DISCONNECTED)
-    return sock.get_monitor_socket(events)
+    return sock, monitor
 
 
 def read_monitor_event(mon: zmq.Socket) -> str | None:

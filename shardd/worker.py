@@ -29,7 +29,7 @@ import psutil
 from shardd import protocol as p
 from shardd import transport
 from shardd.config import Config, allowed_cpus
-from shardd.errors import ExitCode, NotInteger
+from shardd.errors import BadRequest, ExitCode, ServerError
 from shardd.logs import setup_logging
 from shardd.store import Store
 
@@ -101,8 +101,8 @@ class Shard:
         self.ops += 1
         try:
             value = self._handlers[type(env.op)](env.op)
-        except NotInteger as exc:
-            return p.encode_reply(env.id, p.NOT_INTEGER, str(exc))
+        except ServerError as exc:  # e.g. NotInteger from INCR: the op's own failure
+            return p.encode_reply(env.id, exc.status, exc.message)
         except Exception as exc:  # Invariant 2: a bug must not take the shard down.
             log.exception("internal error applying %s", type(env.op).__name__)
             return p.encode_reply(env.id, p.INTERNAL_ERROR, f"internal error: {exc!r}")
@@ -112,7 +112,7 @@ class Shard:
         """One Batch frame in, one BatchReply frame out; None if the frame is not a Batch."""
         try:
             batch = p.decode_batch(frame)
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except Exception:
             log.warning("dropped a frame that is not a Batch (%d bytes)", len(frame))
             return None
         apply = self.apply
@@ -138,7 +138,7 @@ class Shard:
 
     def _debug_sleep(self, op: p.DebugSleep) -> bool:
         if not self.debug_ops:
-            raise ValueError("debug_sleep is disabled (enable_debug_ops = false)")
+            raise BadRequest("debug_sleep is disabled (enable_debug_ops = false)")
         time.sleep(op.ms / 1000)
         return True
 

@@ -126,7 +126,9 @@ class FakeServer:
             case protocol.Get(key):
                 return data[key][0] if key in data else None
             case protocol.Set(key, value, ttl_ms, cond):
-                if (cond == protocol.IF_ABSENT and key in data) or (cond == protocol.IF_PRESENT and key not in data):
+                if cond == protocol.IF_ABSENT and key in data:
+                    return False
+                if cond == protocol.IF_PRESENT and key not in data:
                     return False
                 self._store(key, value, ttl_ms)
                 return True
@@ -320,7 +322,7 @@ def test_wire_ops_and_str_keys(client: Client, server: FakeServer) -> None:
     ("ttl", "ms"),
     [(1, 1000), (2.5, 2500), (0.003, 3), (0.0015, 2), (0.0001, 1), (1e-12, 1), (86400, 86_400_000)],
 )
-def test_ttl_seconds_become_whole_milliseconds_rounded_up(client: Client, server: FakeServer, ttl, ms) -> None:
+def test_ttl_seconds_become_whole_milliseconds_rounded_up(client, server, ttl, ms) -> None:
     client.expire("k", ttl)
     assert server.received[-1].op == protocol.Expire(b"k", ms)
 
@@ -571,6 +573,33 @@ def test_explicit_context_is_not_terminated(server: FakeServer) -> None:
         assert not ctx.closed
     finally:
         ctx.term()
+
+
+def test_a_client_carried_across_fork_refuses_to_work(client: Client) -> None:
+    import os
+    import signal
+
+    assert client.ping() == 4
+    pid = os.fork()
+    if pid == 0:  # child: touch no zmq, report through the exit code
+        code = 1
+        try:
+            client.get("k")
+        except RuntimeError:
+            client.close()  # must not close the parent's socket
+            code = 0
+        except BaseException:
+            code = 2
+        os._exit(code)
+    deadline = time.monotonic() + WAIT
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("forked child hung")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
+    assert client.ping() == 4
 
 
 def test_the_client_never_imports_daemon_modules() -> None:
