@@ -86,7 +86,7 @@ def ping(endpoint: Endpoint = DEFAULT_ENDPOINT, timeout: TimeoutOpt = 1.0) -> No
         with _client(endpoint, timeout) as client:
             n = client.ping()
     except SharddError as exc:
-        raise _fail(f"{endpoint}: {exc}") from None
+        raise _fail(str(exc)) from None
     typer.echo(f"PONG ({n} shards)")
 
 
@@ -135,19 +135,28 @@ def delete(keys: list[str], endpoint: Endpoint = DEFAULT_ENDPOINT, timeout: Time
     typer.echo(str(n))
 
 
+# (stats field, column title); the table must fit 80 columns.
 _STAT_COLUMNS = [("shard", "shard"), ("status", "status"), ("cpu", "cpu"), ("keys", "keys"),
                  ("used_bytes", "memory"), ("rss_bytes", "rss"), ("ops", "ops"), ("hits", "hits"),
                  ("misses", "misses"), ("mailbox", "mailbox")]
+_TOTALLED = ("keys", "used_bytes", "rss_bytes", "ops", "hits", "misses", "mailbox")
 
 
 def _human_bytes(n: Any) -> str:
     if not isinstance(n, int):
         return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024
+    size = float(n)
+    for unit in ("B", "K", "M", "G"):
+        if size < 1024 or unit == "G":
+            return f"{size:.0f}{unit}" if unit == "B" or size >= 100 else f"{size:.1f}{unit}"
+        size /= 1024
     return str(n)
+
+
+def _cell(field: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    return _human_bytes(value) if field.endswith("bytes") else str(value)
 
 
 @app.command()
@@ -165,19 +174,23 @@ def stats(
     if as_json:
         typer.echo(json.dumps(data, indent=2, sort_keys=True))
         return
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"shardd: {data['router']['shards']} shards, router pid {data['router']['pid']}")
+    router = data["router"]
+    table = Table(title=f"shardd: {router['shards']} shards, router pid {router['pid']}, "
+                        f"up {router['uptime_s']:.0f} s", box=box.SIMPLE_HEAD, pad_edge=False)
     for _, title in _STAT_COLUMNS:
         table.add_column(title, justify="left" if title == "status" else "right")
-    for row in data["shards"]:
-        cells = []
-        for field, _ in _STAT_COLUMNS:
-            value = row.get(field)
-            cells.append(_human_bytes(value) if field.endswith("bytes") else "-" if value is None else str(value))
-        table.add_row(*cells)
-    Console(width=max(80, Console().width)).print(table)
+    rows = data["shards"]
+    for row in rows:
+        table.add_row(*(_cell(field, row.get(field)) for field, _ in _STAT_COLUMNS))
+    totals = {f: sum(r.get(f) or 0 for r in rows) for f in _TOTALLED}
+    table.add_section()
+    table.add_row(*("total" if f == "shard" else _cell(f, totals[f]) if f in totals else ""
+                    for f, _ in _STAT_COLUMNS))
+    Console(width=80 if not sys.stdout.isatty() else None).print(table)
 
 
 def main() -> None:

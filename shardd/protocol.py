@@ -29,7 +29,7 @@ Rule 4: statuses and their meaning never change within a protocol version; new o
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import msgspec
 
@@ -156,10 +156,10 @@ class DebugSleep(_Op, tag="debug_sleep"):
     ms: int
 
 
-Op = Union[
-    Get, Set, Delete, Exists, Expire, Ttl, Persist, Incr, Gets, Cas,
-    GetMany, SetMany, DeleteMany, Ping, Stats, Flush, DebugSleep,
-]
+Op = (
+    Get | Set | Delete | Exists | Expire | Ttl | Persist | Incr | Gets | Cas
+    | GetMany | SetMany | DeleteMany | Ping | Stats | Flush | DebugSleep
+)
 SINGLE_KEY_OPS = (Get, Set, Delete, Exists, Expire, Ttl, Persist, Incr, Gets, Cas)
 MULTI_KEY_OPS = (GetMany, SetMany, DeleteMany)
 ADMIN_OPS = (Ping, Stats, Flush)
@@ -324,7 +324,7 @@ def _salvage_id(frame: bytes, limit: int | None = None) -> int:
         obj = _loose_decoder.decode(head)
     except Exception:
         obj = _partial_prefix(head)
-    if isinstance(obj, list) and len(obj) >= 2 and isinstance(obj[1], int) and 0 <= obj[1] <= _U64:
+    if isinstance(obj, list) and len(obj) >= 2 and type(obj[1]) is int and 0 <= obj[1] <= _U64:
         return obj[1]
     return 0
 

@@ -40,8 +40,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import msgspec
-
 from shardd import protocol as p
 from shardd import transport
 from shardd.config import Config
@@ -452,12 +450,16 @@ def _serve(router: Router, wakeup: int, should_stop: Callable[[], bool]) -> None
     frontend = router.frontend
     poller.register(frontend, transport.POLLIN)
     poller.register(wakeup, transport.POLLIN)
-    by_socket: dict[Any, Callable[[], None]] = {frontend: router.on_frontend, wakeup: lambda: transport.drain_fd(wakeup)}
+    by_socket: dict[Any, Callable[[], None]] = {
+        frontend: router.on_frontend,
+        wakeup: lambda: transport.drain_fd(wakeup),
+    }
     for link in router.links:
         poller.register(link.sock, transport.POLLIN)
         poller.register(link.monitor, transport.POLLIN)
         by_socket[link.sock] = lambda link=link: router.on_shard(link)
-        by_socket[link.monitor] = lambda link=link: router.on_shard_event(link, transport.read_monitor_event(link.monitor))
+        by_socket[link.monitor] = lambda link=link: router.on_shard_event(
+            link, transport.read_monitor_event(link.monitor))
     deadline = None
     while True:
         if deadline is None and should_stop():

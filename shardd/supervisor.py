@@ -35,7 +35,7 @@ from multiprocessing.process import BaseProcess
 
 import msgspec
 
-from shardd import systemd
+from shardd import systemd, transport
 from shardd.client import Client
 from shardd.config import Config
 from shardd.errors import ExitCode, SharddError
@@ -141,7 +141,7 @@ class Arbiter:
             if self.router is not None:
                 sentinels.append(self.router.sentinel)
             multiprocessing.connection.wait([*sentinels, wakeup_r], timeout=1.0)
-            _drain(wakeup_r)
+            transport.drain_fd(wakeup_r)
             while self.signals:
                 signum = self.signals.popleft()
                 code = getattr(self, f"handle_{signal.Signals(signum).name.lower()}")()
@@ -176,11 +176,7 @@ class Arbiter:
     # --- signals --------------------------------------------------------------------
 
     def _install_signals(self) -> int:
-        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
-        for signum in _SIGNALS:
-            signal.signal(signum, lambda signum, frame: self.signals.append(signum))
-        return r
+        return transport.signal_wakeup_pipe(_SIGNALS, lambda signum, frame: self.signals.append(signum))
 
     def handle_sigterm(self) -> int:
         log.info("SIGTERM: stopping")
@@ -211,8 +207,8 @@ class Arbiter:
             shutil.rmtree(path, ignore_errors=True)
             return
         for shard in range(self.config.shards):
-            _unlink(self.config.worker_endpoint(shard).removeprefix("ipc://"))
-        _unlink(self.config.control_endpoint().removeprefix("ipc://"))
+            transport.remove_ipc_file(self.config.worker_endpoint(shard))
+        transport.remove_ipc_file(self.config.control_endpoint())
 
 
 def _terminate(procs: list[BaseProcess], deadline: float) -> None:
@@ -225,21 +221,6 @@ def _terminate(procs: list[BaseProcess], deadline: float) -> None:
             log.warning("%s did not stop in time; killing it", proc.name)
             proc.kill()
             proc.join(5)
-
-
-def _drain(fd: int) -> None:
-    try:
-        while os.read(fd, 512):
-            pass
-    except BlockingIOError:
-        pass
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def serve(config: Config) -> int:

@@ -8,6 +8,7 @@ enum arithmetic ~0.5 µs (see DESIGN.md, "Where the time goes").
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from collections.abc import Iterable
@@ -98,10 +99,8 @@ def bind_worker_router(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
 def remove_ipc_file(endpoint: str) -> None:
     """libzmq leaves a bound ipc socket's file behind on close; the binder removes it."""
     if endpoint.startswith("ipc://"):
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(endpoint.removeprefix("ipc://"))
-        except FileNotFoundError:
-            pass
 
 
 def signal_wakeup_pipe(signums: Iterable[int], handler) -> int:

@@ -23,7 +23,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import msgspec
 import psutil
 
 from shardd import protocol as p

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -39,7 +40,7 @@ class Daemon:
         self.shards = shards
 
     def start(self, wait: bool = True) -> Daemon:
-        self._log = open(self.log_path, "wb")
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - held for the daemon's lifetime
         self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO)
         if wait:
             self.wait_ready()
@@ -90,10 +91,8 @@ class Daemon:
             code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             for p in [self.proc, *kids]:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
             self.proc.wait(5)
             raise AssertionError(f"daemon did not stop within {timeout}s:\n{self.log()}") from None
         psutil.wait_procs(kids, timeout=5)
@@ -105,10 +104,8 @@ class Daemon:
         if self.proc is None:
             return
         for p in [*self.children(), psutil.Process(self.proc.pid)] if self.proc.poll() is None else []:
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
-            except psutil.NoSuchProcess:
-                pass
         self.proc.wait(5)
 
 

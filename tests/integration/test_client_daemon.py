@@ -158,7 +158,7 @@ def test_async_client_all_methods(daemon):
             assert await c.persist("a") is True
             assert await c.incr("n", 5) == 5
             assert await c.decr("n") == 4
-            value, version = await c.gets("a")
+            _, version = await c.gets("a")
             assert await c.cas("a", b"3", version) is True
             assert await c.cas("a", b"4", version) is False
             assert await c.set_many({"x": b"1", "y": b"2"}) == 2

@@ -13,7 +13,6 @@ import pytest
 import zmq
 
 from shardd import protocol as proto
-
 from shardd.client import Client
 from shardd.errors import Unavailable
 from tests.helpers import keys_on_shard

@@ -301,7 +301,10 @@ def _check_outcome(result: Envelope | bytes | None, limits: Limits) -> None:
     assert reply.status != p.OK
     assert reply.status in errors.SERVER_ERRORS
     assert isinstance(reply.value, str) and reply.value
-    assert 0 <= reply.id <= U64
+    if reply.id < 0:  # known bug: a negative id is accepted and echoed
+        event("known bug: negative id")
+        return
+    assert reply.id <= U64
 
 
 def _reply_has_bool_id(frame: bytes) -> bool:
@@ -627,3 +630,11 @@ def test_deeply_nested_arrays_give_an_error_reply(prefix: bytes) -> None:
 def test_invalid_utf8_strings_give_an_error_reply(frame: bytes) -> None:
     reply = reply_of(p.decode_envelope(frame, LIMITS))
     assert reply.status == p.BAD_REQUEST
+
+
+@pytest.mark.xfail(strict=True, reason="Envelope.id is a plain int: negative ids are accepted and echoed")
+@pytest.mark.parametrize("obj", [[1, -1, ["get", b"k"]], [0, -1, ["stats"]], [1, I64_MIN, ["ping"]]])
+def test_negative_ids_are_rejected(obj: Any) -> None:
+    reply = error_for(obj)
+    assert reply.status != p.OK
+    assert reply.id == 0
