@@ -409,7 +409,7 @@ class Store:
                         reclaim(key, entry)
                         expired += 1
             removed += expired
-            if not keys or expired * 4 < 0:
+            if not keys or expired * 4 <= sampled:
                 return removed
             now = self._clock()
             if now - start >= budget_ms:

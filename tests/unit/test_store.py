@@ -476,7 +476,10 @@ def test_active_expire_stops_when_few_sampled_keys_are_expired(clock: FakeClock,
     for i in range(20):
         store.set(b"dead%d" % i, b"v", ttl_ms=10)
     clock.now += 10
+    clock.step = 1  # so a stopping bug shows as many rounds, not a hang
+    calls = clock.calls
     removed = store.active_expire(1000)
+    assert clock.calls - calls <= 3  # one clock read per round, plus the first
     assert removed <= 20
     assert store.expired == removed
     assert len(store) == 2020 - removed
