@@ -29,7 +29,7 @@ Rule 4: statuses and their meaning never change within a protocol version; new o
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -63,8 +63,12 @@ IF_PRESENT = 2
 SetCondition = Literal[0, 1, 2]
 
 
-class _Op(msgspec.Struct, array_like=True, frozen=True, omit_defaults=True, tag_field="op"):
-    """Base of every op: an array whose first element is the op name."""
+class _Op(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fields=True):
+    """Base of every op: an array whose first element is the op name.
+
+    Extra trailing arguments are rejected, not ignored: a server that does not know a newer
+    optional argument must say so rather than silently drop it.
+    """
 
 
 # --- single-key ops -----------------------------------------------------------------
@@ -166,11 +170,14 @@ ADMIN_OPS = (Ping, Stats, Flush)
 WRITE_OPS = (Set, Delete, Expire, Persist, Incr, Cas, SetMany, DeleteMany, Flush)
 
 
-class Envelope(msgspec.Struct, array_like=True, frozen=True):
-    """One request: ``[version, id, op]``."""
+RequestId = Annotated[int, msgspec.Meta(ge=0)]  # msgpack ints stop at 2**64-1 anyway
+
+
+class Envelope(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fields=True):
+    """One request: ``[version, id, op]``; ``id`` is an unsigned 64-bit integer."""
 
     version: int
-    id: int
+    id: RequestId
     op: Op
 
 
@@ -260,7 +267,7 @@ def decode_envelope(frame: bytes, limits: Limits) -> Envelope | bytes:
     """
     if len(frame) > limits.max_message_bytes:
         return encode_reply(
-            _salvage_id(frame, limits.max_message_bytes), TOO_LARGE,
+            salvage_id(frame, limits.max_message_bytes), TOO_LARGE,
             f"message is {len(frame)} bytes; the limit is {limits.max_message_bytes} (max_message_bytes)",
         )
     try:
@@ -314,7 +321,7 @@ def check_op(op: Op, limits: Limits) -> tuple[int, str] | None:
     return None
 
 
-def _salvage_id(frame: bytes, limit: int | None = None) -> int:
+def salvage_id(frame: bytes, limit: int | None = None) -> int:
     """Best-effort request id of a frame that failed to decode, so the error reaches its caller.
 
     Only the first few bytes are needed: msgpack arrays put version and id first.
@@ -358,7 +365,7 @@ def _partial_prefix(head: bytes) -> list[Any] | None:
 
 def _explain_bad_frame(frame: bytes, exc: Exception) -> bytes:
     """Turn a decode failure into an error Reply that names the problem."""
-    request_id = _salvage_id(frame)
+    request_id = salvage_id(frame)
     try:
         obj = _loose_decoder.decode(frame)
     except Exception as loose_exc:

@@ -162,10 +162,10 @@ class Router:
                     extra += 1
             self.requests += 1
             if extra:
-                self.reply(peer, 0, p.BAD_REQUEST,
+                self.reply(peer, p.salvage_id(frame), p.BAD_REQUEST,
                            f"a request must be exactly one frame; got {extra} extra frame(s)")
             elif self.draining:
-                self.reply(peer, 0, p.UNAVAILABLE, "the daemon is shutting down")
+                self.reply(peer, p.salvage_id(frame), p.UNAVAILABLE, "the daemon is shutting down; retry shortly")
             else:
                 try:
                     self.route(peer, frame)

@@ -281,9 +281,7 @@ def _check_outcome(result: Envelope | bytes, limits: Limits) -> None:
     assert reply.status != p.OK
     assert reply.status in errors.SERVER_ERRORS
     assert isinstance(reply.value, str) and reply.value
-    if reply.id < 0:  # KNOWN BUG, pinned by test_negative_ids_are_rejected (strict xfail)
-        event("known bug: negative id")
-        return
+    assert reply.id >= 0
     assert reply.id <= U64
 
 
@@ -407,13 +405,11 @@ def test_wrong_types_are_bad_requests_with_the_id(obj: Any, fragment: str) -> No
     assert fragment in reply.value
 
 
-def test_extra_trailing_elements_are_currently_ignored() -> None:
-    # msgspec's array_like Structs ignore trailing extras. Pinned so that a change is deliberate:
-    # docs/protocol.md tells clients never to send them (an older server would silently drop a
-    # newer optional argument).
-    assert p.decode_envelope(enc([1, 5, ["ping", 1]]), LIMITS) == Envelope(1, 5, Ping())
-    assert p.decode_envelope(enc([1, 5, ["get", b"k", b"x"]]), LIMITS) == Envelope(1, 5, Get(b"k"))
-    assert p.decode_envelope(enc([1, 5, ["get", b"k"], 9]), LIMITS) == Envelope(1, 5, Get(b"k"))
+@pytest.mark.parametrize("obj", [[1, 5, ["ping", 1]], [1, 5, ["get", b"k", b"x"]], [1, 5, ["get", b"k"], 9]])
+def test_extra_trailing_elements_are_rejected(obj: Any) -> None:
+    # A server must not silently drop an argument it does not know (a newer client's option).
+    reply = error_for(obj)
+    assert (reply.id, reply.status) == (5, p.BAD_REQUEST)
 
 
 @pytest.mark.parametrize("obj", [None, 5, "get", b"\x93", {"version": 1}, [], [1]])
@@ -612,7 +608,6 @@ def test_invalid_utf8_strings_give_an_error_reply(frame: bytes) -> None:
 # --- known bugs in protocol.py (reported, not fixed here) ---------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="Envelope.id is a plain int: negative ids are accepted and echoed")
 @pytest.mark.parametrize("obj", [[1, -1, ["get", b"k"]], [0, -1, ["stats"]], [1, I64_MIN, ["ping"]]])
 def test_negative_ids_are_rejected(obj: Any) -> None:
     reply = error_for(obj)
