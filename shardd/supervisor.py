@@ -22,9 +22,11 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.resource_tracker
 import os
 import shutil
 import signal
@@ -78,6 +80,7 @@ class Arbiter:
         finally:
             self.stop()
             self.cleanup_runtime_dir()
+            _stop_resource_tracker()
         return code
 
     # --- boot ---------------------------------------------------------------------
@@ -221,6 +224,19 @@ def _terminate(procs: list[BaseProcess], deadline: float) -> None:
             log.warning("%s did not stop in time; killing it", proc.name)
             proc.kill()
             proc.join(5)
+
+
+def _stop_resource_tracker() -> None:
+    """Reap the helper process the ``spawn`` start method starts, so none outlives us.
+
+    Left alone it notices our exit only a second or so later; under systemd that is a
+    process still in the unit's cgroup after the main one exited.
+    """
+    tracker = multiprocessing.resource_tracker._resource_tracker
+    stop = getattr(tracker, "_stop", None)
+    if stop is not None:
+        with contextlib.suppress(Exception):
+            stop()
 
 
 def serve(config: Config) -> int:
