@@ -60,7 +60,8 @@ def serve(
         raise _fail(str(exc), ExitCode.CONFIG) from None
     from shardd.supervisor import serve as run_daemon
 
-    raise typer.Exit(run_daemon(cfg))
+    # SIGHUP re-reads the same sources: the file as it is now, then the same flags.
+    raise typer.Exit(run_daemon(cfg, lambda: load_config(config, overrides)))
 
 
 @app.command("check-config")

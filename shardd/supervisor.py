@@ -33,6 +33,7 @@ import signal
 import tempfile
 import time
 from collections import deque
+from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 
 import msgspec
@@ -49,14 +50,25 @@ log = logging.getLogger("shardd.supervisor")
 
 _CRASH_LIMIT = 5          # deaths of one shard within the window before we give up
 _CRASH_WINDOW = 60.0      # seconds
+# Restart delay after the n-th death in the window: the first restart is immediate (a shard
+# must serve again within a second), later ones back off so a crash loop does not spin.
+_BACKOFF = (0.0, 0.1, 0.5, 1.0, 2.0)
+# How often the supervisor checks every shard and refreshes STATUS= when systemd asked for
+# no watchdog; with WatchdogSec it checks twice per watchdog period.
+_HEALTH_INTERVAL = 5.0
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 class Arbiter:
     """Spawns, watches and stops the router and the workers."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, reload_config: Callable[[], Config] | None = None) -> None:
         self.config = config
+        self.reload_config = reload_config
+        self.control: Client | None = None
+        self.restart_at: dict[int, float] = {}
+        self.watchdog = systemd.watchdog_interval()
+        self.next_health_check = 0.0
         self.mp = multiprocessing.get_context("spawn")
         self.workers: dict[int, BaseProcess] = {}
         self.router: BaseProcess | None = None
@@ -75,9 +87,12 @@ class Arbiter:
             return ExitCode.BOOT_FAILED
         try:
             code = self.boot()
-            if code == ExitCode.OK:
+            if code == ExitCode.OK and not self.signals:
+                self.control = Client(self.config.control_endpoint(), timeout=self._health_timeout())
                 code = self.loop(wakeup_r)
         finally:
+            if self.control is not None:
+                self.control.close()
             self.stop()
             self.cleanup_runtime_dir()
             _stop_resource_tracker()
@@ -143,7 +158,9 @@ class Arbiter:
             sentinels = [proc.sentinel for proc in self.workers.values()]
             if self.router is not None:
                 sentinels.append(self.router.sentinel)
-            multiprocessing.connection.wait([*sentinels, wakeup_r], timeout=1.0)
+            now = time.monotonic()
+            wake_at = min([self.next_health_check, *self.restart_at.values()])
+            multiprocessing.connection.wait([*sentinels, wakeup_r], timeout=max(0.0, min(1.0, wake_at - now)))
             transport.drain_fd(wakeup_r)
             while self.signals:
                 signum = self.signals.popleft()
@@ -153,6 +170,9 @@ class Arbiter:
             code = self.reap_children()
             if code is not None:
                 return code
+            self.restart_due_workers()
+            if time.monotonic() >= self.next_health_check:
+                self.check_health()
 
     def reap_children(self) -> int | None:
         if self.router is not None and not self.router.is_alive():
@@ -169,12 +189,49 @@ class Arbiter:
             while recent and now - recent[0] > _CRASH_WINDOW:
                 recent.popleft()
             if len(recent) >= _CRASH_LIMIT:
-                log.error("worker %d died %d times in %.0f s (last exit code %s); giving up and stopping",
+                log.error("worker %d died %d times in %.0f s (last exit code %s); crash loop, stopping",
                           shard, len(recent), _CRASH_WINDOW, proc.exitcode)
                 return ExitCode.CHILD_FAILED
-            log.warning("worker %d exited (exit code %s); restarting it", shard, proc.exitcode)
-            self.spawn_worker(shard)
+            delay = _BACKOFF[min(len(recent), len(_BACKOFF)) - 1]
+            log.warning("worker %d exited (exit code %s); restarting it%s", shard, proc.exitcode,
+                        f" in {delay:g} s" if delay else "")
+            del self.workers[shard]
+            self.restart_at[shard] = now + delay
         return None
+
+    def restart_due_workers(self) -> None:
+        now = time.monotonic()
+        for shard, due in list(self.restart_at.items()):
+            if due <= now:
+                del self.restart_at[shard]
+                self.spawn_worker(shard)
+
+    # --- health and systemd -----------------------------------------------------------
+
+    def _health_timeout(self) -> float:
+        return min(2.0, (self.watchdog or _HEALTH_INTERVAL) / 2)
+
+    def check_health(self) -> bool:
+        """Ask every shard through the router; tell systemd (STATUS=, and WATCHDOG=1 if all answered)."""
+        self.next_health_check = time.monotonic() + (self.watchdog or _HEALTH_INTERVAL)
+        assert self.control is not None
+        try:
+            stats = self.control.stats()
+        except SharddError as exc:
+            systemd.notify(f"STATUS=degraded: {exc}")
+            log.warning("health check failed: %s", exc)
+            return False
+        rows = stats["shards"]
+        down = [row["shard"] for row in rows if row.get("status") != "up"]
+        keys = sum(row.get("keys", 0) for row in rows)
+        if down:
+            systemd.notify(f"STATUS=degraded: shard(s) {', '.join(map(str, down))} down; {keys} keys")
+            return False
+        states = [f"STATUS=serving {len(rows)} shards, {keys} keys on {self.config.bind}"]
+        if self.watchdog:
+            states.append("WATCHDOG=1")
+        systemd.notify(*states)
+        return True
 
     # --- signals --------------------------------------------------------------------
 
@@ -190,6 +247,13 @@ class Arbiter:
         return ExitCode.OK
 
     def handle_sighup(self) -> None:
+        systemd.notify("RELOADING=1", systemd.monotonic_usec())
+        try:
+            self.reload()
+        finally:
+            systemd.notify("READY=1")
+
+    def reload(self) -> None:
         log.info("SIGHUP: live reload is not implemented yet; configuration unchanged")
 
     # --- stop -----------------------------------------------------------------------
@@ -239,7 +303,10 @@ def _stop_resource_tracker() -> None:
             stop()
 
 
-def serve(config: Config) -> int:
-    """Run the daemon in the foreground until stopped; returns the process exit code."""
+def serve(config: Config, reload_config: Callable[[], Config] | None = None) -> int:
+    """Run the daemon in the foreground until stopped; returns the process exit code.
+
+    ``reload_config`` re-reads the configuration (file and flags) on SIGHUP.
+    """
     setup_logging(config.log_level, "supervisor")
-    return Arbiter(config).run()
+    return Arbiter(config, reload_config).run()
