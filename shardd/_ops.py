@@ -281,6 +281,31 @@ def stats() -> Call:
     return protocol.Stats(), _to_dict
 
 
+def health(deadline: float = 1.0) -> Call:
+    if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not 0 < deadline <= 60:
+        raise ValueError(f"deadline must be a number of seconds in (0, 60], got {deadline!r}")
+    return protocol.Health(max(1, math.ceil(deadline * 1000))), _to_dict
+
+
+def maintenance(on: bool | None = None) -> Call:
+    if on is not None and type(on) is not bool:
+        raise TypeError(f"on must be True, False or None, got {on!r}")
+    return protocol.Maintenance(on), _to_bool
+
+
+def hotkeys(top: int = 10) -> Call:
+    top = _int_arg("top", top)
+    if not 1 <= top <= 10_000:
+        raise ValueError(f"top must be in [1, 10000], got {top}")
+    return protocol.Hotkeys(top), _to_dict
+
+
+def configure(settings: dict[str, Any]) -> Call:
+    if not isinstance(settings, dict) or not all(isinstance(k, str) for k in settings):
+        raise TypeError("settings must be a dict of config keys to values")
+    return protocol.Configure(dict(settings)), _to_int
+
+
 # --- replies -------------------------------------------------------------------------
 
 

@@ -288,6 +288,18 @@ class AsyncClient:
         """The daemon's statistics, as it sent them."""
         return await self._call(_ops.stats())
 
+    async def hotkeys(self, top: int = 10) -> dict[Any, Any]:
+        """The ``top`` most accessed keys over all shards (see Client.hotkeys)."""
+        return await self._call(_ops.hotkeys(top))
+
+    async def health(self, deadline: float = 1.0) -> dict[Any, Any]:
+        """Each shard's state ("ok", "down", "timeout") as the router saw it within ``deadline`` seconds."""
+        return await self._call(_ops.health(deadline))
+
+    async def maintenance(self, on: bool | None = None) -> bool:
+        """Turn maintenance mode (writes refused) on or off; None just asks. Returns the mode now."""
+        return await self._call(_ops.maintenance(on))
+
 
 class AsyncPipeline(_ops.PipelineBase):
     """Commands queued on an AsyncClient and sent together by ``await execute()``."""

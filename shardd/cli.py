@@ -92,6 +92,43 @@ def ping(endpoint: Endpoint = DEFAULT_ENDPOINT, timeout: TimeoutOpt = 1.0) -> No
 
 
 @app.command()
+def health(
+    deadline: Annotated[float, typer.Option(help="Seconds each shard has to answer.")] = 1.0,
+    endpoint: Endpoint = DEFAULT_ENDPOINT,
+) -> None:
+    """Exit 0 if every shard answers within the deadline; otherwise name the shards that did not."""
+    try:
+        with _client(endpoint, deadline + 1.0) as client:
+            report = client.health(deadline)
+    except SharddError as exc:
+        raise _fail(str(exc)) from None
+    bad = [row for row in report["shards"] if row["status"] != "ok"]
+    mode = " (maintenance mode: writes refused)" if report.get("maintenance") else ""
+    if bad:
+        names = ", ".join(f"shard {row['shard']} {row['status']}" for row in bad)
+        raise _fail(f"unhealthy: {names}{mode}")
+    typer.echo(f"OK: {len(report['shards'])} shards answered within {deadline:g} s{mode}")
+
+
+@app.command()
+def maintenance(
+    mode: Annotated[str, typer.Argument(help="on, off or status.")] = "status",
+    endpoint: Endpoint = DEFAULT_ENDPOINT,
+    timeout: TimeoutOpt = 1.0,
+) -> None:
+    """Maintenance mode: writes are refused with MAINTENANCE while reads keep working."""
+    wanted = {"on": True, "off": False, "status": None}
+    if mode not in wanted:
+        raise _fail(f"mode must be on, off or status, got {mode!r}", ExitCode.CONFIG)
+    try:
+        with _client(endpoint, timeout) as client:
+            now = client.maintenance(wanted[mode])
+    except SharddError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"maintenance {'on' if now else 'off'}")
+
+
+@app.command()
 def get(key: str, endpoint: Endpoint = DEFAULT_ENDPOINT, timeout: TimeoutOpt = 1.0) -> None:
     """Print the value of KEY (exit 1 if it does not exist)."""
     try:

@@ -249,6 +249,22 @@ class Client:
         """The daemon's statistics, as it sent them."""
         return self._call(_ops.stats())
 
+    def hotkeys(self, top: int = 10) -> dict[Any, Any]:
+        """The ``top`` most accessed keys of all shards: {"window_s", "keys": [[key, shard, rate, count, error]]}."""
+        return self._call(_ops.hotkeys(top))
+
+    def health(self, deadline: float = 1.0) -> dict[Any, Any]:
+        """Each shard's state ("ok", "down", "timeout") as the router saw it within ``deadline`` seconds."""
+        return self._call(_ops.health(deadline))
+
+    def maintenance(self, on: bool | None = None) -> bool:
+        """Turn maintenance mode (writes refused) on or off; None just asks. Returns the mode now."""
+        return self._call(_ops.maintenance(on))
+
+    def configure(self, settings: dict[str, Any]) -> int:
+        """Apply live settings (control endpoint only); returns the number of shards that applied them."""
+        return self._call(_ops.configure(settings))
+
 
 class Pipeline(_ops.PipelineBase):
     """Commands queued on a Client and sent together; not thread-safe, like its Client."""

@@ -20,6 +20,7 @@ from shardd.errors import ConfigError
 from shardd.protocol import Limits
 
 LogLevel = Literal["debug", "info", "warning", "error"]
+EvictionPolicy = Literal["allkeys-lru", "allkeys-lfu", "volatile-ttl", "allkeys-random", "noeviction"]
 
 _SIZE_UNITS = {
     "": 1, "b": 1,
@@ -27,8 +28,9 @@ _SIZE_UNITS = {
     "kib": 1024, "mib": 1024**2, "gib": 1024**3,
 }
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([a-zA-Z]*)\s*$")
-SIZE_KEYS = ("max_key_bytes", "max_value_bytes", "max_message_bytes")
+SIZE_KEYS = ("max_key_bytes", "max_value_bytes", "max_message_bytes", "max_memory")
 _ENDPOINT_RE = re.compile(r"^(tcp://[^\s]+:\d+|ipc://\S+)$")
+_HOST_PORT_RE = re.compile(r"^(\[[0-9a-fA-F:]+\]|[^\s:\[\]]+):(\d{1,5})$")
 
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -48,6 +50,11 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ready_timeout: float = 15.0
     log_level: LogLevel = "info"
     enable_debug_ops: bool = False
+    max_memory: int = 1024**3
+    eviction_policy: EvictionPolicy = "allkeys-lru"
+    imbalance_threshold: float = 1.5
+    hotkeys_capacity: int = 256
+    metrics_bind: str = ""
 
     def __post_init__(self) -> None:
         if not _ENDPOINT_RE.match(self.bind):
@@ -65,6 +72,11 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
              "positive and at most expiry_interval_ms"),
             ("stop_timeout", 0 < self.stop_timeout <= 600, "between 0 and 600 seconds"),
             ("ready_timeout", 0 < self.ready_timeout <= 600, "between 0 and 600 seconds"),
+            ("max_memory", 1024**2 <= self.max_memory <= 1 << 50, "between 1MiB and 1PiB"),
+            ("imbalance_threshold", 1.0 < self.imbalance_threshold <= 1000, "a ratio above 1.0"),
+            ("hotkeys_capacity", 0 <= self.hotkeys_capacity <= 100_000, "between 0 (off) and 100000"),
+            ("metrics_bind", self.metrics_bind == "" or _HOST_PORT_RE.match(self.metrics_bind) is not None,
+             '"" (off) or HOST:PORT, e.g. "127.0.0.1:9400"'),
         ]
         for key, ok, expected in checks:
             if not ok:
@@ -73,6 +85,15 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     @property
     def limits(self) -> Limits:
         return Limits(self.max_key_bytes, self.max_value_bytes, self.max_message_bytes)
+
+    def shard_max_bytes(self, shards: int) -> int:
+        """One shard's share of ``max_memory``: split evenly, as jump hashing spreads keys evenly."""
+        return self.max_memory // max(1, shards)
+
+    def metrics_address(self) -> tuple[str, int] | None:
+        """``metrics_bind`` as (host, port), or None when the metrics endpoint is off."""
+        m = _HOST_PORT_RE.match(self.metrics_bind)
+        return (m.group(1).strip("[]"), int(m.group(2))) if m else None
 
     def shard_count(self) -> int:
         """The number of shards: as configured, or one per CPU this process may run on."""

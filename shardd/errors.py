@@ -89,9 +89,26 @@ class InternalError(ServerError):
     status = 7
 
 
+class OutOfMemory(ServerError):
+    """Raised when a write would pass the shard's share of max_memory and nothing can be evicted.
+
+    That is: the eviction policy is noeviction, or volatile-ttl with no key that has a TTL,
+    or the entry alone is larger than the shard's share. Nothing was written.
+    """
+
+    status = 8
+
+
+class Maintenance(ServerError):
+    """Raised when a write reaches a daemon in maintenance mode; reads still work. Retry after it ends."""
+
+    status = 9
+
+
 SERVER_ERRORS: dict[int, type[ServerError]] = {
     cls.status: cls
-    for cls in (BadRequest, UnsupportedVersion, TooLarge, Busy, Unavailable, NotInteger, InternalError)
+    for cls in (BadRequest, UnsupportedVersion, TooLarge, Busy, Unavailable, NotInteger, InternalError,
+                OutOfMemory, Maintenance)
 }
 
 

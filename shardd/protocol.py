@@ -38,10 +38,12 @@ from shardd.errors import (
     Busy,
     InternalError,
     NotInteger,
+    OutOfMemory,
     TooLarge,
     Unavailable,
     UnsupportedVersion,
 )
+from shardd.errors import Maintenance as MaintenanceError
 
 PROTOCOL_VERSION = 1
 
@@ -54,6 +56,8 @@ BUSY = Busy.status
 UNAVAILABLE = Unavailable.status
 NOT_INTEGER = NotInteger.status
 INTERNAL_ERROR = InternalError.status
+OUT_OF_MEMORY = OutOfMemory.status
+MAINTENANCE = MaintenanceError.status
 
 # SET conditions (memcached add/replace, Redis NX/XX).
 ALWAYS = 0
@@ -153,6 +157,30 @@ class Flush(_Op, tag="flush"):
     pass
 
 
+class Maintenance(_Op, tag="maintenance"):
+    """Turn maintenance mode on or off (nil: just report it); writes are refused while on."""
+
+    on: bool | None = None
+
+
+class Health(_Op, tag="health"):
+    """Ping every shard; the router answers within ``deadline_ms`` with each shard's state."""
+
+    deadline_ms: int = 1000
+
+
+class Configure(_Op, tag="configure"):
+    """Apply live settings (config keys → values). Accepted on the control endpoint only."""
+
+    settings: dict[str, Any]
+
+
+class Hotkeys(_Op, tag="hotkeys"):
+    """The ``top`` most accessed keys of each shard (Space-Saving estimates), merged by the router."""
+
+    top: int = 10
+
+
 class DebugSleep(_Op, tag="debug_sleep"):
     """Test-only: make one shard sleep ``ms`` milliseconds. Refused unless enabled in config."""
 
@@ -162,11 +190,12 @@ class DebugSleep(_Op, tag="debug_sleep"):
 
 Op = (
     Get | Set | Delete | Exists | Expire | Ttl | Persist | Incr | Gets | Cas
-    | GetMany | SetMany | DeleteMany | Ping | Stats | Flush | DebugSleep
+    | GetMany | SetMany | DeleteMany | Ping | Stats | Flush | DebugSleep | Maintenance | Health | Configure
+    | Hotkeys
 )
 SINGLE_KEY_OPS = (Get, Set, Delete, Exists, Expire, Ttl, Persist, Incr, Gets, Cas)
 MULTI_KEY_OPS = (GetMany, SetMany, DeleteMany)
-ADMIN_OPS = (Ping, Stats, Flush)
+ADMIN_OPS = (Ping, Stats, Flush, Health, Maintenance, Configure, Hotkeys)
 WRITE_OPS = (Set, Delete, Expire, Persist, Incr, Cas, SetMany, DeleteMany, Flush)
 
 
@@ -318,6 +347,10 @@ def check_op(op: Op, limits: Limits) -> tuple[int, str] | None:
         return BAD_REQUEST, f"version must be an unsigned 64-bit integer, got {op.version}"
     elif cls is DebugSleep and not 0 <= op.ms <= 60_000:
         return BAD_REQUEST, f"debug_sleep ms must be in [0, 60000], got {op.ms}"
+    elif cls is Hotkeys and not 1 <= op.top <= 10_000:
+        return BAD_REQUEST, f"hotkeys top must be in [1, 10000], got {op.top}"
+    elif cls is Health and not 1 <= op.deadline_ms <= 60_000:
+        return BAD_REQUEST, f"health deadline_ms must be in [1, 60000], got {op.deadline_ms}"
     return None
 
 

@@ -40,6 +40,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
+
 from shardd import protocol as p
 from shardd import transport
 from shardd.config import Config
@@ -53,6 +55,17 @@ log = logging.getLogger("shardd.router")
 # latency batching adds, while a burst still becomes one Batch per shard.
 _DRAIN_LIMIT = 512
 
+# How often the router checks shard balance (an internal stats fan-out), and below which
+# means a ratio is noise: a few keys or ops/s on an idle daemon are never "imbalanced".
+_BALANCE_CHECK_S = 10.0
+_BALANCE_MIN_KEYS = 1000
+_BALANCE_MIN_OPS_PER_S = 100.0
+_BALANCE_REWARN_S = 300.0
+
+# Per-shard stats fields summed into the "total" row of stats.
+_SUMMED = ("keys", "expiring", "used_bytes", "max_bytes", "rss_bytes", "ops", "ops_per_s", "hits", "misses",
+           "sets", "deletes", "expired", "evicted", "oom_rejected", "mailbox", "mailbox_high", "busy")
+
 
 class ReqPeer:
     """A client on a REQ socket: its replies need the empty delimiter frame echoed."""
@@ -63,10 +76,20 @@ class ReqPeer:
         self.identity = identity
 
 
+class ControlPeer:
+    """A client of the control endpoint (the supervisor): replies go out on the control socket."""
+
+    __slots__ = ("identity",)
+
+    def __init__(self, identity: bytes) -> None:
+        self.identity = identity
+
+
 class Gather:
     """One client request answered from several shard replies (multi-key and admin ops)."""
 
-    __slots__ = ("combine", "error", "parts", "peer", "remaining", "request_id", "tolerant")
+    __slots__ = ("combine", "deadline", "done", "error", "parts", "peer", "remaining", "request_id",
+                 "tolerant")
 
     def __init__(self, peer: Any, request_id: int, parts: int,
                  combine: Callable[[list[tuple[int, Any, Any]]], Any], tolerant: bool = False) -> None:
@@ -79,6 +102,10 @@ class Gather:
         # A tolerant gather (stats) still combines when some shards failed; others answer
         # the first error.
         self.tolerant = tolerant
+        # A gather with a deadline (health) is completed by the router's clock if some shard
+        # has not answered by then; later parts are ignored.
+        self.deadline: float | None = None
+        self.done = False
 
 
 class ShardLink:
@@ -106,45 +133,66 @@ class ShardLink:
 class Router:
     """The routing state machine; ``run_router`` drives it with sockets."""
 
-    def __init__(self, config: Config, frontend: transport.Socket, links: list[ShardLink]) -> None:
+    def __init__(self, config: Config, frontend: transport.Socket, links: list[ShardLink],
+                 control: transport.Socket | None = None) -> None:
         self.config = config
         self.frontend = frontend
+        self.control = control
         self.links = links
         self.n = len(links)
         self.limits = config.limits
         self.mailbox_limit = config.mailbox_limit
         self.requests = 0
         self.draining = False
+        self.maintenance = False
         self.started = time.monotonic()
+        self.timed: list[Gather] = []  # gathers with a deadline, in start order
+        self.next_balance_check = self.started + _BALANCE_CHECK_S
+        self.imbalanced: dict[str, float] = {}  # dimension → when we last warned about it
         self._admin: dict[type, tuple[Callable, bool]] = {
             p.Ping: (_count_parts, False),
             p.Flush: (_sum_parts, False),
             p.Stats: (self._combine_stats, True),
+            p.Health: (self._combine_health, True),
+            p.Configure: (_count_parts, False),
+            p.Hotkeys: (self._combine_hotkeys, True),
         }
 
     # --- replies to clients -------------------------------------------------------
 
     def send_to(self, peer: Any, frame: bytes) -> None:
         """Send one reply frame; a peer that left or stopped reading loses it (Rule 4)."""
-        send = self.frontend.send
         try:
             if type(peer) is bytes:
+                send = self.frontend.send
                 send(peer, transport.SNDMORE | transport.NOBLOCK)
-            else:
+            elif type(peer) is ReqPeer:
+                send = self.frontend.send
                 send(peer.identity, transport.SNDMORE | transport.NOBLOCK)
                 send(b"", transport.SNDMORE)
+            else:
+                send = self.control.send
+                send(peer.identity, transport.SNDMORE | transport.NOBLOCK)
             send(frame, transport.NOBLOCK)
         except transport.ZMQError:
             pass
 
     def reply(self, peer: Any, request_id: int, status: int, value: Any = None) -> None:
+        if peer is None:  # the router's own request (balance check): nobody to answer
+            return
         self.send_to(peer, p.encode_reply(request_id, status, value))
 
     # --- client requests ----------------------------------------------------------
 
     def on_frontend(self) -> None:
         """Read what the client socket has ready (bounded), route it, flush the outboxes."""
-        sock = self.frontend
+        self._read_clients(self.frontend, privileged=False)
+
+    def on_control(self) -> None:
+        """The control endpoint: same protocol, plus ops only the supervisor may send."""
+        self._read_clients(self.control, privileged=True)
+
+    def _read_clients(self, sock: transport.Socket, privileged: bool) -> None:
         recv, getsockopt = sock.recv, sock.getsockopt
         EVENTS, POLLIN, RCVMORE = transport.EVENTS, transport.POLLIN, transport.RCVMORE
         for _ in range(_DRAIN_LIMIT):
@@ -153,8 +201,10 @@ class Router:
             peer: Any = recv()
             frame = recv()
             extra = 0
+            if privileged:
+                peer = ControlPeer(peer)
             if getsockopt(RCVMORE):
-                if not frame:  # REQ socket: empty delimiter, then the body
+                if not frame and not privileged:  # REQ socket: empty delimiter, then the body
                     peer = ReqPeer(peer)
                     frame = recv()
                 while getsockopt(RCVMORE):
@@ -164,22 +214,26 @@ class Router:
             if extra:
                 self.reply(peer, p.salvage_id(frame), p.BAD_REQUEST,
                            f"a request must be exactly one frame; got {extra} extra frame(s)")
-            elif self.draining:
+            elif self.draining and not privileged:
                 self.reply(peer, p.salvage_id(frame), p.UNAVAILABLE, "the daemon is shutting down; retry shortly")
             else:
                 try:
-                    self.route(peer, frame)
+                    self.route(peer, frame, privileged)
                 except Exception as exc:  # Rule 4: a bug in one request must not stop the router
                     log.exception("internal error routing a request")
                     self.reply(peer, 0, p.INTERNAL_ERROR, f"internal error: {exc!r}")
         self.flush_outboxes()
 
-    def route(self, peer: Any, frame: bytes) -> None:
+    def route(self, peer: Any, frame: bytes, privileged: bool = False) -> None:
         env = p.decode_envelope(frame, self.limits)
         if type(env) is bytes:
             self.send_to(peer, env)
             return
         op = env.op
+        if self.maintenance and type(op) in _WRITES:
+            self.reply(peer, env.id, p.MAINTENANCE,
+                       "the daemon is in maintenance mode: writes are refused, reads work; retry later")
+            return
         key = getattr(op, "key", None)
         if key is not None:
             link = self.links[shard_for(key, self.n)]
@@ -198,6 +252,13 @@ class Router:
             self._split_set_many(peer, env.id, op)
         elif cls is p.DebugSleep:
             self._debug_sleep(peer, env.id, op)
+        elif cls is p.Maintenance:
+            self._set_maintenance(peer, env.id, op)
+        elif cls is p.Configure:
+            if not privileged:
+                self.reply(peer, env.id, p.BAD_REQUEST, "configure is accepted on the control endpoint only")
+            else:
+                self._configure(peer, env.id, op)
         else:
             self._fan_out(peer, env.id, op)
 
@@ -263,12 +324,49 @@ class Router:
         """Admin ops go to every shard; a down shard is an error part, not a refusal."""
         combine, tolerant = self._admin[type(op)]
         gather = Gather(peer, request_id, self.n, combine, tolerant)
+        if type(op) is p.Health:
+            gather.deadline = time.monotonic() + op.deadline_ms / 1000
+            self.timed.append(gather)
+            op = p.Ping()
         for link in self.links:
             if link.up:
                 self._queue(link, op, (gather, None))
             else:
                 self._complete_part(gather, link.shard, None,
                                     (p.UNAVAILABLE, f"shard {link.shard} is down"), None)
+
+    def _set_maintenance(self, peer: Any, request_id: int, op: p.Maintenance) -> None:
+        if op.on is not None and op.on != self.maintenance:
+            self.maintenance = op.on
+            log.warning("maintenance mode %s", "ON: writes are refused" if op.on else "off")
+        self.reply(peer, request_id, p.OK, self.maintenance)
+
+    def _configure(self, peer: Any, request_id: int, op: p.Configure) -> None:
+        """Apply the router's own live settings, then pass the rest to every shard."""
+        settings = dict(op.settings)
+        if "mailbox_limit" in settings:
+            self.mailbox_limit = int(settings["mailbox_limit"])
+        if "log_level" in settings:
+            logging.getLogger().setLevel(str(settings["log_level"]).upper())
+        limits = {k: settings[k] for k in ("max_key_bytes", "max_value_bytes", "max_message_bytes") if k in settings}
+        if limits:
+            self.limits = msgspec.structs.replace(self.limits, **limits)
+        self._fan_out(peer, request_id, p.Configure(settings))
+
+    def expire_gathers(self, now: float) -> None:
+        """Complete gathers whose deadline passed, naming the shards that did not answer."""
+        keep = []
+        for gather in self.timed:
+            if gather.done:
+                continue
+            if now < gather.deadline:
+                keep.append(gather)
+                continue
+            answered = {shard for shard, _, _ in gather.parts}
+            for shard in range(self.n):
+                if shard not in answered:
+                    self._complete_part(gather, shard, None, (p.UNAVAILABLE, "timeout"), None)
+        self.timed = keep
 
     def _debug_sleep(self, peer: Any, request_id: int, op: p.DebugSleep) -> None:
         if not 0 <= op.shard < self.n:
@@ -330,12 +428,15 @@ class Router:
 
     def _complete_part(self, gather: Gather, shard: int, context: Any,
                        error: tuple[int, str] | None, value: Any) -> None:
+        if gather.done:
+            return  # completed by its deadline; a late part changes nothing
         if error is not None and gather.error is None:
             gather.error = error
         gather.parts.append((shard, context, value if error is None else error))
         gather.remaining -= 1
         if gather.remaining:
             return
+        gather.done = True
         if gather.error is not None and not gather.tolerant:
             self.reply(gather.peer, gather.request_id, *gather.error)
             return
@@ -377,6 +478,7 @@ class Router:
             "shards": self.n,
             "mailbox_limit": self.mailbox_limit,
             "requests": self.requests,
+            "maintenance": self.maintenance,
         }
 
     def _combine_stats(self, parts: list[tuple[int, Any, Any]]) -> dict[str, Any]:
@@ -389,10 +491,100 @@ class Router:
             row.update(status="up" if isinstance(value, dict) else "down",
                        mailbox=link.inflight, mailbox_high=link.high, busy=link.busy)
             rows.append(row)
-        return {"router": self.stats(), "shards": rows}
+        return {"router": self.stats(), "shards": rows, **_totals(rows, self.config.imbalance_threshold)}
+
+    def check_balance(self, now: float) -> None:
+        """Every _BALANCE_CHECK_S, gather stats from the shards and warn about a hot one."""
+        if now < self.next_balance_check or self.draining:
+            return
+        self.next_balance_check = now + _BALANCE_CHECK_S
+        up = [link for link in self.links if link.up]
+        if not up:
+            return
+        gather = Gather(None, 0, len(up), lambda parts: self._warn_imbalance(self._combine_stats(parts)), True)
+        for link in up:
+            self._queue(link, p.Stats(), (gather, None))
+        self.flush_outboxes()
+
+    def _warn_imbalance(self, stats: dict[str, Any]) -> None:
+        """Log once when a dimension passes the threshold, again every _BALANCE_REWARN_S, and when it clears."""
+        imbalance, total = stats["imbalance"], stats["total"]
+        n = max(1, total["shards_up"])
+        floors = {"keys": total["keys"] / n >= _BALANCE_MIN_KEYS,
+                  "ops": total["ops_per_s"] / n >= _BALANCE_MIN_OPS_PER_S}
+        now = time.monotonic()
+        threshold = self.config.imbalance_threshold
+        for dim, meaningful in floors.items():
+            ratio, hot = imbalance[dim], imbalance[f"hot_shard_{dim}"]
+            if meaningful and ratio > threshold:
+                last = self.imbalanced.get(dim)
+                if last is None or now - last >= _BALANCE_REWARN_S:
+                    self.imbalanced[dim] = now
+                    log.warning("shard %s is hot: %.2fx the mean %s over %d shards (imbalance_threshold %.2f)",
+                                hot, ratio, "keys" if dim == "keys" else "ops/s", n, threshold)
+            elif dim in self.imbalanced:
+                del self.imbalanced[dim]
+                log.info("%s are balanced again: max/mean %.2f", dim, ratio)
+
+    def _combine_hotkeys(self, parts: list[tuple[int, Any, Any]]) -> dict[str, Any]:
+        """Every shard's top keys, merged: [key, shard, rate/s, count, error], hottest first."""
+        rows: list[list[Any]] = []
+        top, window, down = 1, 0.0, []
+        for shard, _, value in parts:
+            if not isinstance(value, dict):
+                down.append(shard)
+                continue
+            top = max(top, value["top"])
+            window = max(window, value["window_s"])
+            rows.extend([key, shard, rate, count, error] for key, rate, count, error in value["keys"])
+        rows.sort(key=lambda row: row[2], reverse=True)
+        return {"window_s": window, "keys": rows[:top], "down": sorted(down)}
+
+    def _combine_health(self, parts: list[tuple[int, Any, Any]]) -> dict[str, Any]:
+        """Each shard: "ok", "down" (no worker connected) or "timeout" (did not answer in time)."""
+        states = {}
+        for shard, _, value in parts:
+            if value is True:
+                states[shard] = "ok"
+            elif isinstance(value, tuple) and value[1] == "timeout":
+                states[shard] = "timeout"
+            else:
+                states[shard] = "down"
+        shards = [{"shard": i, "status": states.get(i, "timeout")} for i in range(self.n)]
+        return {"ok": all(row["status"] == "ok" for row in shards), "maintenance": self.maintenance,
+                "shards": shards}
 
     def idle(self) -> bool:
         return all(not link.pending for link in self.links)
+
+
+_WRITES = frozenset(p.WRITE_OPS)
+
+
+def _totals(rows: list[dict[str, Any]], threshold: float) -> dict[str, Any]:
+    """The "total" row and the "imbalance" ratios (max/mean over the shards that are up)."""
+    up = [row for row in rows if row.get("status") == "up"]
+    total: dict[str, Any] = {f: sum(row.get(f) or 0 for row in up) for f in _SUMMED}
+    total["mailbox"] = sum(row.get("mailbox") or 0 for row in rows)
+    total["busy"] = sum(row.get("busy") or 0 for row in rows)
+    total["shards_up"] = len(up)
+    evictions: dict[str, int] = {}
+    for row in up:
+        for reason, count in (row.get("evictions") or {}).items():
+            evictions[reason] = evictions.get(reason, 0) + count
+    total["evictions"] = evictions
+    # Quantiles cannot be added up: the total shows the worst shard's.
+    for q in ("service_p50_us", "service_p99_us"):
+        values = [row[q] for row in up if row.get(q) is not None]
+        total[q] = max(values) if values else None
+    imbalance: dict[str, Any] = {"threshold": threshold}
+    for dim, field in (("keys", "keys"), ("ops", "ops_per_s")):
+        values = [(row.get(field) or 0, row["shard"]) for row in up]
+        mean = sum(v for v, _ in values) / len(values) if values else 0
+        peak, hot = max(values) if values else (0, None)
+        imbalance[dim] = round(peak / mean, 3) if mean else 1.0
+        imbalance[f"hot_shard_{dim}"] = hot
+    return {"total": total, "imbalance": imbalance}
 
 
 def _sum_parts(parts: list[tuple[int, Any, Any]]) -> int:
@@ -419,7 +611,7 @@ def run_router(config: Config) -> int:
 
     wakeup = transport.signal_wakeup_pipe([signal.SIGTERM], on_term)
     ctx = transport.new_context()
-    public = [config.bind, config.control_endpoint()]
+    public = [config.bind]
     links: list[ShardLink] = []
     try:
         for shard in range(config.shards):
@@ -427,15 +619,17 @@ def run_router(config: Config) -> int:
             links.append(ShardLink(shard, sock, monitor))
         try:
             frontend = transport.bind_public_router(ctx, public, config.max_message_bytes)
+            control = transport.bind_public_router(ctx, [config.control_endpoint()], config.max_message_bytes)
         except transport.ZMQError as exc:
             log.error("cannot bind %s: %s", config.bind, exc)
             return ExitCode.BOOT_FAILED
-        router = Router(config, frontend, links)
+        router = Router(config, frontend, links, control)
         log.info("listening on %s for %d shards", config.bind, config.shards)
         _serve(router, wakeup, lambda: stopping)
         frontend.close(linger=0)
+        control.close(linger=0)
     finally:
-        for endpoint in public:
+        for endpoint in [*public, config.control_endpoint()]:
             transport.remove_ipc_file(endpoint)
         for link in links:
             link.monitor.close(linger=0)
@@ -449,9 +643,11 @@ def _serve(router: Router, wakeup: int, should_stop: Callable[[], bool]) -> None
     poller = transport.Poller()
     frontend = router.frontend
     poller.register(frontend, transport.POLLIN)
+    poller.register(router.control, transport.POLLIN)
     poller.register(wakeup, transport.POLLIN)
     by_socket: dict[Any, Callable[[], None]] = {
         frontend: router.on_frontend,
+        router.control: router.on_control,
         wakeup: lambda: transport.drain_fd(wakeup),
     }
     for link in router.links:
@@ -473,5 +669,12 @@ def _serve(router: Router, wakeup: int, should_stop: Callable[[], bool]) -> None
                 log.warning("stop timeout: %d shard(s) still had requests in flight",
                             sum(1 for link in router.links if link.pending))
             return
-        for sock, _ in poller.poll(100 if deadline is not None else 1000):
+        timeout = 100 if deadline is not None else 1000
+        if router.timed:
+            timeout = 20  # a health gather's deadline needs a clock, not only socket events
+        for sock, _ in poller.poll(timeout):
             by_socket[sock]()
+        router.check_balance(time.monotonic())
+        if router.timed:
+            router.expire_gathers(time.monotonic())
+            router.flush_outboxes()

@@ -15,6 +15,23 @@ nobody touches. Active expiry samples from ``_ttl_keys``, a list of exactly the 
 that have a TTL; each entry remembers its position in that list (``ttl_index``) so it
 can be swap-removed in O(1).
 
+Memory is bounded by ``max_bytes`` (the shard's share of the daemon's ``max_memory``). A
+write that would take ``used_bytes`` past it first evicts keys chosen by ``policy``; if it
+cannot (``noeviction``, no key with a TTL under ``volatile-ttl``, or the entry alone is
+bigger than the share) it raises OutOfMemory before anything changes. Eviction samples
+``EVICTION_SAMPLES`` random keys and drops the worst, as Redis does (maxmemory-samples 5).
+Random sampling needs random access, which a dict has not: ``_keys`` lists every key, with
+*stale* slots allowed (a removed key's slot stays until a sample finds it and swap-removes
+it, or until the list is rebuilt once it is twice the dict's size), so removal stays O(1)
+with no per-entry index.
+
+Recency and frequency use a coarse clock, ``lru_clock`` (milliseconds), that the owner
+refreshes with :meth:`Store.touch_clock` once per batch, as Redis refreshes its LRU clock
+in serverCron: reading the real clock on every GET would break Rule 6, and every entry
+touched in one batch shares one int object instead of owning one. ``hits`` is an access
+count halved for every ``LFU_HALF_LIFE_MS`` the key sat idle (Redis's LFU decay, on a
+linear counter).
+
 Every value write (SET, CAS, INCR, SET_MANY items) takes the next value of a per-store
 counter as the entry's version, like memcached's CAS unique. TTL-only changes (EXPIRE,
 PERSIST) keep the version, as memcached's TOUCH keeps the CAS unique: a version names a
@@ -35,8 +52,13 @@ Rule 4: ``used_bytes`` is the sum over all entries (live or not yet reclaimed) o
         replace and removal; it is 0 when the store is empty.
 Rule 5: an op that raises (bad argument, INCR on a non-integer or overflow) changes
         nothing visible. Reclaiming an expired entry on the way is not visible.
-Rule 6: the hot paths (GET, SET without TTL on a key without TTL) never raise, never read
-        the clock, and allocate nothing beyond a new entry and its version int.
+Rule 6: the hot paths (GET, SET without TTL on a key without TTL) never read the clock
+        and allocate nothing beyond a new entry and its version int; GET never raises.
+Rule 7: after every public method ``used_bytes <= max_bytes`` unless ``max_bytes`` was
+        lowered by :meth:`Store.configure` under ``noeviction`` (then writes that grow the
+        store are refused until deletes bring it back under). A write refused with
+        OutOfMemory changes nothing but the evictions made while trying to fit it.
+Rule 8: every live key is in ``_keys`` at least once; ``len(_keys) <= 2 * len(_data) + 64``.
 """
 
 from __future__ import annotations
@@ -45,9 +67,10 @@ import random
 import re
 import struct
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
+from typing import Any
 
-from shardd.errors import NotInteger
+from shardd.errors import NotInteger, OutOfMemory
 from shardd.protocol import ALWAYS, IF_ABSENT, IF_PRESENT
 
 _I64_MIN = -(1 << 63)
@@ -64,17 +87,31 @@ _MAX_INT_LEN = 20
 # "repeat while more than 25% of the sample was expired".
 EXPIRE_SAMPLE = 20
 
+# Redis's maxmemory-samples default: 5 "approximates LRU very well"; 10 is closer to true
+# LRU and costs more CPU per eviction.
+EVICTION_SAMPLES = 5
+
+# An idle key's LFU count halves every minute, like Redis's lfu-decay-time 1 (one minute).
+LFU_HALF_LIFE_MS = 60_000
+
+POLICIES = ("allkeys-lru", "allkeys-lfu", "volatile-ttl", "allkeys-random", "noeviction")
+
 
 class _Entry:
-    """One stored value. ``expires_at_ms`` 0 means no TTL; ``ttl_index`` -1 means not in _ttl_keys."""
+    """One stored value. ``expires_at_ms`` 0 means no TTL; ``ttl_index`` -1 means not in _ttl_keys.
 
-    __slots__ = ("expires_at_ms", "ttl_index", "value", "version")
+    ``atime`` is the store's ``lru_clock`` at the last access; ``hits`` the decayed access count.
+    """
 
-    def __init__(self, value: bytes, expires_at_ms: int, version: int, ttl_index: int) -> None:
+    __slots__ = ("atime", "expires_at_ms", "hits", "ttl_index", "value", "version")
+
+    def __init__(self, value: bytes, expires_at_ms: int, version: int, ttl_index: int, atime: int = 0) -> None:
         self.value = value
         self.expires_at_ms = expires_at_ms
         self.version = version
         self.ttl_index = ttl_index
+        self.atime = atime
+        self.hits = 1
 
 
 def _dict_slot_estimate() -> int:
@@ -86,16 +123,25 @@ def _dict_slot_estimate() -> int:
     return (3 * word + 6) * 7 // 5
 
 
+# Allocators hand out blocks in steps of 16 bytes (pymalloc below 512 bytes; glibc malloc
+# above, plus an 8-byte header): a bytes object wastes 7.5 bytes on average, 8 rounded up.
+_ROUNDING = 8
+
 # What one entry costs beyond the bytes of its key and value: the _Entry object (with its
 # GC header, which sys.getsizeof includes), the headers of the key and value bytes objects
-# (getsizeof(b"") is the header plus the trailing NUL), the version int (always a separate
-# object once the counter passes 256) and the entry's share of the dict. TTL bookkeeping
-# (the deadline int and a list slot) and allocator rounding are not counted.
+# (getsizeof(b"") is the header plus the trailing NUL) and their allocator rounding, the
+# version int (always a separate object once the counter passes 256), the entry's share of
+# the dict and its slot in _keys (one word, up to two with stale slots: 1.5 counted).
+# ``atime`` is shared with the other entries of its batch and ``hits`` is a cached small
+# int for all but hot keys, so neither is counted; nor is TTL bookkeeping (the deadline
+# int and a _ttl_keys slot). tests/unit/test_memory.py checks the sum against tracemalloc
+# and process RSS for small and large values.
 ENTRY_OVERHEAD: int = (
     sys.getsizeof(_Entry(b"", 0, 0, -1))
-    + 2 * sys.getsizeof(b"")
+    + 2 * (sys.getsizeof(b"") + _ROUNDING)
     + sys.getsizeof(1 << 20)
     + _dict_slot_estimate()
+    + struct.calcsize("P") * 3 // 2
 )
 
 
@@ -106,21 +152,66 @@ class Store:
     by get/gets/get_many; ``sets`` counts values written (set, set_many items, a CAS that
     stored, INCR); ``deletes`` counts live keys removed by delete/delete_many; ``expired``
     counts keys reclaimed because their TTL had passed (lazily, actively or by flush);
-    ``used_bytes`` is the accounted size (Rule 4).
+    ``used_bytes`` is the accounted size (Rule 4); ``evictions`` counts keys evicted, by the
+    policy that chose them; ``oom_rejected`` counts writes refused with OutOfMemory.
+
+    ``max_bytes`` (0: unlimited) and ``policy`` may be changed at any time with
+    :meth:`configure`.
     """
 
-    def __init__(self, clock: Callable[[], int], rng: random.Random | None = None) -> None:
+    def __init__(self, clock: Callable[[], int], rng: random.Random | None = None,
+                 max_bytes: int = 0, policy: str = "allkeys-lru") -> None:
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
         self._data: dict[bytes, _Entry] = {}
         self._ttl_keys: list[bytes] = []
+        self._keys: list[bytes] = []
+        self._compact_at = 64
         self._version = 0
+        self.lru_clock = clock()
         self.hits = 0
         self.misses = 0
         self.sets = 0
         self.deletes = 0
         self.expired = 0
         self.used_bytes = 0
+        self.evictions: dict[str, int] = {}
+        self.oom_rejected = 0
+        self.max_bytes = 0
+        self.policy = "allkeys-lru"
+        self._limit = sys.maxsize
+        self.configure(max_bytes, policy)
+
+    def configure(self, max_bytes: int | None = None, policy: str | None = None) -> int:
+        """Change the memory limit and/or eviction policy; returns how many keys were evicted.
+
+        Lowering ``max_bytes`` below ``used_bytes`` evicts down to it at once (by the new
+        policy); under ``noeviction`` nothing is evicted and writes that grow the store are
+        refused until it is back under the limit.
+        """
+        if policy is not None:
+            if policy not in POLICIES:
+                raise ValueError(f"eviction policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+            self.policy = policy
+        if max_bytes is not None:
+            if max_bytes < 0:
+                raise ValueError(f"max_bytes must be >= 0 (0: unlimited), got {max_bytes}")
+            self.max_bytes = max_bytes
+            self._limit = max_bytes or sys.maxsize
+        evicted = 0
+        if self.policy != "noeviction":
+            while self.used_bytes > self._limit and self._evict_one(()):
+                evicted += 1
+        return evicted
+
+    def touch_clock(self) -> None:
+        """Refresh the coarse clock that access times are taken from (call once per batch)."""
+        self.lru_clock = self._clock()
+
+    @property
+    def evicted(self) -> int:
+        """Keys evicted so far, over all policies."""
+        return sum(self.evictions.values())
 
     def __len__(self) -> int:
         """Number of entries, including expired ones not yet reclaimed (an upper bound on live keys)."""
@@ -143,6 +234,11 @@ class Store:
             self._reclaim(key, entry)
             self.misses += 1
             return None
+        now = self.lru_clock
+        if now - entry.atime >= LFU_HALF_LIFE_MS:
+            entry.hits >>= (now - entry.atime) // LFU_HALF_LIFE_MS
+        entry.atime = now
+        entry.hits += 1
         self.hits += 1
         return entry.value
 
@@ -157,6 +253,7 @@ class Store:
             self._reclaim(key, entry)
             self.misses += 1
             return None
+        self._use(entry)
         self.hits += 1
         return entry.value, entry.version
 
@@ -164,6 +261,7 @@ class Store:
         """Values in the order of ``keys``; None for each missing key."""
         lookup = self._data.get
         clock = self._clock
+        use = self._use
         now = -1  # read the clock at most once per call, and only if a TTL needs it
         out: list[bytes | None] = []
         append = out.append
@@ -179,6 +277,7 @@ class Store:
                         self._reclaim(key, entry)
                         append(None)
                         continue
+                use(entry)
                 hits += 1
                 append(entry.value)
             else:
@@ -228,18 +327,31 @@ class Store:
             else:
                 raise ValueError(f"cond must be ALWAYS, IF_ABSENT or IF_PRESENT (0, 1, 2), got {cond!r}")
         if ttl_ms is not None or (entry is not None and entry.ttl_index >= 0):
+            self._reserve(key, entry, value)
             self._write(key, entry, value, ttl_ms)
             return True
         # The hot path (Rule 6): _write inlined for a key that ends up without a TTL; the
         # saved method call is about a tenth of a SET's time in the store.
-        self._version = version = self._version + 1
         if entry is None:
-            self._data[key] = _Entry(value, 0, version, -1)
-            self.used_bytes += len(key) + len(value) + ENTRY_OVERHEAD
+            size = len(key) + len(value) + ENTRY_OVERHEAD
+            if self.used_bytes + size > self._limit:
+                self._make_room(size, size, (key,))
+            self._version = version = self._version + 1
+            self._data[key] = _Entry(value, 0, version, -1, self.lru_clock)
+            keys = self._keys
+            keys.append(key)
+            if len(keys) > self._compact_at:
+                self._compact_keys()
+            self.used_bytes += size
         else:
-            self.used_bytes += len(value) - len(entry.value)
+            grow = len(value) - len(entry.value)
+            if grow > 0 and self.used_bytes + grow > self._limit:
+                self._make_room(len(key) + len(value) + ENTRY_OVERHEAD, grow, (key,))
+            self._version = version = self._version + 1
+            self.used_bytes += grow
             entry.value = value
             entry.version = version
+            self._use(entry)
         self.sets += 1
         return True
 
@@ -247,6 +359,8 @@ class Store:
         """SET each (key, value) in order (later duplicates win); returns how many were stored."""
         if ttl_ms is not None and ttl_ms <= 0:
             raise ValueError(f"ttl_ms must be a positive number of milliseconds, got {ttl_ms}")
+        items = list(items)
+        self._reserve_many(items)
         lookup = self._data.get
         clock = self._clock
         write = self._write
@@ -275,6 +389,7 @@ class Store:
             return None
         if entry.version != version:
             return False
+        self._reserve(key, entry, value)
         self._write(key, entry, value, ttl_ms)
         return True
 
@@ -300,6 +415,7 @@ class Store:
         if not _I64_MIN <= result <= _I64_MAX:
             raise NotInteger("increment would overflow")
         value = b"%d" % result
+        self._reserve(key, entry, value)
         if entry is None:
             self._write(key, None, value, None)
         else:
@@ -308,6 +424,7 @@ class Store:
             self.used_bytes += len(value) - len(entry.value)
             entry.value = value
             entry.version = self._version
+            self._use(entry)
             self.sets += 1
         return result
 
@@ -365,6 +482,8 @@ class Store:
         self.expired += stale
         data.clear()
         self._ttl_keys.clear()
+        self._keys = []
+        self._compact_at = 64
         self.used_bytes = 0
         return live
 
@@ -432,13 +551,18 @@ class Store:
         """Store ``value`` at ``key`` (``entry``: its live entry or None) with a new version."""
         self._version = version = self._version + 1
         if entry is None:
-            entry = _Entry(value, 0, version, -1)
+            entry = _Entry(value, 0, version, -1, self.lru_clock)
             self._data[key] = entry
+            keys = self._keys
+            keys.append(key)
+            if len(keys) > self._compact_at:
+                self._compact_keys()
             self.used_bytes += len(key) + len(value) + ENTRY_OVERHEAD
         else:
             self.used_bytes += len(value) - len(entry.value)
             entry.value = value
             entry.version = version
+            self._use(entry)
         if ttl_ms is not None:
             self._track(key, entry, self._clock() + ttl_ms)
         elif entry.ttl_index >= 0:
@@ -472,3 +596,126 @@ class Store:
         """Remove an entry whose TTL has passed."""
         self._remove(key, entry)
         self.expired += 1
+
+    # --- memory bound (Rule 7) --------------------------------------------------------
+
+    def _use(self, entry: _Entry) -> None:
+        """Record an access: refresh ``atime`` and count it (after decaying an idle count)."""
+        now = self.lru_clock
+        if now - entry.atime >= LFU_HALF_LIFE_MS:
+            entry.hits >>= (now - entry.atime) // LFU_HALF_LIFE_MS
+        entry.atime = now
+        entry.hits += 1
+
+    def _reserve(self, key: bytes, entry: _Entry | None, value: bytes) -> None:
+        """Make room for writing ``value`` at ``key`` (``entry``: its live entry or None)."""
+        size = len(key) + len(value) + ENTRY_OVERHEAD
+        grow = size if entry is None else len(value) - len(entry.value)
+        if grow > 0 and self.used_bytes + grow > self._limit:
+            self._make_room(size, grow, (key,))
+
+    def _reserve_many(self, items: list[tuple[bytes, bytes]]) -> None:
+        """Make room for a whole set_many before any of it is written (all or nothing)."""
+        final = dict(items)  # a later duplicate wins, as in the write loop
+        live = self._live
+        grow = 0
+        largest = 0
+        for key, value in final.items():
+            size = len(key) + len(value) + ENTRY_OVERHEAD
+            largest = max(largest, size)
+            entry = live(key)
+            grow += size if entry is None else len(value) - len(entry.value)
+        if grow > 0 and self.used_bytes + grow > self._limit:
+            self._make_room(largest, grow, final)
+
+    def _make_room(self, size: int, grow: int, keep: Container[bytes]) -> None:
+        """Evict until ``grow`` more bytes fit, or raise OutOfMemory having written nothing.
+
+        ``size`` is the largest single entry being written; ``keep`` the keys being written,
+        which are never evicted to make room for themselves.
+        """
+        limit = self._limit
+        if size > limit:
+            # Not an eviction storm: nothing could make this fit.
+            self.oom_rejected += 1
+            raise OutOfMemory(
+                f"an entry of {size} bytes (key + value + {ENTRY_OVERHEAD} bytes overhead) is larger than "
+                f"this shard's share of max_memory ({limit} bytes); raise max_memory or store smaller values")
+        if self.policy == "noeviction":
+            self.oom_rejected += 1
+            raise OutOfMemory(
+                f"max_memory reached: {self.used_bytes} of {limit} bytes used on this shard and "
+                f"eviction_policy is noeviction; delete keys or raise max_memory")
+        while self.used_bytes + grow > limit:
+            if not self._evict_one(keep):
+                self.oom_rejected += 1
+                why = "no key has a TTL (volatile-ttl)" if self.policy == "volatile-ttl" else "nothing to evict"
+                raise OutOfMemory(
+                    f"max_memory reached: {self.used_bytes} of {limit} bytes used on this shard and {why}")
+
+    def _evict_one(self, keep: Container[bytes]) -> bool:
+        """Evict the worst of ``EVICTION_SAMPLES`` random keys by policy; False if none qualifies.
+
+        A sampled key that has expired is reclaimed instead (counted as expired, not
+        evicted) and that is enough for one round: it freed memory.
+        """
+        policy = self.policy
+        volatile = policy == "volatile-ttl"
+        pool = self._ttl_keys if volatile else self._keys
+        data = self._data
+        randrange = self._rng.randrange
+        wanted = 1 if policy == "allkeys-random" else EVICTION_SAMPLES
+        now = self._clock()
+        best_key: bytes | None = None
+        best_entry: _Entry | None = None
+        best_score: Any = None
+        found = 0
+        for _ in range(wanted * 8):
+            if found >= wanted or not pool:
+                break
+            i = randrange(len(pool))
+            key = pool[i]
+            entry = data.get(key)
+            if entry is None:  # a stale slot (only _keys has them, Rule 8): drop it
+                last = pool.pop()
+                if i < len(pool):
+                    pool[i] = last
+                continue
+            if key in keep:
+                continue
+            expires = entry.expires_at_ms
+            if expires and expires <= now:
+                self._reclaim(key, entry)
+                return True
+            found += 1
+            score = self._score(entry, volatile)
+            if best_key is None or score < best_score:
+                best_key, best_entry, best_score = key, entry, score
+        if best_key is None:
+            # Unlucky samples (stale slots, kept keys): fall back to the first key that qualifies.
+            for key in pool:
+                entry = data.get(key)
+                if entry is not None and key not in keep:
+                    best_key, best_entry = key, entry
+                    break
+            else:
+                return False
+        assert best_entry is not None
+        self._remove(best_key, best_entry)
+        self.evictions[policy] = self.evictions.get(policy, 0) + 1
+        return True
+
+    def _score(self, entry: _Entry, volatile: bool) -> Any:
+        """Lower is evicted first."""
+        if volatile:
+            return entry.expires_at_ms
+        policy = self.policy
+        if policy == "allkeys-lfu":
+            idle = self.lru_clock - entry.atime
+            return (entry.hits >> max(0, idle // LFU_HALF_LIFE_MS), entry.atime)
+        return entry.atime  # allkeys-lru (allkeys-random takes the first sample)
+
+    def _compact_keys(self) -> None:
+        """Rebuild ``_keys`` without stale slots (Rule 8); O(keys), amortised over as many removals."""
+        self._keys = list(self._data)
+        self._compact_at = 2 * len(self._keys) + 64

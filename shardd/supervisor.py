@@ -57,6 +57,9 @@ _BACKOFF = (0.0, 0.1, 0.5, 1.0, 2.0)
 # no watchdog; with WatchdogSec it checks twice per watchdog period.
 _HEALTH_INTERVAL = 5.0
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# Settings a SIGHUP cannot change: they shape processes and sockets made at start-up.
+RESTART_KEYS = frozenset({"bind", "shards", "runtime_dir", "pin_cpus", "enable_debug_ops", "metrics_bind",
+                          "state_dir"})
 
 
 class Arbiter:
@@ -64,6 +67,7 @@ class Arbiter:
 
     def __init__(self, config: Config, reload_config: Callable[[], Config] | None = None) -> None:
         self.config = config
+        self.raw_config = config  # as given, before the runtime dir and shard count are resolved
         self.reload_config = reload_config
         self.control: Client | None = None
         self.restart_at: dict[int, float] = {}
@@ -254,7 +258,35 @@ class Arbiter:
             systemd.notify("READY=1")
 
     def reload(self) -> None:
-        log.info("SIGHUP: live reload is not implemented yet; configuration unchanged")
+        """Re-read the config; apply what can change live, log what needs a restart."""
+        if self.reload_config is None:
+            log.info("SIGHUP: no configuration source to re-read; nothing changed")
+            return
+        try:
+            new = self.reload_config()
+        except SharddError as exc:
+            log.error("SIGHUP: configuration not reloaded, keeping the running one: %s", exc)
+            return
+        old = msgspec.structs.asdict(self.raw_config)
+        changed = {k: v for k, v in msgspec.structs.asdict(new).items() if old[k] != v}
+        needs_restart = sorted(k for k in changed if k in RESTART_KEYS)
+        live = {k: v for k, v in changed.items() if k not in RESTART_KEYS}
+        if needs_restart:
+            log.warning("SIGHUP: %s changed but only take effect after a restart", ", ".join(needs_restart))
+        if not live:
+            log.info("SIGHUP: no live setting changed")
+            return
+        if "log_level" in live:
+            logging.getLogger().setLevel(live["log_level"].upper())
+        try:
+            assert self.control is not None
+            self.control.configure(live)
+        except SharddError as exc:
+            log.error("SIGHUP: could not apply %s to every shard: %s", ", ".join(sorted(live)), exc)
+            return
+        self.raw_config = msgspec.structs.replace(self.raw_config, **live)
+        self.config = msgspec.structs.replace(self.config, **live)
+        log.info("SIGHUP: applied %s", ", ".join(f"{k}={v!r}" for k, v in sorted(live.items())))
 
     # --- stop -----------------------------------------------------------------------
 

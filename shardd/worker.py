@@ -23,19 +23,28 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
 import psutil
 
+from shardd import histogram, transport
 from shardd import protocol as p
-from shardd import transport
 from shardd.config import Config, allowed_cpus
 from shardd.errors import BadRequest, ExitCode, ServerError
+from shardd.hotkeys import HotKeys
 from shardd.logs import setup_logging
+from shardd.memory import tune_allocator
 from shardd.store import Store
 
 log = logging.getLogger("shardd.worker")
 
 # At most this many messages are taken from the socket before timers get a look-in.
 _DRAIN_LIMIT = 256
+
+# Rates (ops/s, service-time quantiles, hot keys) cover the last one to two windows.
+WINDOW_S = 10.0
+
+_KEYED = frozenset(p.SINGLE_KEY_OPS)
+_MULTI_KEYS = frozenset((p.GetMany, p.DeleteMany))
 
 
 def monotonic_ms() -> int:
@@ -66,10 +75,22 @@ class Shard:
         self.cpu = cpu
         self.limits = config.limits
         self.debug_ops = config.enable_debug_ops
+        self.expiry_interval_ms = config.expiry_interval_ms
+        self.expiry_budget_ms = config.expiry_budget_ms
         self.ops = 0
         self._clock = clock
         self._started = clock()
         self._process = psutil.Process()
+        self.shards = config.shards
+        # Service time of each op inside the worker (decode, apply, encode), log-linear buckets.
+        self.service = histogram.new_counts()
+        self.service_sum_ns = 0
+        self._window_started = self._started
+        self._window_ops = 0  # ops and service counts at the start of the previous window
+        self._window_service = histogram.new_counts()
+        self._last = (self._started, 0, histogram.new_counts())
+        self.hot = HotKeys(config.hotkeys_capacity, WINDOW_S, self._started) if config.hotkeys_capacity else None
+        self._track = self.hot.add if self.hot is not None else None
         s = store
         # type(op) → function(op) → reply value. Built once: the dispatch is a dict lookup.
         self._handlers: dict[type, Callable[[Any], Any]] = {
@@ -89,7 +110,11 @@ class Shard:
             p.Flush: lambda op: s.flush(),
             p.Ping: lambda op: True,
             p.Stats: lambda op: self.stats(),
+            p.Hotkeys: self.hotkeys,
             p.DebugSleep: self._debug_sleep,
+            p.Configure: self.configure,
+            p.Maintenance: _router_only,
+            p.Health: _router_only,
         }
 
     def apply(self, frame: bytes) -> bytes:
@@ -98,8 +123,20 @@ class Shard:
         if type(env) is bytes:
             return env
         self.ops += 1
+        op = env.op
+        track = self._track
+        if track is not None:
+            cls = type(op)
+            if cls in _KEYED:
+                track(op.key)
+            elif cls in _MULTI_KEYS:
+                for key in op.keys:
+                    track(key)
+            elif cls is p.SetMany:
+                for key, _ in op.items:
+                    track(key)
         try:
-            value = self._handlers[type(env.op)](env.op)
+            value = self._handlers[type(op)](op)
         except ServerError as exc:  # e.g. NotInteger from INCR: the op's own failure
             return p.encode_reply(env.id, exc.status, exc.message)
         except Exception as exc:  # Invariant 2: a bug must not take the shard down.
@@ -114,12 +151,64 @@ class Shard:
         except Exception:
             log.warning("dropped a frame that is not a Batch (%d bytes)", len(frame))
             return None
+        self.store.touch_clock()
         apply = self.apply
-        return p.encode_batch_reply(batch.seq, [apply(bytes(raw)) for raw in batch.ops])
+        perf = time.perf_counter_ns
+        counts = self.service
+        replies = []
+        append = replies.append
+        start = perf()
+        t0 = start
+        for raw in batch.ops:
+            append(apply(bytes(raw)))
+            t1 = perf()
+            v = (t1 - t0) | 8  # histogram.bucket_of, inlined: this runs once per op
+            b = v.bit_length()
+            counts[(b << 2) | ((v >> (b - 3)) & 3)] += 1
+            t0 = t1
+        self.service_sum_ns += t0 - start
+        return p.encode_batch_reply(batch.seq, replies)
+
+    def tick(self) -> None:
+        """Timer work between batches: start a new rate window when the current one is over."""
+        now = self._clock()
+        if now - self._window_started >= WINDOW_S:
+            self._last = (self._window_started, self._window_ops, self._window_service)
+            self._window_started, self._window_ops, self._window_service = now, self.ops, list(self.service)
+            if self.hot is not None:
+                self.hot.rotate(now)
+
+    def set_memory(self, max_memory: int | None = None, policy: str | None = None) -> int:
+        """Apply the daemon's ``max_memory`` (this shard gets its share) and/or eviction policy."""
+        max_bytes = None if max_memory is None else max_memory // max(1, self.shards)
+        return self.store.configure(max_bytes, policy)
+
+    def hotkeys(self, op: p.Hotkeys) -> dict[str, Any]:
+        if self.hot is None:
+            return {"top": op.top, "window_s": 0.0, "keys": []}
+        span, rows = self.hot.top(op.top, self._clock())
+        return {"top": op.top, "window_s": round(span, 3),
+                "keys": [[key, round(rate, 3), count, error] for key, rate, count, error in rows]}
 
     def stats(self) -> dict[str, Any]:
         s = self.store
+        now = self._clock()
+        since, ops_then, service_then = self._last
+        recent = histogram.delta(self.service, service_then)
+        p50, p99 = histogram.quantile(recent, 0.5), histogram.quantile(recent, 0.99)
         return {
+            "max_bytes": s.max_bytes,
+            "policy": s.policy,
+            "expiring": s.expiring,
+            "evicted": s.evicted,
+            "evictions": dict(s.evictions),
+            "oom_rejected": s.oom_rejected,
+            "ops_per_s": round((self.ops - ops_then) / max(now - since, 1e-3), 1),
+            "service_p50_us": None if p50 is None else round(p50 / 1000, 1),
+            "service_p99_us": None if p99 is None else round(p99 / 1000, 1),
+            "service_count": sum(self.service),
+            "service_sum_s": self.service_sum_ns / 1e9,
+            "service_buckets": histogram.cumulative(self.service),
             "shard": self.shard_id,
             "pid": os.getpid(),
             "cpu": self.cpu,
@@ -134,6 +223,27 @@ class Shard:
             "expired": s.expired,
             "uptime_s": round(self._clock() - self._started, 3),
         }
+
+    def configure(self, op: p.Configure) -> list[str]:
+        """Apply the live settings this shard knows (SIGHUP reload); returns the keys applied."""
+        settings = op.settings
+        applied = []
+        if "log_level" in settings:
+            logging.getLogger().setLevel(str(settings["log_level"]).upper())
+            applied.append("log_level")
+        for key in ("expiry_interval_ms", "expiry_budget_ms"):
+            if key in settings:
+                setattr(self, key, int(settings[key]))
+                applied.append(key)
+        limits = {k: settings[k] for k in ("max_key_bytes", "max_value_bytes", "max_message_bytes") if k in settings}
+        if limits:
+            self.limits = msgspec.structs.replace(self.limits, **limits)
+            applied.extend(limits)
+        memory = [k for k in ("max_memory", "eviction_policy") if k in settings]
+        if memory:
+            self.set_memory(settings.get("max_memory"), settings.get("eviction_policy"))
+            applied.extend(memory)
+        return applied
 
     def _debug_sleep(self, op: p.DebugSleep) -> bool:
         if not self.debug_ops:
@@ -160,7 +270,9 @@ def run_worker(config: Config, shard_id: int) -> int:
     except transport.ZMQError as exc:
         log.error("cannot bind %s: %s", config.worker_endpoint(shard_id), exc)
         return ExitCode.BOOT_FAILED
-    shard = Shard(Store(monotonic_ms), config, shard_id, cpu)
+    tune_allocator()
+    store = Store(monotonic_ms, max_bytes=config.shard_max_bytes(config.shards), policy=config.eviction_policy)
+    shard = Shard(store, config, shard_id, cpu)
     log.info("serving shard %d on %s (cpu %s)", shard_id, config.worker_endpoint(shard_id), cpu)
     try:
         _serve(sock, shard, config, wakeup, lambda: stopping)
@@ -181,8 +293,7 @@ def _serve(sock: transport.Socket, shard: Shard, config: Config, wakeup: int,
     SNDMORE, POLLIN, EVENTS, RCVMORE = transport.SNDMORE, transport.POLLIN, transport.EVENTS, transport.RCVMORE
     apply_batch = shard.apply_batch
     active_expire = shard.store.active_expire
-    interval, budget = config.expiry_interval_ms, config.expiry_budget_ms
-    next_expiry = monotonic_ms() + interval
+    next_expiry = monotonic_ms() + shard.expiry_interval_ms
     while not should_stop():
         timeout = max(0, next_expiry - monotonic_ms())
         ready = poller.poll(timeout)
@@ -201,5 +312,10 @@ def _serve(sock: transport.Socket, shard: Shard, config: Config, wakeup: int,
             transport.drain_fd(wakeup)
         now = monotonic_ms()
         if now >= next_expiry:
-            active_expire(budget)
-            next_expiry = now + interval
+            active_expire(shard.expiry_budget_ms)
+            shard.tick()
+            next_expiry = now + shard.expiry_interval_ms
+
+
+def _router_only(op: p.Op) -> None:
+    raise BadRequest(f"{type(op).__struct_config__.tag} is answered by the router, not by a shard")

@@ -65,8 +65,9 @@ def error_for(obj: Any, limits: Limits = LIMITS) -> Reply:
 
 def test_status_codes_are_fixed() -> None:
     assert (p.OK, p.BAD_REQUEST, p.UNSUPPORTED_VERSION, p.TOO_LARGE, p.BUSY, p.UNAVAILABLE,
-            p.NOT_INTEGER, p.INTERNAL_ERROR) == (0, 1, 2, 3, 4, 5, 6, 7)
-    assert {s: cls.status for s, cls in errors.SERVER_ERRORS.items()} == {s: s for s in range(1, 8)}
+            p.NOT_INTEGER, p.INTERNAL_ERROR, p.OUT_OF_MEMORY) == (0, 1, 2, 3, 4, 5, 6, 7, 8)
+    assert {s: cls.status for s, cls in errors.SERVER_ERRORS.items()} == {s: s for s in errors.SERVER_ERRORS}
+    assert set(range(1, 9)) <= set(errors.SERVER_ERRORS)
     assert p.PROTOCOL_VERSION == 1
     assert (p.ALWAYS, p.IF_ABSENT, p.IF_PRESENT) == (0, 1, 2)
 
@@ -81,6 +82,7 @@ def test_op_names_are_the_documented_ones() -> None:
     assert {
         "get", "set", "delete", "exists", "expire", "ttl", "persist", "incr", "gets", "cas",
         "get_many", "set_many", "delete_many", "ping", "stats", "flush", "debug_sleep",
+        "maintenance", "health", "configure", "hotkeys",
     } == p.OP_NAMES
 
 
@@ -115,6 +117,12 @@ EXAMPLE_OPS: list[p.Op] = [
     Flush(),
     DebugSleep(0, 10),
     DebugSleep(3, 60_000),
+    p.Maintenance(),
+    p.Maintenance(True),
+    p.Health(),
+    p.Health(250),
+    p.Configure({"mailbox_limit": 5, "log_level": "debug"}),
+    p.Hotkeys(5),
 ]
 
 

@@ -1,0 +1,110 @@
+"""Hot-key tracking in bounded memory: Space-Saving (Metwally, Agrawal & El Abbadi, 2005).
+
+Theory of operation
+-------------------
+A shard sees every access to its keys but cannot count them all. :class:`SpaceSaving`
+keeps at most ``2 * capacity`` counters. A key already counted is incremented (one dict
+update). A new key, when the table is full, triggers a *prune*: the ``capacity`` highest
+counters are kept, and ``floor`` becomes the highest count dropped. A new key starts at
+``floor + 1`` with error ``floor``, exactly as Space-Saving's "replace the minimum" does,
+but the O(capacity log capacity) prune runs once per ``capacity`` new keys, so each access
+costs O(1) amortised and the common case (a key already in the table) is one dict get and
+one dict set.
+
+Rules
+-----
+Rule 1: ``count(key)`` never underestimates: true count <= count <= true count + error.
+Rule 2: any key whose true count exceeds ``floor`` is in the table (Space-Saving's
+        guarantee), so a key taking more than 1/capacity of the traffic is never missed.
+Rule 3: memory is bounded: at most ``2 * capacity`` keys are held.
+
+:class:`HotKeys` turns counts into rates with two tumbling windows: the current one and
+the one before it, so a rate always covers between one and two windows of traffic.
+Pure code, no I/O: the caller passes the time in.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+
+class SpaceSaving:
+    """Approximate top-K counter over a stream of keys (see module docstring)."""
+
+    __slots__ = ("capacity", "counts", "errors", "floor")
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self.counts: dict[bytes, int] = {}
+        self.errors: dict[bytes, int] = {}  # only keys admitted while floor > 0
+        self.floor = 0
+
+    def add(self, key: bytes) -> None:
+        counts = self.counts
+        count = counts.get(key)
+        if count is not None:
+            counts[key] = count + 1
+            return
+        if len(counts) >= 2 * self.capacity:
+            self._prune()
+        floor = self.floor
+        counts[key] = floor + 1
+        if floor:
+            self.errors[key] = floor
+
+    def _prune(self) -> None:
+        counts = self.counts
+        keep = heapq.nlargest(self.capacity, counts.items(), key=lambda item: item[1])
+        kept = dict(keep)
+        dropped = max((c for k, c in counts.items() if k not in kept), default=0)
+        self.floor = max(self.floor, dropped)
+        self.counts = kept
+        self.errors = {k: e for k, e in self.errors.items() if k in kept}
+
+    def top(self, n: int) -> list[tuple[bytes, int, int]]:
+        """The ``n`` highest (key, count, error), highest count first."""
+        errors = self.errors
+        best = heapq.nlargest(n, self.counts.items(), key=lambda item: item[1])
+        return [(key, count, errors.get(key, 0)) for key, count in best]
+
+
+class HotKeys:
+    """Space-Saving over two tumbling windows of ``window_s`` seconds, for rates."""
+
+    def __init__(self, capacity: int, window_s: float, now: float) -> None:
+        self.capacity = capacity
+        self.window_s = window_s
+        self.current = SpaceSaving(capacity)
+        self.previous: SpaceSaving | None = None
+        self.started = now
+        self.add = self.current.add
+
+    def rotate(self, now: float) -> None:
+        """Start a new window if the current one is over (call it from a timer)."""
+        if now - self.started < self.window_s:
+            return
+        self.previous = self.current
+        self.current = SpaceSaving(self.capacity)
+        self.add = self.current.add
+        self.started = now
+
+    def top(self, n: int, now: float) -> tuple[float, list[tuple[bytes, float, int, int]]]:
+        """(seconds covered, [(key, accesses per second, count, error), …]) hottest first."""
+        span = max(now - self.started, 1e-3)
+        counts = dict(self.current.counts)
+        errors = dict(self.current.errors)
+        if self.previous is not None:
+            span += self.window_s
+            prev_floor = self.previous.floor
+            for key, count in self.previous.counts.items():
+                counts[key] = counts.get(key, 0) + count
+                errors[key] = errors.get(key, 0) + self.previous.errors.get(key, 0)
+            # A key missing from one window may have had up to that window's floor there.
+            for key in counts:
+                if key not in self.previous.counts:
+                    counts[key] += prev_floor
+                    errors[key] = errors.get(key, 0) + prev_floor
+        best = heapq.nlargest(n, counts.items(), key=lambda item: item[1])
+        return span, [(key, count / span, count, errors.get(key, 0)) for key, count in best]

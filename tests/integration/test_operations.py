@@ -1,0 +1,86 @@
+"""Operating a running daemon: health, maintenance mode, SIGHUP reload."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from shardd.client import Client
+from shardd.errors import BadRequest, Maintenance
+
+
+def cli(endpoint: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "shardd", *args], capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "SHARDD_ENDPOINT": endpoint})
+
+
+def test_health_ok_then_names_the_hung_shard(make_daemon):
+    d = make_daemon(shards=2)
+    r = cli(d.endpoint, "health")
+    assert r.returncode == 0 and "OK: 2 shards" in r.stdout, r.stderr
+    with Client(d.endpoint) as c:
+        victim = c.stats()["shards"][1]["pid"]
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        r = cli(d.endpoint, "health", "--deadline", "0.3")
+        assert r.returncode == 1
+        assert "shard 1 timeout" in r.stderr and "shard 0" not in r.stderr
+        with Client(d.endpoint) as c:
+            report = c.health(0.2)
+            assert report["ok"] is False
+            assert [row["status"] for row in report["shards"]] == ["ok", "timeout"]
+    finally:
+        os.kill(victim, signal.SIGCONT)
+    assert cli(d.endpoint, "health").returncode == 0
+
+
+def test_maintenance_refuses_writes_keeps_reads(make_daemon):
+    d = make_daemon(shards=2)
+    with Client(d.endpoint) as c:
+        c.set("k", b"v")
+        assert cli(d.endpoint, "maintenance", "on").stdout.strip() == "maintenance on"
+        assert c.get("k") == b"v"
+        assert c.get_many(["k", "x"]) == {"k": b"v"}
+        for write in (lambda: c.set("k", b"w"), lambda: c.delete("k"), lambda: c.incr("n"),
+                      lambda: c.set_many({"a": b"1"}), lambda: c.flush(), lambda: c.expire("k", 5)):
+            with pytest.raises(Maintenance, match="maintenance mode"):
+                write()
+        assert c.stats()["router"]["maintenance"] is True
+        assert c.health()["maintenance"] is True
+        assert "maintenance mode" in cli(d.endpoint, "health").stdout
+        assert cli(d.endpoint, "maintenance").stdout.strip() == "maintenance on"
+        assert c.maintenance(False) is False
+        assert c.set("k", b"w") is True
+    assert cli(d.endpoint, "maintenance", "sideways").returncode == 2
+
+
+def test_configure_is_refused_on_the_public_endpoint(make_daemon):
+    d = make_daemon(shards=1)
+    with Client(d.endpoint) as c, pytest.raises(BadRequest, match="control endpoint"):
+        c.configure({"mailbox_limit": 1})
+
+
+def test_sighup_applies_live_settings_and_names_restart_only_ones(make_daemon, tmp_path):
+    conf = tmp_path / "shardd.toml"
+    conf.write_text("mailbox_limit = 100\nlog_level = \"info\"\n")
+    d = make_daemon(shards=2, config=str(conf))
+    conf.write_text("mailbox_limit = 7\nlog_level = \"debug\"\nmax_key_bytes = 16\npin_cpus = false\n")
+    d.proc.send_signal(signal.SIGHUP)
+    d.wait_for_log("SIGHUP: applied")
+    assert "pin_cpus changed but only take effect after a restart" in d.log()
+    with Client(d.endpoint) as c:
+        assert c.stats()["router"]["mailbox_limit"] == 7
+        from shardd.errors import TooLarge
+
+        with pytest.raises(TooLarge, match="max_key_bytes"):
+            c.set(b"k" * 17, b"v")
+        # a broken file on reload keeps the running configuration
+        conf.write_text("mailbox_limit = -3\n")
+        d.proc.send_signal(signal.SIGHUP)
+        d.wait_for_log("configuration not reloaded")
+        assert c.stats()["router"]["mailbox_limit"] == 7
+        assert c.set(b"k" * 16, b"v") is True
