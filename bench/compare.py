@@ -374,9 +374,11 @@ class SetupError(Exception):
 class Server:
     """One server process tree that this script started, and how to stop it."""
 
-    def __init__(self, name: str, argv: list[str], log_path: Path, port: int) -> None:
+    def __init__(self, name: str, argv: list[str], log_path: Path, port: int,
+                 env: dict[str, str] | None = None) -> None:
         self.name = name
         self.argv = argv
+        self.env = env
         self.log_path = log_path
         self.port = port
         self.proc: subprocess.Popen[bytes] | None = None
@@ -386,7 +388,7 @@ class Server:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - held for the server's lifetime
         self.proc = subprocess.Popen(
             self.argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            cwd=REPO, start_new_session=True, preexec_fn=_die_with_parent,
+            cwd=REPO, env=self.env, start_new_session=True, preexec_fn=_die_with_parent,
         )
         _STARTED.append(self)
 
@@ -533,7 +535,10 @@ def start_shardd(tmp: Path, shards: int) -> tuple[Server, int]:
             "--runtime-dir", str(tmp / "shardd-run")]
     if shards:
         argv += ["--shards", str(shards)]
-    server = Server("shardd", argv, tmp / "shardd.log", port)
+    # Built-in defaults only: no config file or state directory from the environment (a state
+    # directory would make the daemon write a snapshot when stopped).
+    env = {k: v for k, v in os.environ.items() if k not in ("SHARDD_CONFIG", "STATE_DIRECTORY", "SHARDD_ENDPOINT")}
+    server = Server("shardd", argv, tmp / "shardd.log", port, env)
     server.start()
     from shardd import Client
 
@@ -764,6 +769,7 @@ def timed_loop(step: Callable[[int], int], per_step: int, measure_from: int, sto
 
 def _client_process(index: int, spec: dict[str, Any], start_at: Any, go: Any, results: Any) -> None:
     """One client process: plan, connect, report ready, wait for the common start, run, report."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops us and the servers
     try:
         adapter = make_adapter(spec["system"], spec["port"], spec["timeout"])
         step, per_step = make_step(spec, adapter, index)
@@ -790,8 +796,13 @@ class RunError(Exception):
     pass
 
 
-def run_clients(spec: dict[str, Any], procs: int) -> dict[str, Any]:
-    """Spawn ``procs`` client processes for one (system, workload); return the merged report."""
+def run_clients(spec: dict[str, Any], procs: int,
+                on_start: Callable[[float, list[Any]], None] | None = None) -> dict[str, Any]:
+    """Spawn ``procs`` client processes for one (system, workload); return the merged report.
+
+    ``on_start(start_at, processes)``, if given, is called once every process is ready, with the
+    ``time.perf_counter()`` instant they start at (measuring begins ``spec["warmup"]`` later).
+    """
     ctx = mp.get_context("spawn")
     start_at = ctx.Value("d", 0.0)
     go = ctx.Event()
@@ -810,11 +821,18 @@ def run_clients(spec: dict[str, Any], procs: int) -> dict[str, Any]:
             ready += 1
         start_at.value = time.perf_counter() + 0.05
         go.set()
+        if on_start is not None:
+            on_start(start_at.value, workers)
         while len(reports) < procs:
             kind, index, detail = _next(results, spec["warmup"] + spec["duration"] + 60.0, workers)
             if kind == "error":
                 raise RunError(f"client process {index} failed: {detail}")
             reports.append(detail)
+    except BaseException:  # interrupted or failed: no point letting the others finish their run
+        for w in workers:
+            if w.is_alive():
+                w.terminate()
+        raise
     finally:
         go.set()
         for w in workers:

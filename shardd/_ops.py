@@ -300,6 +300,22 @@ def hotkeys(top: int = 10) -> Call:
     return protocol.Hotkeys(top), _to_dict
 
 
+def drain() -> Call:
+    return protocol.Drain(), _to_bool
+
+
+def snapshot(directory: str) -> Call:
+    if not isinstance(directory, str) or not directory:
+        raise TypeError("directory must be a non-empty str")
+    return protocol.Snapshot(directory), _to_list
+
+
+def _to_list(value: Any) -> list[Any]:
+    if type(value) is list:
+        return value
+    raise _bad("an array", value)
+
+
 def configure(settings: dict[str, Any]) -> Call:
     if not isinstance(settings, dict) or not all(isinstance(k, str) for k in settings):
         raise TypeError("settings must be a dict of config keys to values")

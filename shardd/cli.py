@@ -42,6 +42,7 @@ def serve(
     bind: Annotated[str | None, typer.Option(help="Public endpoint, e.g. tcp://127.0.0.1:7400.")] = None,
     shards: Annotated[int | None, typer.Option(help="Number of shards (0 = one per CPU).")] = None,
     runtime_dir: Annotated[str | None, typer.Option("--runtime-dir", help="Directory for ipc sockets.")] = None,
+    state_dir: Annotated[str | None, typer.Option("--state-dir", help="Directory for warm-restart snapshots.")] = None,
     mailbox_limit: Annotated[int | None, typer.Option("--mailbox-limit", help="In-flight ops per shard.")] = None,
     log_level: Annotated[str | None, typer.Option("--log-level", help="debug, info, warning or error.")] = None,
     pin_cpus: Annotated[bool | None, typer.Option("--pin-cpus/--no-pin-cpus", help="Pin workers to CPUs.")] = None,
@@ -51,7 +52,8 @@ def serve(
     from shardd.config import load_config
 
     overrides: dict[str, Any] = {
-        "bind": bind, "shards": shards, "runtime_dir": runtime_dir, "mailbox_limit": mailbox_limit,
+        "bind": bind, "shards": shards, "runtime_dir": runtime_dir, "state_dir": state_dir,
+        "mailbox_limit": mailbox_limit,
         "log_level": log_level, "pin_cpus": pin_cpus, "enable_debug_ops": enable_debug_ops,
     }
     try:
@@ -175,9 +177,9 @@ def delete(keys: list[str], endpoint: Endpoint = DEFAULT_ENDPOINT, timeout: Time
 
 # (stats field, column title); the table must fit 80 columns.
 _STAT_COLUMNS = [("shard", "shard"), ("status", "status"), ("cpu", "cpu"), ("keys", "keys"),
-                 ("used_bytes", "memory"), ("rss_bytes", "rss"), ("ops", "ops"), ("hits", "hits"),
-                 ("misses", "misses"), ("mailbox", "mailbox")]
-_TOTALLED = ("keys", "used_bytes", "rss_bytes", "ops", "hits", "misses", "mailbox")
+                 ("used_bytes", "memory"), ("rss_bytes", "rss"), ("ops_per_s", "ops/s"), ("hit_pct", "hit%"),
+                 ("evicted", "evicted"), ("service_p50_us", "p50µs"), ("service_p99_us", "p99µs"),
+                 ("mailbox", "mbox")]
 
 
 def _human_bytes(n: Any) -> str:
@@ -191,10 +193,81 @@ def _human_bytes(n: Any) -> str:
     return str(n)
 
 
+def _human_count(n: Any) -> str:
+    if not isinstance(n, int | float):
+        return "-"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale * 10:
+            return f"{n / scale:.0f}{unit}"
+    return f"{n:.0f}"
+
+
 def _cell(field: str, value: Any) -> str:
     if value is None:
         return "-"
-    return _human_bytes(value) if field.endswith("bytes") else str(value)
+    if field.endswith("bytes"):
+        return _human_bytes(value)
+    if field.endswith("_us"):
+        return f"{value:.0f}" if value >= 10 else f"{value:.1f}"
+    if field == "hit_pct":
+        return f"{value:.0f}"
+    return _human_count(value) if isinstance(value, int | float) and not isinstance(value, bool) else str(value)
+
+
+def _hit_pct(row: dict[str, Any]) -> float | None:
+    lookups = (row.get("hits") or 0) + (row.get("misses") or 0)
+    return 100.0 * (row.get("hits") or 0) / lookups if lookups else None
+
+
+def _stats_view(data: dict[str, Any], rates: dict[int, float] | None = None) -> Any:
+    """The stats table (one row per shard, a total row) and a summary; fits 80 columns.
+
+    ``rates`` (shard → ops/s measured by the caller, e.g. ``top``) replaces the workers'
+    own 10-20 s ops/s when given.
+    """
+    from rich import box
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    router = data["router"]
+    table = Table(title=f"shardd: {router['shards']} shards, router pid {router['pid']}, "
+                        f"up {router['uptime_s']:.0f} s", box=box.SIMPLE_HEAD, pad_edge=False,
+                  collapse_padding=True)
+    for _, title in _STAT_COLUMNS:
+        table.add_column(title, justify="left" if title == "status" else "right", no_wrap=True)
+    for row in data["shards"]:
+        row = {**row, "hit_pct": _hit_pct(row)}
+        if rates is not None and row.get("status") == "up":
+            row["ops_per_s"] = rates.get(row["shard"])
+        table.add_row(*(_cell(field, row.get(field)) for field, _ in _STAT_COLUMNS))
+    total = data.get("total")
+    if total is not None:
+        total = {**total, "hit_pct": _hit_pct(total), "shard": "total", "status": "", "cpu": ""}
+        if rates is not None:
+            total["ops_per_s"] = sum(rates.values())
+        table.add_section()
+        table.add_row(*(_cell(field, total.get(field)) if field not in ("shard", "status", "cpu")
+                        else str(total[field]) for field, _ in _STAT_COLUMNS))
+    lines = []
+    if total is not None:
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(total["evictions"].items())) or "none"
+        pct = 100 * total["used_bytes"] / total["max_bytes"] if total.get("max_bytes") else 0
+        lines.append(f"memory {_human_bytes(total['used_bytes'])} of {_human_bytes(total['max_bytes'])} "
+                     f"({pct:.0f}%); evicted: {reasons}; refused (OOM): {total['oom_rejected']}")
+    imbalance = data.get("imbalance")
+    if imbalance is not None:
+        hot = [f"{dim} {imbalance[dim]:.2f} (shard {imbalance[f'hot_shard_{dim}']})" for dim in ("keys", "ops")]
+        warn = any(imbalance[d] > imbalance["threshold"] for d in ("keys", "ops"))
+        lines.append(f"imbalance max/mean: {', '.join(hot)}; threshold {imbalance['threshold']:g}"
+                     + (" (over)" if warn else ""))
+    return Group(table, *(Text(line) for line in lines))
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(width=80 if not sys.stdout.isatty() else None)
 
 
 @app.command()
@@ -203,7 +276,7 @@ def stats(
     endpoint: Endpoint = DEFAULT_ENDPOINT,
     timeout: TimeoutOpt = 2.0,
 ) -> None:
-    """Show one row per shard: keys, memory, ops, hits, misses, mailbox depth."""
+    """Show one row per shard and a total: keys, memory, ops/s, hit rate, evictions, service time, mailbox."""
     try:
         with _client(endpoint, timeout) as client:
             data = client.stats()
@@ -212,23 +285,118 @@ def stats(
     if as_json:
         typer.echo(json.dumps(data, indent=2, sort_keys=True))
         return
+    _console().print(_stats_view(data))
+
+
+def _safe_key(key: bytes, width: int = 40) -> str:
+    text = key.decode("utf-8", "backslashreplace")
+    text = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+@app.command()
+def hotkeys(
+    top: Annotated[int, typer.Option("--top", "-n", help="How many keys to list.", min=1, max=10_000)] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    endpoint: Endpoint = DEFAULT_ENDPOINT,
+    timeout: TimeoutOpt = 2.0,
+) -> None:
+    """List the most accessed keys over all shards, with their shard and estimated rate."""
+    try:
+        with _client(endpoint, timeout) as client:
+            data = client.hotkeys(top)
+    except SharddError as exc:
+        raise _fail(str(exc)) from None
+    if as_json:
+        rows = [{"key": key.decode("utf-8", "backslashreplace"), "shard": shard, "rate_per_s": rate,
+                 "count": count, "error": error} for key, shard, rate, count, error in data["keys"]]
+        typer.echo(json.dumps({"window_s": data["window_s"], "down": data["down"], "keys": rows}, indent=2))
+        return
     from rich import box
-    from rich.console import Console
     from rich.table import Table
 
-    router = data["router"]
-    table = Table(title=f"shardd: {router['shards']} shards, router pid {router['pid']}, "
-                        f"up {router['uptime_s']:.0f} s", box=box.SIMPLE_HEAD, pad_edge=False)
-    for _, title in _STAT_COLUMNS:
-        table.add_column(title, justify="left" if title == "status" else "right")
-    rows = data["shards"]
-    for row in rows:
-        table.add_row(*(_cell(field, row.get(field)) for field, _ in _STAT_COLUMNS))
-    totals = {f: sum(r.get(f) or 0 for r in rows) for f in _TOTALLED}
-    table.add_section()
-    table.add_row(*("total" if f == "shard" else _cell(f, totals[f]) if f in totals else ""
-                    for f, _ in _STAT_COLUMNS))
-    Console(width=80 if not sys.stdout.isatty() else None).print(table)
+    table = Table(title=f"hot keys over the last {data['window_s']:.0f} s (estimates: count ≤ true + error)",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
+    for title in ("#", "key", "shard", "ops/s", "count", "±error"):
+        table.add_column(title, justify="left" if title == "key" else "right", no_wrap=True)
+    for rank, (key, shard, rate, count, error) in enumerate(data["keys"], 1):
+        table.add_row(str(rank), _safe_key(key), str(shard), f"{rate:.1f}", str(count), str(error))
+    console = _console()
+    console.print(table)
+    if data["down"]:
+        console.print(f"shards down (not listed): {', '.join(map(str, data['down']))}")
+
+
+@app.command()
+def top(
+    interval: Annotated[float, typer.Option(help="Seconds between refreshes.", min=0.1)] = 1.0,
+    iterations: Annotated[int, typer.Option(help="Stop after this many refreshes (0: until q or Ctrl-C).",
+                                            min=0)] = 0,
+    endpoint: Endpoint = DEFAULT_ENDPOINT,
+    timeout: TimeoutOpt = 2.0,
+) -> None:
+    """A live per-shard view, refreshed every second; q or Ctrl-C quits."""
+    import contextlib
+    import select
+    import time
+
+    from rich.live import Live
+    from rich.text import Text
+
+    console = _console()
+    interactive = sys.stdin.isatty()
+    keys = _cbreak() if interactive else contextlib.nullcontext()
+    previous: tuple[float, dict[int, int]] | None = None
+    count = 0
+    try:
+        with _client(endpoint, timeout) as client, keys, Live(console=console, auto_refresh=False) as live:
+            while True:
+                try:
+                    data = client.stats()
+                except SharddError as exc:
+                    live.update(Text(f"shardd: {exc} (retrying)"), refresh=True)
+                    data = None
+                if data is not None:
+                    now = time.monotonic()
+                    ops = {row["shard"]: row["ops"] for row in data["shards"] if row.get("status") == "up"}
+                    rates = None
+                    if previous is not None:
+                        dt = max(now - previous[0], 1e-3)
+                        rates = {s: max(0, n - previous[1].get(s, 0)) / dt for s, n in ops.items()}
+                    previous = (now, ops)
+                    live.update(_stats_view(data, rates), refresh=True)
+                count += 1
+                if iterations and count >= iterations:
+                    return
+                deadline = time.monotonic() + interval
+                while (left := deadline - time.monotonic()) > 0:
+                    if not interactive:
+                        time.sleep(left)
+                        break
+                    ready, _, _ = select.select([sys.stdin], [], [], left)
+                    if ready and sys.stdin.read(1) in ("q", "Q"):
+                        return
+    except KeyboardInterrupt:
+        return
+
+
+def _cbreak() -> Any:
+    """Context manager: the terminal hands us keys one at a time (no Enter), restored on exit."""
+    import contextlib
+    import termios
+    import tty
+
+    @contextlib.contextmanager
+    def manager() -> Any:
+        fd = sys.stdin.fileno()
+        saved = termios.tcgetattr(fd)
+        try:
+            tty.setcbreak(fd)
+            yield
+        finally:
+            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+    return manager()
 
 
 def main() -> None:

@@ -261,6 +261,14 @@ class Client:
         """Turn maintenance mode (writes refused) on or off; None just asks. Returns the mode now."""
         return self._call(_ops.maintenance(on))
 
+    def drain(self) -> bool:
+        """Control endpoint only: refuse new client requests; returns once nothing is in flight."""
+        return self._call(_ops.drain())
+
+    def snapshot(self, directory: str) -> list[dict[str, Any]]:
+        """Control endpoint only: every shard writes its keys into ``directory``; per-shard results."""
+        return self._call(_ops.snapshot(directory))
+
     def configure(self, settings: dict[str, Any]) -> int:
         """Apply live settings (control endpoint only); returns the number of shards that applied them."""
         return self._call(_ops.configure(settings))

@@ -53,8 +53,13 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_memory: int = 1024**3
     eviction_policy: EvictionPolicy = "allkeys-lru"
     imbalance_threshold: float = 1.5
+    imbalance_check_s: float = 10.0
     hotkeys_capacity: int = 256
     metrics_bind: str = ""
+    state_dir: str = ""
+    snapshot_on_stop: bool = True
+    snapshot_interval: float = 0.0
+    snapshot_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         if not _ENDPOINT_RE.match(self.bind):
@@ -72,8 +77,12 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
              "positive and at most expiry_interval_ms"),
             ("stop_timeout", 0 < self.stop_timeout <= 600, "between 0 and 600 seconds"),
             ("ready_timeout", 0 < self.ready_timeout <= 600, "between 0 and 600 seconds"),
+            ("snapshot_interval", self.snapshot_interval == 0 or 1 <= self.snapshot_interval <= 86400,
+             "0 (off) or between 1 and 86400 seconds"),
+            ("snapshot_timeout", 0 < self.snapshot_timeout <= 3600, "between 0 and 3600 seconds"),
             ("max_memory", 1024**2 <= self.max_memory <= 1 << 50, "between 1MiB and 1PiB"),
             ("imbalance_threshold", 1.0 < self.imbalance_threshold <= 1000, "a ratio above 1.0"),
+            ("imbalance_check_s", 0.1 <= self.imbalance_check_s <= 3600, "between 0.1 and 3600 seconds"),
             ("hotkeys_capacity", 0 <= self.hotkeys_capacity <= 100_000, "between 0 (off) and 100000"),
             ("metrics_bind", self.metrics_bind == "" or _HOST_PORT_RE.match(self.metrics_bind) is not None,
              '"" (off) or HOST:PORT, e.g. "127.0.0.1:9400"'),

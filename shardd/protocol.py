@@ -181,6 +181,16 @@ class Hotkeys(_Op, tag="hotkeys"):
     top: int = 10
 
 
+class Drain(_Op, tag="drain"):
+    """Control only: refuse new client requests; answered once nothing is in flight."""
+
+
+class Snapshot(_Op, tag="snapshot"):
+    """Control only: every shard writes its keys to ``directory`` (see shardd.snapshot)."""
+
+    directory: str
+
+
 class DebugSleep(_Op, tag="debug_sleep"):
     """Test-only: make one shard sleep ``ms`` milliseconds. Refused unless enabled in config."""
 
@@ -191,11 +201,12 @@ class DebugSleep(_Op, tag="debug_sleep"):
 Op = (
     Get | Set | Delete | Exists | Expire | Ttl | Persist | Incr | Gets | Cas
     | GetMany | SetMany | DeleteMany | Ping | Stats | Flush | DebugSleep | Maintenance | Health | Configure
-    | Hotkeys
+    | Drain | Snapshot | Hotkeys
 )
 SINGLE_KEY_OPS = (Get, Set, Delete, Exists, Expire, Ttl, Persist, Incr, Gets, Cas)
 MULTI_KEY_OPS = (GetMany, SetMany, DeleteMany)
-ADMIN_OPS = (Ping, Stats, Flush, Health, Maintenance, Configure, Hotkeys)
+ADMIN_OPS = (Ping, Stats, Flush, Health, Maintenance, Configure, Hotkeys, Drain, Snapshot)
+CONTROL_ONLY_OPS = (Configure, Drain, Snapshot)
 WRITE_OPS = (Set, Delete, Expire, Persist, Incr, Cas, SetMany, DeleteMany, Flush)
 
 

@@ -55,9 +55,8 @@ log = logging.getLogger("shardd.router")
 # latency batching adds, while a burst still becomes one Batch per shard.
 _DRAIN_LIMIT = 512
 
-# How often the router checks shard balance (an internal stats fan-out), and below which
-# means a ratio is noise: a few keys or ops/s on an idle daemon are never "imbalanced".
-_BALANCE_CHECK_S = 10.0
+# Below these means a balance ratio is noise: a few keys or ops/s on an idle daemon are
+# never "imbalanced". (The check runs every imbalance_check_s, an internal stats fan-out.)
 _BALANCE_MIN_KEYS = 1000
 _BALANCE_MIN_OPS_PER_S = 100.0
 _BALANCE_REWARN_S = 300.0
@@ -147,7 +146,7 @@ class Router:
         self.maintenance = False
         self.started = time.monotonic()
         self.timed: list[Gather] = []  # gathers with a deadline, in start order
-        self.next_balance_check = self.started + _BALANCE_CHECK_S
+        self.next_balance_check = self.started + config.imbalance_check_s
         self.imbalanced: dict[str, float] = {}  # dimension → when we last warned about it
         self._admin: dict[type, tuple[Callable, bool]] = {
             p.Ping: (_count_parts, False),
@@ -156,7 +155,9 @@ class Router:
             p.Health: (self._combine_health, True),
             p.Configure: (_count_parts, False),
             p.Hotkeys: (self._combine_hotkeys, True),
+            p.Snapshot: (_by_shard, False),
         }
+        self.drain_waiters: list[tuple[Any, int]] = []
 
     # --- replies to clients -------------------------------------------------------
 
@@ -254,11 +255,16 @@ class Router:
             self._debug_sleep(peer, env.id, op)
         elif cls is p.Maintenance:
             self._set_maintenance(peer, env.id, op)
+        elif cls in _CONTROL_ONLY and not privileged:
+            self.reply(peer, env.id, p.BAD_REQUEST,
+                       f"{cls.__struct_config__.tag} is accepted on the control endpoint only")
         elif cls is p.Configure:
-            if not privileged:
-                self.reply(peer, env.id, p.BAD_REQUEST, "configure is accepted on the control endpoint only")
-            else:
-                self._configure(peer, env.id, op)
+            self._configure(peer, env.id, op)
+        elif cls is p.Drain:
+            if not self.draining:
+                self.draining = True
+                log.info("draining: refusing new client requests; answering what is in flight")
+            self.drain_waiters.append((peer, env.id))
         else:
             self._fan_out(peer, env.id, op)
 
@@ -352,6 +358,13 @@ class Router:
         if limits:
             self.limits = msgspec.structs.replace(self.limits, **limits)
         self._fan_out(peer, request_id, p.Configure(settings))
+
+    def answer_drained(self) -> None:
+        """Answer Drain requests once nothing is in flight to any shard."""
+        if self.drain_waiters and self.idle():
+            for peer, request_id in self.drain_waiters:
+                self.reply(peer, request_id, p.OK, True)
+            self.drain_waiters.clear()
 
     def expire_gathers(self, now: float) -> None:
         """Complete gathers whose deadline passed, naming the shards that did not answer."""
@@ -494,10 +507,10 @@ class Router:
         return {"router": self.stats(), "shards": rows, **_totals(rows, self.config.imbalance_threshold)}
 
     def check_balance(self, now: float) -> None:
-        """Every _BALANCE_CHECK_S, gather stats from the shards and warn about a hot one."""
+        """Every imbalance_check_s, gather stats from the shards and warn about a hot one."""
         if now < self.next_balance_check or self.draining:
             return
-        self.next_balance_check = now + _BALANCE_CHECK_S
+        self.next_balance_check = now + self.config.imbalance_check_s
         up = [link for link in self.links if link.up]
         if not up:
             return
@@ -559,6 +572,11 @@ class Router:
 
 
 _WRITES = frozenset(p.WRITE_OPS)
+_CONTROL_ONLY = frozenset(p.CONTROL_ONLY_OPS)
+
+
+def _by_shard(parts: list[tuple[int, Any, Any]]) -> list[Any]:
+    return [value for _, _, value in sorted(parts, key=lambda part: part[0])]
 
 
 def _totals(rows: list[dict[str, Any]], threshold: float) -> dict[str, Any]:
@@ -678,3 +696,4 @@ def _serve(router: Router, wakeup: int, should_stop: Callable[[], bool]) -> None
         if router.timed:
             router.expire_gathers(time.monotonic())
             router.flush_outboxes()
+        router.answer_drained()

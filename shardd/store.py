@@ -58,7 +58,9 @@ Rule 7: after every public method ``used_bytes <= max_bytes`` unless ``max_bytes
         lowered by :meth:`Store.configure` under ``noeviction`` (then writes that grow the
         store are refused until deletes bring it back under). A write refused with
         OutOfMemory changes nothing but the evictions made while trying to fit it.
-Rule 8: every live key is in ``_keys`` at least once; ``len(_keys) <= 2 * len(_data) + 64``.
+Rule 8: every key of ``_data`` is in ``_keys`` at least once, and ``len(_keys) <= _compact_at``,
+        which is ``2 * len(_data) + 64`` as of the last rebuild: stale slots cost at most a
+        word or two per key the store held.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ import random
 import re
 import struct
 import sys
-from collections.abc import Callable, Container, Iterable
+from collections.abc import Callable, Container, Iterable, Iterator
 from typing import Any
 
 from shardd.errors import NotInteger, OutOfMemory
@@ -360,7 +362,7 @@ class Store:
         if ttl_ms is not None and ttl_ms <= 0:
             raise ValueError(f"ttl_ms must be a positive number of milliseconds, got {ttl_ms}")
         items = list(items)
-        self._reserve_many(items)
+        each = not self._reserve_many(items)
         lookup = self._data.get
         clock = self._clock
         write = self._write
@@ -372,6 +374,8 @@ class Store:
                 if expires and expires <= clock():
                     self._reclaim(key, entry)
                     entry = None
+            if each:
+                self._reserve(key, entry, value)
             write(key, entry, value, ttl_ms)
             count += 1
         return count
@@ -536,6 +540,37 @@ class Store:
 
     # --- internals ------------------------------------------------------------------
 
+    # --- snapshots (warm restart) -------------------------------------------------------
+
+    def export(self) -> Iterator[tuple[bytes, bytes, int, int]]:
+        """(key, value, expires_at_ms, version) of every live entry, for a snapshot."""
+        now = self._clock()
+        for key, entry in self._data.items():
+            expires = entry.expires_at_ms
+            if not expires or expires > now:
+                yield key, entry.value, expires, entry.version
+
+    def restore(self, key: bytes, value: bytes, expires_at_ms: int, version: int) -> bool:
+        """Insert an entry from a snapshot, keeping its deadline (this clock) and version.
+
+        Returns False if it does not fit the memory bound (then nothing is written). The
+        version counter moves past ``version`` so later writes still get new versions.
+        """
+        entry = self._live(key)
+        try:
+            self._reserve(key, entry, value)
+        except OutOfMemory:
+            return False
+        self._write(key, entry, value, None)
+        self.sets -= 1  # a restore is not a client SET
+        entry = self._data[key]
+        entry.version = version
+        if version > self._version:
+            self._version = version
+        if expires_at_ms:
+            self._track(key, entry, expires_at_ms)
+        return True
+
     def _live(self, key: bytes) -> _Entry | None:
         """The key's entry if it is live; an expired one is reclaimed and reads as missing."""
         entry = self._data.get(key)
@@ -614,8 +649,15 @@ class Store:
         if grow > 0 and self.used_bytes + grow > self._limit:
             self._make_room(size, grow, (key,))
 
-    def _reserve_many(self, items: list[tuple[bytes, bytes]]) -> None:
-        """Make room for a whole set_many before any of it is written (all or nothing)."""
+    def _reserve_many(self, items: list[tuple[bytes, bytes]]) -> bool:
+        """Make room for a whole set_many before any of it is written (all or nothing).
+
+        Returns False, having reserved nothing, for a batch that is bigger than the whole
+        share under an evicting policy: then each item must make its own room as it is
+        written, evicting older items of the same batch (Redis would store it all and
+        evict afterwards). Raises OutOfMemory, writing nothing, if any single item is
+        bigger than the share or, under noeviction, if the batch does not fit.
+        """
         final = dict(items)  # a later duplicate wins, as in the write loop
         live = self._live
         grow = 0
@@ -625,8 +667,13 @@ class Store:
             largest = max(largest, size)
             entry = live(key)
             grow += size if entry is None else len(value) - len(entry.value)
+        if grow > self._limit and self.policy != "noeviction":
+            if largest > self._limit:
+                self._make_room(largest, grow, final)  # raises: one item alone cannot fit
+            return False
         if grow > 0 and self.used_bytes + grow > self._limit:
             self._make_room(largest, grow, final)
+        return True
 
     def _make_room(self, size: int, grow: int, keep: Container[bytes]) -> None:
         """Evict until ``grow`` more bytes fit, or raise OutOfMemory having written nothing.
@@ -646,6 +693,8 @@ class Store:
             raise OutOfMemory(
                 f"max_memory reached: {self.used_bytes} of {limit} bytes used on this shard and "
                 f"eviction_policy is noeviction; delete keys or raise max_memory")
+        if self._ttl_keys:
+            self._reclaim_sample(keep)
         while self.used_bytes + grow > limit:
             if not self._evict_one(keep):
                 self.oom_rejected += 1
@@ -704,6 +753,24 @@ class Store:
         self._remove(best_key, best_entry)
         self.evictions[policy] = self.evictions.get(policy, 0) + 1
         return True
+
+    def _reclaim_sample(self, keep: Container[bytes]) -> None:
+        """Expired keys are free to drop: reclaim those among EXPIRE_SAMPLE keys with a TTL.
+
+        Not active_expire: a key in ``keep`` may expire between its caller's check and now,
+        and its caller still holds its entry, so it must not be reclaimed here.
+        """
+        keys = self._ttl_keys
+        data = self._data
+        randrange = self._rng.randrange
+        now = self._clock()
+        for _ in range(EXPIRE_SAMPLE):
+            if not keys:
+                return
+            key = keys[randrange(len(keys))]
+            entry = data[key]
+            if entry.expires_at_ms <= now and key not in keep:
+                self._reclaim(key, entry)
 
     def _score(self, entry: _Entry, volatile: bool) -> Any:
         """Lower is evicted first."""

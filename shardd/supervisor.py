@@ -38,7 +38,7 @@ from multiprocessing.process import BaseProcess
 
 import msgspec
 
-from shardd import systemd, transport
+from shardd import metrics, snapshot, systemd, transport
 from shardd.client import Client
 from shardd.config import Config
 from shardd.errors import ExitCode, SharddError
@@ -73,12 +73,15 @@ class Arbiter:
         self.restart_at: dict[int, float] = {}
         self.watchdog = systemd.watchdog_interval()
         self.next_health_check = 0.0
+        self.next_snapshot = float("inf")
+        self.ready = False
         self.mp = multiprocessing.get_context("spawn")
         self.workers: dict[int, BaseProcess] = {}
         self.router: BaseProcess | None = None
         self.deaths: dict[int, deque[float]] = {}
         self.signals: deque[int] = deque()
         self.owns_runtime_dir = False
+        self.metrics: metrics.MetricsServer | None = None
 
     # --- entry point --------------------------------------------------------------
 
@@ -112,10 +115,15 @@ class Arbiter:
         else:
             path = tempfile.mkdtemp(prefix="shardd-")  # mode 0700
             self.owns_runtime_dir = True
-        self.config = msgspec.structs.replace(cfg, runtime_dir=path, shards=cfg.shard_count())
+        state = cfg.state_dir or os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+        if state:
+            os.makedirs(state, mode=0o700, exist_ok=True)
+        self.config = msgspec.structs.replace(cfg, runtime_dir=path, shards=cfg.shard_count(), state_dir=state)
 
     def boot(self) -> int:
         cfg = self.config
+        # Workers load the current snapshot generation while they start (shardd.snapshot).
+        loading = bool(cfg.state_dir) and snapshot.current(cfg.state_dir) is not None
         for shard in range(cfg.shards):
             self.spawn_worker(shard)
         self.spawn_router()
@@ -138,6 +146,11 @@ class Arbiter:
                     log.error("not every shard answered within ready_timeout (%ss); stopping", cfg.ready_timeout)
                     return ExitCode.BOOT_FAILED
                 time.sleep(0.05)
+        self.ready = True
+        if loading:
+            snapshot.consume(cfg.state_dir)  # loaded: a later crash must not bring it back
+        self.schedule_snapshot()
+        self.metrics = metrics.start(cfg)  # /metrics (a thread here, never on the data path); None if off
         log.info("ready: %d shards behind %s (pid %d)", cfg.shards, cfg.bind, os.getpid())
         systemd.notify("READY=1", f"STATUS=serving {cfg.shards} shards on {cfg.bind}", f"MAINPID={os.getpid()}")
         return ExitCode.OK
@@ -163,7 +176,7 @@ class Arbiter:
             if self.router is not None:
                 sentinels.append(self.router.sentinel)
             now = time.monotonic()
-            wake_at = min([self.next_health_check, *self.restart_at.values()])
+            wake_at = min([self.next_health_check, self.next_snapshot, *self.restart_at.values()])
             multiprocessing.connection.wait([*sentinels, wakeup_r], timeout=max(0.0, min(1.0, wake_at - now)))
             transport.drain_fd(wakeup_r)
             while self.signals:
@@ -177,6 +190,9 @@ class Arbiter:
             self.restart_due_workers()
             if time.monotonic() >= self.next_health_check:
                 self.check_health()
+            if time.monotonic() >= self.next_snapshot:
+                self.take_snapshot()
+                self.schedule_snapshot()
 
     def reap_children(self) -> int | None:
         if self.router is not None and not self.router.is_alive():
@@ -286,13 +302,51 @@ class Arbiter:
             return
         self.raw_config = msgspec.structs.replace(self.raw_config, **live)
         self.config = msgspec.structs.replace(self.config, **live)
+        if "snapshot_interval" in live:
+            self.schedule_snapshot()
         log.info("SIGHUP: applied %s", ", ".join(f"{k}={v!r}" for k, v in sorted(live.items())))
 
     # --- stop -----------------------------------------------------------------------
 
+    def schedule_snapshot(self) -> None:
+        cfg = self.config
+        periodic = cfg.snapshot_interval and cfg.state_dir
+        self.next_snapshot = time.monotonic() + cfg.snapshot_interval if periodic else float("inf")
+
+    def take_snapshot(self, drain: bool = False) -> bool:
+        """Have every shard write a new snapshot generation, then make it current.
+
+        With ``drain`` the router first stops taking client requests and answers what is in
+        flight, so no write acknowledged to a client is missing from the snapshot.
+        """
+        cfg = self.config
+        started = time.monotonic()
+        generation = snapshot.new_generation(cfg.state_dir)
+        try:
+            with Client(cfg.control_endpoint(), timeout=cfg.snapshot_timeout) as control:
+                if drain:
+                    control.drain()
+                results = control.snapshot(generation)
+            snapshot.commit(cfg.state_dir, generation)
+        except (SharddError, OSError) as exc:
+            shutil.rmtree(generation, ignore_errors=True)
+            log.error("snapshot failed, the previous one (if any) stays current: %s", exc)
+            return False
+        keys = sum(r["keys"] for r in results)
+        size = sum(r["bytes"] for r in results)
+        log.info("snapshot %s: %d keys, %d bytes, %.3f s", os.path.basename(generation), keys, size,
+                 time.monotonic() - started)
+        return True
+
     def stop(self) -> None:
-        """Router first, then workers; kill whatever outlives ``stop_timeout``."""
+        """Snapshot if configured, then router, then workers; kill whatever outlives ``stop_timeout``."""
         systemd.notify("STOPPING=1")
+        if self.metrics is not None:
+            self.metrics.close()
+        cfg = self.config
+        if (cfg.snapshot_on_stop and cfg.state_dir and self.ready and self.router is not None
+                and self.router.is_alive()):
+            self.take_snapshot(drain=True)
         deadline = time.monotonic() + self.config.stop_timeout
         if self.router is not None:
             _terminate([self.router], deadline)

@@ -26,10 +26,11 @@ from typing import Any
 import msgspec
 import psutil
 
-from shardd import histogram, transport
+from shardd import histogram, snapshot, transport
 from shardd import protocol as p
 from shardd.config import Config, allowed_cpus
-from shardd.errors import BadRequest, ExitCode, ServerError
+from shardd.errors import BadRequest, ExitCode, InternalError, ServerError
+from shardd.hashing import shard_for
 from shardd.hotkeys import HotKeys
 from shardd.logs import setup_logging
 from shardd.memory import tune_allocator
@@ -111,6 +112,8 @@ class Shard:
             p.Ping: lambda op: True,
             p.Stats: lambda op: self.stats(),
             p.Hotkeys: self.hotkeys,
+            p.Snapshot: self.snapshot,
+            p.Drain: _router_only,
             p.DebugSleep: self._debug_sleep,
             p.Configure: self.configure,
             p.Maintenance: _router_only,
@@ -124,9 +127,9 @@ class Shard:
             return env
         self.ops += 1
         op = env.op
+        cls = type(op)
         track = self._track
         if track is not None:
-            cls = type(op)
             if cls in _KEYED:
                 track(op.key)
             elif cls in _MULTI_KEYS:
@@ -136,7 +139,7 @@ class Shard:
                 for key, _ in op.items:
                     track(key)
         try:
-            value = self._handlers[type(op)](op)
+            value = self._handlers[cls](op)
         except ServerError as exc:  # e.g. NotInteger from INCR: the op's own failure
             return p.encode_reply(env.id, exc.status, exc.message)
         except Exception as exc:  # Invariant 2: a bug must not take the shard down.
@@ -224,6 +227,22 @@ class Shard:
             "uptime_s": round(self._clock() - self._started, 3),
         }
 
+    def snapshot(self, op: p.Snapshot) -> dict[str, Any]:
+        """Write this shard's live keys to ``op.directory`` (TTLs as wall-clock deadlines)."""
+        started = time.perf_counter()
+        wall_now, mono_now = time.time_ns() // 1_000_000, monotonic_ms()
+        to_wall = wall_now - mono_now
+        entries = [(key, value, expires + to_wall if expires else 0, version)
+                   for key, value, expires, version in self.store.export()]
+        data = snapshot.encode(entries, self.shard_id, self.shards, wall_now)
+        try:
+            snapshot.write_atomic(snapshot.shard_file(op.directory, self.shard_id), data)
+        except OSError as exc:
+            raise InternalError(f"shard {self.shard_id}: cannot write snapshot: {exc}") from None
+        seconds = time.perf_counter() - started
+        log.info("snapshot: %d keys, %d bytes in %.3f s", len(entries), len(data), seconds)
+        return {"shard": self.shard_id, "keys": len(entries), "bytes": len(data), "seconds": round(seconds, 3)}
+
     def configure(self, op: p.Configure) -> list[str]:
         """Apply the live settings this shard knows (SIGHUP reload); returns the keys applied."""
         settings = op.settings
@@ -272,6 +291,8 @@ def run_worker(config: Config, shard_id: int) -> int:
         return ExitCode.BOOT_FAILED
     tune_allocator()
     store = Store(monotonic_ms, max_bytes=config.shard_max_bytes(config.shards), policy=config.eviction_policy)
+    if config.state_dir:
+        load_snapshot(store, config, shard_id)
     shard = Shard(store, config, shard_id, cpu)
     log.info("serving shard %d on %s (cpu %s)", shard_id, config.worker_endpoint(shard_id), cpu)
     try:
@@ -315,6 +336,40 @@ def _serve(sock: transport.Socket, shard: Shard, config: Config, wakeup: int,
             active_expire(shard.expiry_budget_ms)
             shard.tick()
             next_expiry = now + shard.expiry_interval_ms
+
+
+def load_snapshot(store: Store, config: Config, shard_id: int) -> int:
+    """Load the keys this shard owns from the current snapshot generation, if there is one.
+
+    Every file of the generation is read (the writer may have had another shard count) and
+    entries are kept if ``shard_for`` places them here; those that expired while the daemon
+    was down are dropped. A bad file is logged and skipped, never half-loaded.
+    """
+    generation = snapshot.current(config.state_dir)
+    if generation is None:
+        return 0
+    started = time.perf_counter()
+    wall_now, mono_now = time.time_ns() // 1_000_000, monotonic_ms()
+    to_mono = mono_now - wall_now
+    shards = config.shards
+    loaded = expired = 0
+    for name, data in snapshot.read_generation(generation):
+        try:
+            _, entries = snapshot.decode(data, name)
+        except snapshot.SnapshotError as exc:
+            log.error("snapshot %s not loaded: %s", os.path.basename(generation), exc)
+            continue
+        for key, value, expires, version in entries:
+            if shards > 1 and shard_for(key, shards) != shard_id:
+                continue
+            if expires and expires <= wall_now:
+                expired += 1
+                continue
+            store.restore(key, value, expires + to_mono if expires else 0, version)
+            loaded += 1
+    log.info("loaded %d keys from snapshot %s in %.3f s (%d had expired while down)",
+             loaded, os.path.basename(generation), time.perf_counter() - started, expired)
+    return loaded
 
 
 def _router_only(op: p.Op) -> None:

@@ -82,7 +82,7 @@ def test_op_names_are_the_documented_ones() -> None:
     assert {
         "get", "set", "delete", "exists", "expire", "ttl", "persist", "incr", "gets", "cas",
         "get_many", "set_many", "delete_many", "ping", "stats", "flush", "debug_sleep",
-        "maintenance", "health", "configure", "hotkeys",
+        "maintenance", "health", "configure", "hotkeys", "drain", "snapshot",
     } == p.OP_NAMES
 
 
@@ -123,6 +123,8 @@ EXAMPLE_OPS: list[p.Op] = [
     p.Health(250),
     p.Configure({"mailbox_limit": 5, "log_level": "debug"}),
     p.Hotkeys(5),
+    p.Drain(),
+    p.Snapshot("/var/lib/shardd/snapshots/gen-1"),
 ]
 
 

@@ -1,0 +1,77 @@
+"""Calibration: the store's accounted bytes against what Python really allocates.
+
+ENTRY_OVERHEAD is derived from sys.getsizeof (shardd/store.py). These tests check it the
+other way round, with tracemalloc (every byte Python allocates for the entries) and with
+the process's RSS, for small values and for values past pymalloc's 512-byte limit.
+"""
+
+from __future__ import annotations
+
+import gc
+import random
+import subprocess
+import sys
+import tracemalloc
+from pathlib import Path
+
+import pytest
+
+from shardd.store import Store
+
+REPO = Path(__file__).resolve().parent.parent.parent
+
+N = 50_000
+
+
+@pytest.mark.parametrize("size", [10, 100, 1000])
+def test_accounted_bytes_match_tracemalloc(size: int) -> None:
+    rng = random.Random(size)
+    values = [rng.randbytes(size) for _ in range(N)]  # allocated before tracing, then handed over
+    keys = [b"key:%d" % i for i in range(N)]
+    gc.collect()
+    tracemalloc.start()
+    try:
+        store = Store(lambda: 0, random.Random(1))
+        base = tracemalloc.get_traced_memory()[0]
+        for k, v in zip(keys, values, strict=True):
+            store.set(k, v)
+        del keys, values  # now only the store holds them
+        gc.collect()
+        traced = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    # tracemalloc sees the keys' and values' bytes objects only if they were allocated while tracing;
+    # add them back at their getsizeof size, rounded to the allocator's 16 bytes.
+    def alloc(n: int) -> int:
+        return (33 + n + 15) // 16 * 16
+
+    real = traced + N * alloc(size) + sum(alloc(len(b"key:%d" % i)) for i in range(N))
+    ratio = store.used_bytes / real
+    assert 0.85 <= ratio <= 1.15, (store.used_bytes / N, real / N)
+
+
+_RSS_SCRIPT = """
+import gc, random, sys, psutil
+from shardd.memory import tune_allocator
+from shardd.store import Store
+tune_allocator()
+rng = random.Random(9)
+sizes = [int(a) for a in sys.argv[1:]]
+proc = psutil.Process()
+gc.collect()
+before = proc.memory_info().rss
+store = Store(lambda: 0, random.Random(1))
+for i in range(100_000):
+    store.set(b"key:%d" % i, rng.randbytes(rng.choice(sizes)))
+print(store.used_bytes, proc.memory_info().rss - before)
+"""
+
+
+@pytest.mark.parametrize("sizes", [("100",), ("50", "200", "3000")])
+def test_accounted_bytes_track_process_rss(sizes: tuple[str, ...]) -> None:
+    """In a fresh interpreter (freed memory from other tests would hide the growth)."""
+    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, *sizes], capture_output=True, text=True,
+                         timeout=60, cwd=REPO, check=True).stdout.split()
+    used, grown = int(out[0]), int(out[1])
+    # RSS also counts the allocator's partly used pools and arenas: within 20%.
+    assert 0.8 <= used / grown <= 1.2, (used, grown)
