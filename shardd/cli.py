@@ -176,9 +176,9 @@ def delete(keys: list[str], endpoint: Endpoint = DEFAULT_ENDPOINT, timeout: Time
 
 
 # (stats field, column title); the table must fit 80 columns.
-_STAT_COLUMNS = [("shard", "shard"), ("status", "status"), ("cpu", "cpu"), ("keys", "keys"),
+_STAT_COLUMNS = [("shard", "shard"), ("status", "st"), ("cpu", "cpu"), ("keys", "keys"),
                  ("used_bytes", "memory"), ("rss_bytes", "rss"), ("ops_per_s", "ops/s"), ("hit_pct", "hit%"),
-                 ("evicted", "evicted"), ("service_p50_us", "p50µs"), ("service_p99_us", "p99µs"),
+                 ("evicted", "evict"), ("service_p50_us", "p50µs"), ("service_p99_us", "p99µs"),
                  ("mailbox", "mbox")]
 
 
@@ -235,7 +235,7 @@ def _stats_view(data: dict[str, Any], rates: dict[int, float] | None = None) -> 
                         f"up {router['uptime_s']:.0f} s", box=box.SIMPLE_HEAD, pad_edge=False,
                   collapse_padding=True)
     for _, title in _STAT_COLUMNS:
-        table.add_column(title, justify="left" if title == "status" else "right", no_wrap=True)
+        table.add_column(title, justify="left" if title == "st" else "right", no_wrap=True)
     for row in data["shards"]:
         row = {**row, "hit_pct": _hit_pct(row)}
         if rates is not None and row.get("status") == "up":
@@ -315,14 +315,14 @@ def hotkeys(
     from rich import box
     from rich.table import Table
 
-    table = Table(title=f"hot keys over the last {data['window_s']:.0f} s (estimates: count ≤ true + error)",
-                  box=box.SIMPLE_HEAD, pad_edge=False)
+    table = Table(title=f"hot keys, last {data['window_s']:.0f} s", box=box.SIMPLE_HEAD, pad_edge=False)
     for title in ("#", "key", "shard", "ops/s", "count", "±error"):
         table.add_column(title, justify="left" if title == "key" else "right", no_wrap=True)
     for rank, (key, shard, rate, count, error) in enumerate(data["keys"], 1):
         table.add_row(str(rank), _safe_key(key), str(shard), f"{rate:.1f}", str(count), str(error))
     console = _console()
     console.print(table)
+    console.print("estimates: count - error <= true accesses <= count")
     if data["down"]:
         console.print(f"shards down (not listed): {', '.join(map(str, data['down']))}")
 

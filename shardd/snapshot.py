@@ -72,6 +72,18 @@ def encode(entries: list[Entry], shard: int, shards: int, created_ms: int) -> by
     return b"".join((MAGIC, _U32.pack(len(header)), header, body, _U64.pack(checksum)))
 
 
+def peek_header(data: bytes, name: str = "snapshot") -> dict[str, Any]:
+    """The header of a snapshot file without decoding (or checking) its body."""
+    if len(data) < len(MAGIC) + _U32.size or data[: len(MAGIC)] != MAGIC:
+        raise SnapshotError(f"{name}: not a shardd snapshot (or truncated)")
+    (header_len,) = _U32.unpack_from(data, len(MAGIC))
+    start = len(MAGIC) + _U32.size
+    try:
+        return msgspec.structs.asdict(_header_decoder.decode(data[start : start + header_len]))
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise SnapshotError(f"{name}: undecodable header ({exc})") from None
+
+
 def decode(data: bytes, name: str = "snapshot") -> tuple[dict[str, Any], list[Entry]]:
     """Verify and decode a snapshot file's bytes; raises SnapshotError saying what is wrong."""
     if len(data) < len(MAGIC) + _U32.size + _U64.size:

@@ -355,12 +355,18 @@ def load_snapshot(store: Store, config: Config, shard_id: int) -> int:
     loaded = expired = 0
     for name, data in snapshot.read_generation(generation):
         try:
+            header = snapshot.peek_header(data, name)
+            # Same shard count as the writer: placement is unchanged, so only our own file
+            # holds our keys and nothing needs re-hashing.
+            same_layout = header["shards"] == shards
+            if same_layout and header["shard"] != shard_id:
+                continue
             _, entries = snapshot.decode(data, name)
         except snapshot.SnapshotError as exc:
             log.error("snapshot %s not loaded: %s", os.path.basename(generation), exc)
             continue
         for key, value, expires, version in entries:
-            if shards > 1 and shard_for(key, shards) != shard_id:
+            if not same_layout and shard_for(key, shards) != shard_id:
                 continue
             if expires and expires <= wall_now:
                 expired += 1
