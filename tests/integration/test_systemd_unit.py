@@ -26,7 +26,7 @@ def test_unit_has_the_directives_operators_expect():
     assert s["ExecReload"] == "/bin/kill -s HUP $MAINPID"
     assert s["KillMode"] == "mixed"
     assert int(s["WatchdogSec"]) > 0
-    assert int(s["TimeoutStopSec"]) > 5  # longer than the daemon's default stop_timeout
+    assert int(s["TimeoutStopSec"]) > 65  # longer than stop_timeout + snapshot_timeout defaults
     for key in ("RuntimeDirectory", "StateDirectory", "LimitNOFILE"):
         assert s[key]
     for key in ("DynamicUser", "NoNewPrivileges", "PrivateTmp"):
