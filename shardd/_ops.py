@@ -300,6 +300,13 @@ def hotkeys(top: int = 10) -> Call:
     return protocol.Hotkeys(top), _to_dict
 
 
+def tune(settings: dict[str, Any]) -> Call:
+    unknown = sorted(k for k in settings if k not in protocol.TUNABLE)  # (`set` is the SET op here)
+    if unknown or not settings:
+        raise ValueError(f"tune accepts {', '.join(protocol.TUNABLE)}; got {', '.join(unknown) or 'nothing'}")
+    return protocol.Tune(dict(settings)), _to_int
+
+
 def drain() -> Call:
     return protocol.Drain(), _to_bool
 

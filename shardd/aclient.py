@@ -296,6 +296,10 @@ class AsyncClient:
         """Each shard's state ("ok", "down", "timeout") as the router saw it within ``deadline`` seconds."""
         return await self._call(_ops.health(deadline))
 
+    async def tune(self, **settings: Any) -> int:
+        """Change ``mailbox_limit``, ``max_memory`` or ``eviction_policy`` on every shard now; returns shards."""
+        return await self._call(_ops.tune(settings))
+
     async def maintenance(self, on: bool | None = None) -> bool:
         """Turn maintenance mode (writes refused) on or off; None just asks. Returns the mode now."""
         return await self._call(_ops.maintenance(on))

@@ -130,6 +130,29 @@ def maintenance(
     typer.echo(f"maintenance {'on' if now else 'off'}")
 
 
+_TUNE_KEYS = {"mailbox-limit": "mailbox_limit", "max-memory": "max_memory", "eviction-policy": "eviction_policy"}
+
+
+@app.command()
+def tune(
+    setting: Annotated[str, typer.Argument(help="mailbox-limit, max-memory or eviction-policy.")],
+    value: Annotated[str, typer.Argument(help="New value, e.g. 2048, 512MiB, allkeys-lfu.")],
+    endpoint: Endpoint = DEFAULT_ENDPOINT,
+    timeout: TimeoutOpt = 2.0,
+) -> None:
+    """Change a setting on every shard of the running daemon, at once (until restart or reload)."""
+    key = _TUNE_KEYS.get(setting)
+    if key is None:
+        raise _fail(f"unknown setting {setting!r}; choose one of {', '.join(_TUNE_KEYS)}", ExitCode.CONFIG)
+    parsed: Any = int(value) if key == "mailbox_limit" and value.lstrip("-").isdigit() else value
+    try:
+        with _client(endpoint, timeout) as client:
+            shards = client.tune(**{key: parsed})
+    except SharddError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"{key} = {value} on {shards} shards")
+
+
 @app.command()
 def get(key: str, endpoint: Endpoint = DEFAULT_ENDPOINT, timeout: TimeoutOpt = 1.0) -> None:
     """Print the value of KEY (exit 1 if it does not exist)."""

@@ -261,6 +261,10 @@ class Client:
         """Turn maintenance mode (writes refused) on or off; None just asks. Returns the mode now."""
         return self._call(_ops.maintenance(on))
 
+    def tune(self, **settings: Any) -> int:
+        """Change ``mailbox_limit``, ``max_memory`` or ``eviction_policy`` on every shard now; returns shards."""
+        return self._call(_ops.tune(settings))
+
     def drain(self) -> bool:
         """Control endpoint only: refuse new client requests; returns once nothing is in flight."""
         return self._call(_ops.drain())

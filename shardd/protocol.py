@@ -181,6 +181,15 @@ class Hotkeys(_Op, tag="hotkeys"):
     top: int = 10
 
 
+class Tune(_Op, tag="tune"):
+    """Change live settings of every shard now: ``mailbox_limit``, ``max_memory``, ``eviction_policy``.
+
+    Values are validated like the config file's; the reply is the settings as applied.
+    """
+
+    settings: dict[str, Any]
+
+
 class Drain(_Op, tag="drain"):
     """Control only: refuse new client requests; answered once nothing is in flight."""
 
@@ -201,11 +210,12 @@ class DebugSleep(_Op, tag="debug_sleep"):
 Op = (
     Get | Set | Delete | Exists | Expire | Ttl | Persist | Incr | Gets | Cas
     | GetMany | SetMany | DeleteMany | Ping | Stats | Flush | DebugSleep | Maintenance | Health | Configure
-    | Drain | Snapshot | Hotkeys
+    | Drain | Snapshot | Hotkeys | Tune
 )
 SINGLE_KEY_OPS = (Get, Set, Delete, Exists, Expire, Ttl, Persist, Incr, Gets, Cas)
 MULTI_KEY_OPS = (GetMany, SetMany, DeleteMany)
-ADMIN_OPS = (Ping, Stats, Flush, Health, Maintenance, Configure, Hotkeys, Drain, Snapshot)
+ADMIN_OPS = (Ping, Stats, Flush, Health, Maintenance, Configure, Hotkeys, Drain, Snapshot, Tune)
+TUNABLE = ("mailbox_limit", "max_memory", "eviction_policy")
 CONTROL_ONLY_OPS = (Configure, Drain, Snapshot)
 WRITE_OPS = (Set, Delete, Expire, Persist, Incr, Cas, SetMany, DeleteMany, Flush)
 

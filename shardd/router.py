@@ -44,8 +44,8 @@ import msgspec
 
 from shardd import protocol as p
 from shardd import transport
-from shardd.config import Config
-from shardd.errors import ExitCode
+from shardd.config import Config, build_config
+from shardd.errors import ConfigError, ExitCode
 from shardd.hashing import shard_for
 from shardd.logs import setup_logging
 
@@ -260,6 +260,8 @@ class Router:
                        f"{cls.__struct_config__.tag} is accepted on the control endpoint only")
         elif cls is p.Configure:
             self._configure(peer, env.id, op)
+        elif cls is p.Tune:
+            self._tune(peer, env.id, op)
         elif cls is p.Drain:
             if not self.draining:
                 self.draining = True
@@ -358,6 +360,23 @@ class Router:
         if limits:
             self.limits = msgspec.structs.replace(self.limits, **limits)
         self._fan_out(peer, request_id, p.Configure(settings))
+
+    def _tune(self, peer: Any, request_id: int, op: p.Tune) -> None:
+        """Operator tuning: validate like the config file, then apply as a configure."""
+        unknown = sorted(set(op.settings) - set(p.TUNABLE))
+        if unknown or not op.settings:
+            self.reply(peer, request_id, p.BAD_REQUEST,
+                       f"tune accepts {', '.join(p.TUNABLE)}; got {', '.join(unknown) or 'nothing'}")
+            return
+        try:
+            tuned = build_config({**msgspec.structs.asdict(self.config), **op.settings})
+        except ConfigError as exc:
+            self.reply(peer, request_id, p.BAD_REQUEST, f"tune: {exc}")
+            return
+        settings = {key: getattr(tuned, key) for key in op.settings}
+        self.config = msgspec.structs.replace(self.config, **settings)
+        log.warning("tuned %s", ", ".join(f"{k}={v!r}" for k, v in sorted(settings.items())))
+        self._configure(peer, request_id, p.Configure(settings))
 
     def answer_drained(self) -> None:
         """Answer Drain requests once nothing is in flight to any shard."""

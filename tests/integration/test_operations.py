@@ -84,3 +84,22 @@ def test_sighup_applies_live_settings_and_names_restart_only_ones(make_daemon, t
         d.wait_for_log("configuration not reloaded")
         assert c.stats()["router"]["mailbox_limit"] == 7
         assert c.set(b"k" * 16, b"v") is True
+
+
+def test_tune_applies_to_every_shard_at_once(make_daemon):
+    d = make_daemon(shards=2)
+    r = cli(d.endpoint, "tune", "mailbox-limit", "64")
+    assert r.returncode == 0 and "on 2 shards" in r.stdout, r.stderr
+    assert cli(d.endpoint, "tune", "max-memory", "64MiB").returncode == 0
+    assert cli(d.endpoint, "tune", "eviction-policy", "allkeys-lfu").returncode == 0
+    with Client(d.endpoint) as c:
+        stats = c.stats()
+    assert stats["router"]["mailbox_limit"] == 64
+    assert [row["max_bytes"] for row in stats["shards"]] == [32 * 1024 * 1024] * 2
+    assert [row["policy"] for row in stats["shards"]] == ["allkeys-lfu"] * 2
+    assert "tuned mailbox_limit=64" in d.log()
+    r = cli(d.endpoint, "tune", "eviction-policy", "lucky-dip")
+    assert r.returncode == 1 and "eviction_policy" in r.stderr
+    r = cli(d.endpoint, "tune", "mailbox-limit", "0")
+    assert r.returncode == 1 and "mailbox_limit" in r.stderr
+    assert cli(d.endpoint, "tune", "shards", "3").returncode == 2

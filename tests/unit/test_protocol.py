@@ -82,7 +82,7 @@ def test_op_names_are_the_documented_ones() -> None:
     assert {
         "get", "set", "delete", "exists", "expire", "ttl", "persist", "incr", "gets", "cas",
         "get_many", "set_many", "delete_many", "ping", "stats", "flush", "debug_sleep",
-        "maintenance", "health", "configure", "hotkeys", "drain", "snapshot",
+        "maintenance", "health", "configure", "hotkeys", "drain", "snapshot", "tune",
     } == p.OP_NAMES
 
 
@@ -124,6 +124,7 @@ EXAMPLE_OPS: list[p.Op] = [
     p.Configure({"mailbox_limit": 5, "log_level": "debug"}),
     p.Hotkeys(5),
     p.Drain(),
+    p.Tune({"mailbox_limit": 64}),
     p.Snapshot("/var/lib/shardd/snapshots/gen-1"),
 ]
 
