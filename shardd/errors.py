@@ -105,10 +105,19 @@ class Maintenance(ServerError):
     status = 9
 
 
+class Moved(ServerError):
+    """Raised when a shard no longer owns the key (the shard count changed); refresh the topology and retry.
+
+    The router retries for its clients; only direct-mode clients see it, and they retry themselves.
+    """
+
+    status = 10
+
+
 SERVER_ERRORS: dict[int, type[ServerError]] = {
     cls.status: cls
     for cls in (BadRequest, UnsupportedVersion, TooLarge, Busy, Unavailable, NotInteger, InternalError,
-                OutOfMemory, Maintenance)
+                OutOfMemory, Maintenance, Moved)
 }
 
 

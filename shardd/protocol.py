@@ -44,6 +44,7 @@ from shardd.errors import (
     UnsupportedVersion,
 )
 from shardd.errors import Maintenance as MaintenanceError
+from shardd.errors import Moved
 
 PROTOCOL_VERSION = 1
 
@@ -58,6 +59,7 @@ NOT_INTEGER = NotInteger.status
 INTERNAL_ERROR = InternalError.status
 OUT_OF_MEMORY = OutOfMemory.status
 MAINTENANCE = MaintenanceError.status
+MOVED = Moved.status
 
 # SET conditions (memcached add/replace, Redis NX/XX).
 ALWAYS = 0
@@ -175,6 +177,50 @@ class Configure(_Op, tag="configure"):
     settings: dict[str, Any]
 
 
+class Topology(_Op, tag="topology"):
+    """The placement a client needs: epoch, shard count, hash spec, worker endpoints."""
+
+
+class Resize(_Op, tag="resize"):
+    """Change the number of shards while serving; answered when every moving key has moved."""
+
+    shards: int
+
+
+class ResizeStart(_Op, tag="resize_start"):
+    """Control only (supervisor → router): the workers for ``shards`` are running; migrate."""
+
+    shards: int
+
+
+class Migrate(_Op, tag="migrate"):
+    """Router → worker: a resize to ``new_shards`` has begun. Until it ends, a key this shard does not
+    hold and will not own is answered MOVED (its new owner has it, or nobody does)."""
+
+    epoch: int
+    new_shards: int
+
+
+class MigrateOut(_Op, tag="migrate_out"):
+    """Router → worker: remove and return up to ``limit`` entries that move, scanning at most ``scan`` keys."""
+
+    limit: int = 1000
+    scan: int = 5000
+
+
+class MigrateIn(_Op, tag="migrate_in"):
+    """Router → worker: adopt entries [key, value, expires_at_ms (monotonic), version] moved from another shard."""
+
+    entries: list[tuple[bytes, bytes, int, int]]
+
+
+class SetTopology(_Op, tag="set_topology"):
+    """Router → worker: the resize is over; the daemon now has ``shards`` shards at ``epoch``."""
+
+    epoch: int
+    shards: int
+
+
 class Hotkeys(_Op, tag="hotkeys"):
     """The ``top`` most accessed keys of each shard (Space-Saving estimates), merged by the router."""
 
@@ -210,13 +256,14 @@ class DebugSleep(_Op, tag="debug_sleep"):
 Op = (
     Get | Set | Delete | Exists | Expire | Ttl | Persist | Incr | Gets | Cas
     | GetMany | SetMany | DeleteMany | Ping | Stats | Flush | DebugSleep | Maintenance | Health | Configure
-    | Drain | Snapshot | Hotkeys | Tune
+    | Drain | Snapshot | Hotkeys | Tune | Topology | Resize | ResizeStart | Migrate | MigrateOut | MigrateIn
+    | SetTopology
 )
 SINGLE_KEY_OPS = (Get, Set, Delete, Exists, Expire, Ttl, Persist, Incr, Gets, Cas)
 MULTI_KEY_OPS = (GetMany, SetMany, DeleteMany)
 ADMIN_OPS = (Ping, Stats, Flush, Health, Maintenance, Configure, Hotkeys, Drain, Snapshot, Tune)
 TUNABLE = ("mailbox_limit", "max_memory", "eviction_policy")
-CONTROL_ONLY_OPS = (Configure, Drain, Snapshot)
+CONTROL_ONLY_OPS = (Configure, Drain, Snapshot, ResizeStart, Migrate, MigrateOut, MigrateIn, SetTopology)
 WRITE_OPS = (Set, Delete, Expire, Persist, Incr, Cas, SetMany, DeleteMany, Flush)
 
 

@@ -48,6 +48,7 @@ from shardd.config import Config, build_config
 from shardd.errors import ConfigError, ExitCode
 from shardd.hashing import shard_for
 from shardd.logs import setup_logging
+from shardd.migration import Migration, MigrationStep
 
 log = logging.getLogger("shardd.router")
 
@@ -110,7 +111,7 @@ class Gather:
 class ShardLink:
     """The router's view of one shard: its socket, health, mailbox and what is in flight."""
 
-    __slots__ = ("busy", "high", "inflight", "monitor", "next_seq", "out_frames", "out_targets",
+    __slots__ = ("busy", "high", "inflight", "monitor", "moved_until", "next_seq", "out_frames", "out_targets",
                  "pending", "shard", "sock", "up")
 
     def __init__(self, shard: int, sock: transport.Socket, monitor: transport.Socket) -> None:
@@ -127,6 +128,8 @@ class ShardLink:
         self.pending: dict[int, tuple[list[Any], list[bytes]]] = {}
         self.out_frames: list[bytes] = []
         self.out_targets: list[Any] = []
+        # Replies to batches with a seq below this may carry MOVED (a resize is or was running).
+        self.moved_until = 0
 
 
 class Router:
@@ -158,6 +161,12 @@ class Router:
             p.Snapshot: (_by_shard, False),
         }
         self.drain_waiters: list[tuple[Any, int]] = []
+        # Placement: ``n`` shards at ``epoch``. During a resize ``n`` stays the old count (requests
+        # go to the old owner first; see shardd.migration) until the resize ends.
+        self.epoch = 1
+        self.pending_resize: tuple[int, Any, int] | None = None  # (shards, peer, request id)
+        self.migration: Migration | None = None
+        self.ctx: Any = None  # the zmq Context, to connect new shards (set by run_router)
 
     # --- replies to clients -------------------------------------------------------
 
@@ -247,7 +256,12 @@ class Router:
             link.out_targets.append(peer)
             return
         cls = type(op)
-        if cls is p.GetMany or cls is p.DeleteMany:
+        if self.migration is not None and cls in _REFUSED_WHILE_RESIZING:
+            self.reply(peer, env.id, p.BUSY, f"{cls.__struct_config__.tag} is refused while a resize runs; retry")
+            return
+        if self.migration is not None and cls in _MULTI:
+            self._split_per_key(peer, env.id, op, cls)
+        elif cls is p.GetMany or cls is p.DeleteMany:
             self._split_keys(peer, env.id, op, cls)
         elif cls is p.SetMany:
             self._split_set_many(peer, env.id, op)
@@ -262,6 +276,12 @@ class Router:
             self._configure(peer, env.id, op)
         elif cls is p.Tune:
             self._tune(peer, env.id, op)
+        elif cls is p.Topology:
+            self.reply(peer, env.id, p.OK, self.topology())
+        elif cls is p.Resize:
+            self._request_resize(peer, env.id, op)
+        elif cls is p.ResizeStart:
+            self._start_resize(peer, env.id, op)
         elif cls is p.Drain:
             if not self.draining:
                 self.draining = True
@@ -331,7 +351,7 @@ class Router:
     def _fan_out(self, peer: Any, request_id: int, op: p.Op) -> None:
         """Admin ops go to every shard; a down shard is an error part, not a refusal."""
         combine, tolerant = self._admin[type(op)]
-        gather = Gather(peer, request_id, self.n, combine, tolerant)
+        gather = Gather(peer, request_id, len(self.links), combine, tolerant)
         if type(op) is p.Health:
             gather.deadline = time.monotonic() + op.deadline_ms / 1000
             self.timed.append(gather)
@@ -378,6 +398,181 @@ class Router:
         log.warning("tuned %s", ", ".join(f"{k}={v!r}" for k, v in sorted(settings.items())))
         self._configure(peer, request_id, p.Configure(settings))
 
+    # --- topology and resizing (see shardd.migration) ------------------------------------
+
+    def topology(self) -> dict[str, Any]:
+        mig = self.migration
+        return {
+            "epoch": self.epoch,
+            "shards": self.n,
+            "hash": "jump_hash(xxh3_64(key, seed=0), shards)",
+            "endpoints": [self.config.worker_endpoint(link.shard) for link in self.links[: self.n]],
+            "resizing": None if mig is None else {"to": mig.new, "epoch": mig.epoch, "moving": mig.moving},
+            "pending_resize": None if self.pending_resize is None else self.pending_resize[0],
+        }
+
+    def _request_resize(self, peer: Any, request_id: int, op: p.Resize) -> None:
+        """A client asks for M shards: wake the supervisor, which starts workers and calls back."""
+        if self.migration is not None or self.pending_resize is not None:
+            self.reply(peer, request_id, p.BUSY, "a resize is already running; wait for it to finish")
+        elif not 1 <= op.shards <= 1024:
+            self.reply(peer, request_id, p.BAD_REQUEST, f"shards must be between 1 and 1024, got {op.shards}")
+        elif op.shards == self.n:
+            self.reply(peer, request_id, p.OK, {"from": self.n, "to": self.n, "moved": 0, "total": 0, "lost": 0,
+                                                "epoch": self.epoch, "seconds": 0.0})
+        elif down := [link.shard for link in self.links if not link.up]:
+            self.reply(peer, request_id, p.UNAVAILABLE, f"shard(s) {down} are down; resize when all are up")
+        else:
+            self.pending_resize = (op.shards, peer, request_id)
+            log.info("resize %d → %d requested", self.n, op.shards)
+            os.kill(os.getppid(), signal.SIGUSR1)
+
+    def _start_resize(self, peer: Any, request_id: int, op: p.ResizeStart) -> None:
+        """The supervisor has started the workers: connect to them; moving starts once all are up."""
+        if self.pending_resize is None or self.pending_resize[0] != op.shards:
+            self.reply(peer, request_id, p.BAD_REQUEST, "no such resize pending")
+            return
+        _, waiter_peer, waiter_id = self.pending_resize
+        self.pending_resize = None
+        for shard in range(len(self.links), op.shards):
+            sock, monitor = transport.connect_shard_dealer(self.ctx, self.config.worker_endpoint(shard))
+            link = ShardLink(shard, sock, monitor)
+            self.links.append(link)
+            self.on_new_link(link)
+        self.migration = Migration(self.n, op.shards, self.epoch + 1, (waiter_peer, waiter_id))
+        for link in self.links:
+            link.moved_until = _NO_LIMIT
+        self.reply(peer, request_id, p.OK, True)
+        self.advance_migration()
+
+    def on_new_link(self, link: ShardLink) -> None:
+        """Hook for the socket loop to start polling a shard added by a resize."""
+
+    def advance_migration(self) -> None:
+        """Start moving once every shard is connected; finish once everything has moved."""
+        mig = self.migration
+        if mig is None:
+            return
+        if not mig.moving:
+            if not all(link.up for link in self.links):
+                return
+            mig.moving = True
+            mig.scanning = set(range(mig.old))
+            for shard in range(mig.old):
+                self._queue(self.links[shard], p.Migrate(mig.epoch, mig.new), MigrationStep("migrate", shard))
+            self.flush_outboxes()
+        elif mig.finished():
+            self._finish_migration(mig)
+
+    def _on_migration_step(self, step: MigrationStep, raw: Any) -> None:
+        mig = self.migration
+        reply = p.decode_reply(raw)
+        if mig is None:
+            return
+        if reply.status != p.OK:
+            mig.failed = f"shard {step.shard} answered {step.kind} with status {reply.status}: {reply.value}"
+            log.error("resize: %s", mig.failed)
+        if step.kind == "migrate":
+            mig.total += reply.value if reply.status == p.OK else 0
+            self._queue(self.links[step.shard], p.MigrateOut(), MigrationStep("out", step.shard))
+        elif step.kind == "out":
+            value = reply.value if reply.status == p.OK else {"entries": [], "done": True}
+            for owner, entries in mig.group_by_owner(value["entries"]).items():
+                mig.imports_in_flight += 1
+                mig.moved += len(entries)
+                self._queue(self.links[owner], p.MigrateIn(entries), MigrationStep("in", owner, len(entries)))
+            if value["done"]:
+                mig.scanning.discard(step.shard)
+            else:
+                self._queue(self.links[step.shard], p.MigrateOut(), MigrationStep("out", step.shard))
+        elif step.kind == "in":
+            mig.imports_in_flight -= 1
+            adopted = reply.value if reply.status == p.OK else 0
+            if adopted < step.entries:
+                mig.lost += step.entries - adopted
+                log.error("resize: shard %d could not adopt %d entries (memory bound)", step.shard,
+                          step.entries - adopted)
+        if mig.finished():
+            self._finish_migration(mig)
+
+    def _finish_migration(self, mig: Migration) -> None:
+        self.migration = None
+        self.epoch, self.n = mig.epoch, mig.new
+        for link in self.links:
+            link.moved_until = link.next_seq  # replies to what was sent until now may still say MOVED
+        for link in self.links[: mig.new]:
+            self._queue(link, p.SetTopology(mig.epoch, mig.new), MigrationStep("topology", link.shard))
+        removed, self.links = self.links[mig.new :], self.links[: mig.new]
+        for link in removed:
+            self.on_removed_link(link)
+        result = mig.result()
+        if mig.failed:
+            log.error("resize %d → %d finished with errors: %s", mig.old, mig.new, mig.failed)
+        log.info("resize %d → %d done: %d of %d keys moved in %.3f s (epoch %d)", mig.old, mig.new,
+                 mig.moved, mig.total, result["seconds"], mig.epoch)
+        if mig.waiter is not None:
+            if mig.failed:
+                self.reply(*mig.waiter, p.INTERNAL_ERROR, f"resize finished with errors: {mig.failed}")
+            else:
+                self.reply(*mig.waiter, p.OK, result)
+        self.flush_outboxes()
+        os.kill(os.getppid(), signal.SIGUSR1)  # the supervisor stops removed workers
+
+    def on_removed_link(self, link: ShardLink) -> None:
+        """Hook for the socket loop: a shard removed by a resize (its worker is stopped next)."""
+
+    def _rerouted(self, target: Any, raw: Any, frame: bytes) -> bool:
+        """If this reply is MOVED, send the request on to the key's new owner instead; True if so."""
+        if type(target) is MigrationStep:
+            return False
+        try:
+            reply = p.decode_reply(raw)
+        except Exception:
+            return False
+        if reply.status != p.MOVED:
+            return False
+        owner = reply.value.get("shard") if isinstance(reply.value, dict) else None
+        if not isinstance(owner, int) or not 0 <= owner < len(self.links):
+            return False
+        link = self.links[owner]
+        link.inflight += 1
+        link.out_frames.append(frame)
+        link.out_targets.append(target)
+        return True
+
+    def _split_per_key(self, peer: Any, request_id: int, op: Any, cls: type) -> None:
+        """During a resize a multi-key op becomes one single-key op per key, each routed (and
+        re-routed on MOVED) on its own; the gather puts the answers back together."""
+        n = self.n
+        if cls is p.SetMany:
+            subs = [(item[0], p.Set(item[0], item[1], op.ttl_ms)) for item in op.items]
+        elif cls is p.GetMany:
+            subs = [(key, p.Get(key)) for key in op.keys]
+        else:
+            subs = [(key, p.Delete(key)) for key in op.keys]
+        if not subs:
+            self.reply(peer, request_id, p.OK, [] if cls is p.GetMany else 0)
+            return
+        shards = [shard_for(key, n) for key, _ in subs]
+        for shard in set(shards):
+            problem = self._refusal(self.links[shard])
+            if problem is not None:
+                self.reply(peer, request_id, *problem)
+                return
+        size = len(subs)
+        if cls is p.GetMany:
+            def combine(parts: list[tuple[int, Any, Any]]) -> list[Any]:
+                out: list[Any] = [None] * size
+                for _, position, value in parts:
+                    out[position] = value
+                return out
+        else:
+            def combine(parts: list[tuple[int, Any, Any]]) -> int:
+                return sum(1 for _, _, value in parts if value)
+        gather = Gather(peer, request_id, size, combine)
+        for position, ((_, sub), shard) in enumerate(zip(subs, shards, strict=True)):
+            self._queue(self.links[shard], sub, (gather, position))
+
     def answer_drained(self) -> None:
         """Answer Drain requests once nothing is in flight to any shard."""
         if self.drain_waiters and self.idle():
@@ -395,7 +590,7 @@ class Router:
                 keep.append(gather)
                 continue
             answered = {shard for shard, _, _ in gather.parts}
-            for shard in range(self.n):
+            for shard in range(len(self.links)):
                 if shard not in answered:
                     self._complete_part(gather, shard, None, (p.UNAVAILABLE, "timeout"), None)
         self.timed = keep
@@ -440,11 +635,17 @@ class Router:
             entry = link.pending.pop(batch.seq, None)
             if entry is None:
                 continue  # Rule 3: a reply to something already failed
-            targets = entry[0]
+            targets, frames = entry
             link.inflight -= len(targets)
-            for target, raw in zip(targets, batch.replies, strict=False):
+            # Only an old shard during (or just after) a resize can answer MOVED: peek then.
+            check_moved = batch.seq < link.moved_until
+            for target, raw, frame in zip(targets, batch.replies, frames, strict=False):
+                if check_moved and self._rerouted(target, raw, frame):
+                    continue
                 if type(target) is tuple:
                     self._on_part(target, link.shard, raw)
+                elif type(target) is MigrationStep:
+                    self._on_migration_step(target, raw)
                 else:
                     send_to(target, raw)
 
@@ -582,7 +783,7 @@ class Router:
                 states[shard] = "timeout"
             else:
                 states[shard] = "down"
-        shards = [{"shard": i, "status": states.get(i, "timeout")} for i in range(self.n)]
+        shards = [{"shard": i, "status": states.get(i, "timeout")} for i in range(len(self.links))]
         return {"ok": all(row["status"] == "ok" for row in shards), "maintenance": self.maintenance,
                 "shards": shards}
 
@@ -591,6 +792,10 @@ class Router:
 
 
 _WRITES = frozenset(p.WRITE_OPS)
+_MULTI = frozenset(p.MULTI_KEY_OPS)
+# Ops that cannot be made consistent with entries in transit between shards.
+_REFUSED_WHILE_RESIZING = frozenset({p.Flush, p.Resize, p.Snapshot})
+_NO_LIMIT = float("inf")
 _CONTROL_ONLY = frozenset(p.CONTROL_ONLY_OPS)
 
 

@@ -550,6 +550,18 @@ class Store:
             if not expires or expires > now:
                 yield key, entry.value, expires, entry.version
 
+    def keys(self) -> list[bytes]:
+        """Every key (live or not yet reclaimed), as a new list."""
+        return list(self._data)
+
+    def take(self, key: bytes) -> tuple[bytes, int, int] | None:
+        """Remove a live entry and return (value, expires_at_ms, version); it moves to another shard."""
+        entry = self._live(key)
+        if entry is None:
+            return None
+        self._remove(key, entry)
+        return entry.value, entry.expires_at_ms, entry.version
+
     def restore(self, key: bytes, value: bytes, expires_at_ms: int, version: int) -> bool:
         """Insert an entry from a snapshot, keeping its deadline (this clock) and version.
 

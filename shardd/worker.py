@@ -83,6 +83,13 @@ class Shard:
         self._started = clock()
         self._process = psutil.Process()
         self.shards = config.shards
+        self.max_memory = config.max_memory
+        # Resize state (see router.py, "Resizing"): the epoch of the topology this shard serves,
+        # and while a resize runs, the shard count it is moving to and the keys left to scan.
+        self.epoch = 1
+        self.new_shards: int | None = None
+        self._to_scan: list[bytes] = []
+        self._scan_at = 0
         # Service time of each op inside the worker (decode, apply, encode), log-linear buckets.
         self.service = histogram.new_counts()
         self.service_sum_ns = 0
@@ -118,6 +125,10 @@ class Shard:
             p.Configure: self.configure,
             p.Maintenance: _router_only,
             p.Health: _router_only,
+            p.Migrate: self.migrate,
+            p.MigrateOut: self.migrate_out,
+            p.MigrateIn: self.migrate_in,
+            p.SetTopology: self.set_topology,
         }
 
     def apply(self, frame: bytes) -> bytes:
@@ -138,6 +149,11 @@ class Shard:
             elif cls is p.SetMany:
                 for key, _ in op.items:
                     track(key)
+        if self.new_shards is not None and cls in _KEYED:
+            key = op.key
+            if shard_for(key, self.new_shards) != self.shard_id and not self.store.exists(key):
+                # Moved out already, or never here: either way its new owner answers.
+                return p.encode_reply(env.id, p.MOVED, {"epoch": self.epoch, "shard": shard_for(key, self.new_shards)})
         try:
             value = self._handlers[cls](op)
         except ServerError as exc:  # e.g. NotInteger from INCR: the op's own failure
@@ -181,8 +197,51 @@ class Shard:
             if self.hot is not None:
                 self.hot.rotate(now)
 
+    # --- resizing (the router drives it; see router.py) --------------------------------
+
+    def migrate(self, op: p.Migrate) -> int:
+        """Enter migrating mode; returns the number of keys to scan."""
+        self.new_shards = op.new_shards
+        self.epoch = op.epoch
+        self._to_scan = self.store.keys()  # keys made later are never created here (MOVED)
+        self._scan_at = 0
+        return len(self._to_scan)
+
+    def migrate_out(self, op: p.MigrateOut) -> dict[str, Any]:
+        """Remove and return live entries whose new owner is another shard (bounded work per call)."""
+        if self.new_shards is None:
+            raise BadRequest("migrate_out without migrate")
+        keys, at, end = self._to_scan, self._scan_at, min(len(self._to_scan), self._scan_at + op.scan)
+        new_shards, me, take = self.new_shards, self.shard_id, self.store.take
+        entries = []
+        while at < end and len(entries) < op.limit:
+            key = keys[at]
+            at += 1
+            if shard_for(key, new_shards) != me:
+                entry = take(key)
+                if entry is not None:
+                    entries.append((key, *entry))
+        self._scan_at = at
+        done = at >= len(keys)
+        if done:
+            self._to_scan = []
+        return {"entries": entries, "done": done}
+
+    def migrate_in(self, op: p.MigrateIn) -> int:
+        """Adopt entries moved here; returns how many fit (the rest broke the memory bound)."""
+        restore = self.store.restore
+        return sum(1 for key, value, expires, version in op.entries if restore(key, value, expires, version))
+
+    def set_topology(self, op: p.SetTopology) -> bool:
+        self.epoch, self.shards, self.new_shards = op.epoch, op.shards, None
+        self._to_scan = []
+        self.set_memory(self.max_memory)  # the share changes with the shard count
+        return True
+
     def set_memory(self, max_memory: int | None = None, policy: str | None = None) -> int:
         """Apply the daemon's ``max_memory`` (this shard gets its share) and/or eviction policy."""
+        if max_memory is not None:
+            self.max_memory = max_memory
         max_bytes = None if max_memory is None else max_memory // max(1, self.shards)
         return self.store.configure(max_bytes, policy)
 
