@@ -307,6 +307,20 @@ def tune(settings: dict[str, Any]) -> Call:
     return protocol.Tune(dict(settings)), _to_int
 
 
+def topology() -> Call:
+    return protocol.Topology(), _to_dict
+
+
+def resize(shards: int) -> Call:
+    if isinstance(shards, bool) or not isinstance(shards, int) or not 1 <= shards <= 1024:
+        raise ValueError(f"shards must be an int between 1 and 1024, got {shards!r}")
+    return protocol.Resize(shards), _to_dict
+
+
+def resize_start(shards: int) -> Call:
+    return protocol.ResizeStart(shards), _to_bool
+
+
 def drain() -> Call:
     return protocol.Drain(), _to_bool
 

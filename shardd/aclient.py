@@ -300,6 +300,14 @@ class AsyncClient:
         """Change ``mailbox_limit``, ``max_memory`` or ``eviction_policy`` on every shard now; returns shards."""
         return await self._call(_ops.tune(settings))
 
+    async def topology(self) -> dict[str, Any]:
+        """Epoch, shard count, hash spec and worker endpoints, as the router sees them now."""
+        return await self._call(_ops.topology())
+
+    async def resize(self, shards: int) -> dict[str, Any]:
+        """Change the shard count while serving; returns {from, to, moved, total, seconds, epoch}."""
+        return await self._call(_ops.resize(shards))
+
     async def maintenance(self, on: bool | None = None) -> bool:
         """Turn maintenance mode (writes refused) on or off; None just asks. Returns the mode now."""
         return await self._call(_ops.maintenance(on))

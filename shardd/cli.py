@@ -130,6 +130,52 @@ def maintenance(
     typer.echo(f"maintenance {'on' if now else 'off'}")
 
 
+shards_app = typer.Typer(help="Show the shard topology, or resize it while serving.", no_args_is_help=False)
+app.add_typer(shards_app, name="shards")
+
+
+@shards_app.callback(invoke_without_command=True)
+def shards_show(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    endpoint: Endpoint = DEFAULT_ENDPOINT,
+    timeout: TimeoutOpt = 2.0,
+) -> None:
+    """Show the topology: epoch, shard count, hash, worker endpoints, resize in progress."""
+    if ctx.invoked_subcommand is not None:
+        return
+    try:
+        with _client(endpoint, timeout) as client:
+            topology = client.topology()
+    except SharddError as exc:
+        raise _fail(str(exc)) from None
+    if as_json:
+        typer.echo(json.dumps(topology, indent=2, sort_keys=True))
+        return
+    typer.echo(f"epoch {topology['epoch']}: {topology['shards']} shards, placement {topology['hash']}")
+    for shard, worker in enumerate(topology["endpoints"]):
+        typer.echo(f"  shard {shard}: {worker}")
+    if topology["resizing"]:
+        typer.echo(f"  resizing to {topology['resizing']['to']} shards (epoch {topology['resizing']['epoch']})")
+
+
+@shards_app.command("resize")
+def shards_resize(
+    shards: Annotated[int, typer.Argument(help="The new number of shards.")],
+    endpoint: Endpoint = DEFAULT_ENDPOINT,
+    timeout: TimeoutOpt = 600.0,
+) -> None:
+    """Grow or shrink the number of shards while serving; only keys whose shard changes move."""
+    try:
+        with _client(endpoint, timeout) as client:
+            result = client.resize(shards)
+    except (SharddError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    share = result["moved"] / result["total"] if result["total"] else 0.0
+    typer.echo(f"resized {result['from']} → {result['to']} shards in {result['seconds']:.2f} s: "
+               f"moved {result['moved']}/{result['total']} keys ({share:.1%}), epoch {result['epoch']}")
+
+
 _TUNE_KEYS = {"mailbox-limit": "mailbox_limit", "max-memory": "max_memory", "eviction-policy": "eviction_policy"}
 
 

@@ -265,6 +265,21 @@ class Client:
         """Change ``mailbox_limit``, ``max_memory`` or ``eviction_policy`` on every shard now; returns shards."""
         return self._call(_ops.tune(settings))
 
+    def topology(self) -> dict[str, Any]:
+        """Epoch, shard count, hash spec and worker endpoints, as the router sees them now."""
+        return self._call(_ops.topology())
+
+    def resize(self, shards: int) -> dict[str, Any]:
+        """Change the shard count while serving; returns {from, to, moved, total, seconds, epoch}.
+
+        Blocks until every moving key has moved: give the client a timeout to match the data.
+        """
+        return self._call(_ops.resize(shards))
+
+    def resize_start(self, shards: int) -> bool:
+        """Control endpoint only (the supervisor): the workers for ``shards`` are running."""
+        return self._call(_ops.resize_start(shards))
+
     def drain(self) -> bool:
         """Control endpoint only: refuse new client requests; returns once nothing is in flight."""
         return self._call(_ops.drain())

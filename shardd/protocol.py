@@ -37,6 +37,7 @@ from shardd.errors import (
     BadRequest,
     Busy,
     InternalError,
+    Moved,
     NotInteger,
     OutOfMemory,
     TooLarge,
@@ -44,7 +45,6 @@ from shardd.errors import (
     UnsupportedVersion,
 )
 from shardd.errors import Maintenance as MaintenanceError
-from shardd.errors import Moved
 
 PROTOCOL_VERSION = 1
 

@@ -648,6 +648,8 @@ class Router:
                     self._on_migration_step(target, raw)
                 else:
                     send_to(target, raw)
+        # Replies can queue work: a re-routed MOVED request, a resize step, nothing otherwise.
+        self.flush_outboxes()
 
     def _on_part(self, target: tuple[Gather, Any], shard: int, raw: Any) -> None:
         gather, context = target
@@ -866,17 +868,14 @@ def run_router(config: Config) -> int:
             log.error("cannot bind %s: %s", config.bind, exc)
             return ExitCode.BOOT_FAILED
         router = Router(config, frontend, links, control)
+        router.ctx = ctx
         log.info("listening on %s for %d shards", config.bind, config.shards)
         _serve(router, wakeup, lambda: stopping)
-        frontend.close(linger=0)
-        control.close(linger=0)
     finally:
         for endpoint in [*public, config.control_endpoint()]:
             transport.remove_ipc_file(endpoint)
-        for link in links:
-            link.monitor.close(linger=0)
-            link.sock.close(linger=0)
-        ctx.term()
+        # Closes every socket of the context, including shards added or removed by a resize.
+        ctx.destroy(linger=0)
     log.info("stopped")
     return ExitCode.OK
 
@@ -892,12 +891,21 @@ def _serve(router: Router, wakeup: int, should_stop: Callable[[], bool]) -> None
         router.control: router.on_control,
         wakeup: lambda: transport.drain_fd(wakeup),
     }
-    for link in router.links:
+    def watch(link: ShardLink) -> None:
         poller.register(link.sock, transport.POLLIN)
         poller.register(link.monitor, transport.POLLIN)
-        by_socket[link.sock] = lambda link=link: router.on_shard(link)
-        by_socket[link.monitor] = lambda link=link: router.on_shard_event(
-            link, transport.read_monitor_event(link.monitor))
+        by_socket[link.sock] = lambda: router.on_shard(link)
+        by_socket[link.monitor] = lambda: router.on_shard_event(link, transport.read_monitor_event(link.monitor))
+
+    def unwatch(link: ShardLink) -> None:
+        for sock in (link.sock, link.monitor):
+            poller.unregister(sock)
+            del by_socket[sock]
+            sock.close(linger=0)
+
+    for link in router.links:
+        watch(link)
+    router.on_new_link, router.on_removed_link = watch, unwatch
     deadline = None
     while True:
         if deadline is None and should_stop():
@@ -921,3 +929,5 @@ def _serve(router: Router, wakeup: int, should_stop: Callable[[], bool]) -> None
             router.expire_gathers(time.monotonic())
             router.flush_outboxes()
         router.answer_drained()
+        if router.migration is not None:
+            router.advance_migration()

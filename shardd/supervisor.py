@@ -56,7 +56,8 @@ _BACKOFF = (0.0, 0.1, 0.5, 1.0, 2.0)
 # How often the supervisor checks every shard and refreshes STATUS= when systemd asked for
 # no watchdog; with WatchdogSec it checks twice per watchdog period.
 _HEALTH_INTERVAL = 5.0
-_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# SIGUSR1 comes from the router: a resize needs workers started, or has ended.
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 # Settings a SIGHUP cannot change: they shape processes and sockets made at start-up.
 RESTART_KEYS = frozenset({"bind", "shards", "runtime_dir", "pin_cpus", "enable_debug_ops", "metrics_bind",
                           "state_dir"})
@@ -272,6 +273,36 @@ class Arbiter:
             self.reload()
         finally:
             systemd.notify("READY=1")
+
+    def handle_sigusr1(self) -> None:
+        """The router asks for a resize's workers, or reports the resize done (shardd.migration)."""
+        assert self.control is not None
+        try:
+            topology = self.control.topology()
+        except SharddError as exc:
+            log.error("resize: cannot read the topology: %s", exc)
+            return
+        wanted = topology["pending_resize"]
+        if wanted is not None:
+            self.config = msgspec.structs.replace(self.config, shards=max(wanted, self.config.shards))
+            started = list(range(len(self.workers), wanted))
+            for shard in started:
+                self.spawn_worker(shard)
+            log.info("resize to %d shards: %s", wanted, f"started workers {started}" if started else "no new workers")
+            try:
+                self.control.resize_start(wanted)
+            except SharddError as exc:
+                log.error("resize: the router did not take the new workers: %s", exc)
+        elif topology["resizing"] is None:
+            shards = topology["shards"]
+            self.config = msgspec.structs.replace(self.config, shards=shards)
+            removed = [proc for shard, proc in self.workers.items() if shard >= shards]
+            for shard in [s for s in self.workers if s >= shards]:
+                del self.workers[shard]
+                self.restart_at.pop(shard, None)
+            _terminate(removed, time.monotonic() + self.config.stop_timeout)
+            log.info("resize done: %d shards (epoch %d)%s", shards, topology["epoch"],
+                     f"; stopped {len(removed)} removed worker(s)" if removed else "")
 
     def reload(self) -> None:
         """Re-read the config; apply what can change live, log what needs a restart."""
