@@ -166,6 +166,9 @@ class Router:
         self.epoch = 1
         self.pending_resize: tuple[int, Any, int] | None = None  # (shards, peer, request id)
         self.migration: Migration | None = None
+        # Shards removed by a shrink, still answering what was sent to them (MOVED, mostly);
+        # closed, and their workers stopped, once nothing is in flight to them.
+        self.retiring: list[ShardLink] = []
         self.ctx: Any = None  # the zmq Context, to connect new shards (set by run_router)
 
     # --- replies to clients -------------------------------------------------------
@@ -503,8 +506,7 @@ class Router:
         for link in self.links[: mig.new]:
             self._queue(link, p.SetTopology(mig.epoch, mig.new), MigrationStep("topology", link.shard))
         removed, self.links = self.links[mig.new :], self.links[: mig.new]
-        for link in removed:
-            self.on_removed_link(link)
+        self.retiring.extend(removed)
         result = mig.result()
         if mig.failed:
             log.error("resize %d → %d finished with errors: %s", mig.old, mig.new, mig.failed)
@@ -516,7 +518,16 @@ class Router:
             else:
                 self.reply(*mig.waiter, p.OK, result)
         self.flush_outboxes()
-        os.kill(os.getppid(), signal.SIGUSR1)  # the supervisor stops removed workers
+        self.retire_links()
+
+    def retire_links(self) -> None:
+        """Close removed shards that have nothing in flight; then let the supervisor stop them."""
+        done = [link for link in self.retiring if not link.pending and not link.out_frames]
+        for link in done:
+            self.retiring.remove(link)
+            self.on_removed_link(link)
+        if not self.retiring and self.migration is None:
+            os.kill(os.getppid(), signal.SIGUSR1)  # resize over: the supervisor stops removed workers
 
     def on_removed_link(self, link: ShardLink) -> None:
         """Hook for the socket loop: a shard removed by a resize (its worker is stopped next)."""
@@ -923,7 +934,9 @@ def _serve(router: Router, wakeup: int, should_stop: Callable[[], bool]) -> None
         if router.timed:
             timeout = 20  # a health gather's deadline needs a clock, not only socket events
         for sock, _ in poller.poll(timeout):
-            by_socket[sock]()
+            handler = by_socket.get(sock)  # None: a shard removed by a resize earlier in this pass
+            if handler is not None:
+                handler()
         router.check_balance(time.monotonic())
         if router.timed:
             router.expire_gathers(time.monotonic())
@@ -931,3 +944,5 @@ def _serve(router: Router, wakeup: int, should_stop: Callable[[], bool]) -> None
         router.answer_drained()
         if router.migration is not None:
             router.advance_migration()
+        if router.retiring:
+            router.retire_links()

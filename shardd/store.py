@@ -559,8 +559,9 @@ class Store:
         entry = self._live(key)
         if entry is None:
             return None
+        taken = entry.value, entry.expires_at_ms, entry.version  # before _remove clears the TTL
         self._remove(key, entry)
-        return entry.value, entry.expires_at_ms, entry.version
+        return taken
 
     def restore(self, key: bytes, value: bytes, expires_at_ms: int, version: int) -> bool:
         """Insert an entry from a snapshot, keeping its deadline (this clock) and version.

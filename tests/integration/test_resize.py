@@ -93,9 +93,10 @@ def _run_resizes(d, sizes: list[int], procs: int = 3) -> tuple[list[dict], list[
                 results.append(admin.resize(size))
     finally:
         stop.set()
-        reports = [out.get(timeout=60) for _ in load]
         for p in load:
-            p.join(30)
+            p.join(60)
+        assert [p.exitcode for p in load] == [0] * procs, d.log()[-3000:]
+        reports = [out.get(timeout=10) for _ in load]
     return results, reports
 
 

@@ -65,9 +65,9 @@ def error_for(obj: Any, limits: Limits = LIMITS) -> Reply:
 
 def test_status_codes_are_fixed() -> None:
     assert (p.OK, p.BAD_REQUEST, p.UNSUPPORTED_VERSION, p.TOO_LARGE, p.BUSY, p.UNAVAILABLE,
-            p.NOT_INTEGER, p.INTERNAL_ERROR, p.OUT_OF_MEMORY) == (0, 1, 2, 3, 4, 5, 6, 7, 8)
+            p.NOT_INTEGER, p.INTERNAL_ERROR, p.OUT_OF_MEMORY, p.MAINTENANCE, p.MOVED) == tuple(range(11))
     assert {s: cls.status for s, cls in errors.SERVER_ERRORS.items()} == {s: s for s in errors.SERVER_ERRORS}
-    assert set(range(1, 9)) <= set(errors.SERVER_ERRORS)
+    assert set(range(1, 11)) == set(errors.SERVER_ERRORS)
     assert p.PROTOCOL_VERSION == 1
     assert (p.ALWAYS, p.IF_ABSENT, p.IF_PRESENT) == (0, 1, 2)
 
@@ -83,6 +83,7 @@ def test_op_names_are_the_documented_ones() -> None:
         "get", "set", "delete", "exists", "expire", "ttl", "persist", "incr", "gets", "cas",
         "get_many", "set_many", "delete_many", "ping", "stats", "flush", "debug_sleep",
         "maintenance", "health", "configure", "hotkeys", "drain", "snapshot", "tune",
+        "topology", "resize", "resize_start", "migrate", "migrate_out", "migrate_in", "set_topology",
     } == p.OP_NAMES
 
 
@@ -125,6 +126,14 @@ EXAMPLE_OPS: list[p.Op] = [
     p.Hotkeys(5),
     p.Drain(),
     p.Tune({"mailbox_limit": 64}),
+    p.Topology(),
+    p.Resize(3),
+    p.ResizeStart(3),
+    p.Migrate(2, 3),
+    p.MigrateOut(),
+    p.MigrateOut(10, 100),
+    p.MigrateIn([(b"k", b"v", 0, 1), (b"t", b"", 123456, 2**64 - 1)]),
+    p.SetTopology(2, 3),
     p.Snapshot("/var/lib/shardd/snapshots/gen-1"),
 ]
 

@@ -717,3 +717,19 @@ TestStoreModel.settings = settings(
     max_examples=300, stateful_step_count=60, deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+
+
+def test_take_and_restore_carry_value_deadline_and_version():
+    """What a resize moves between shards: take() on one store, restore() on another."""
+    clock = FakeClock()
+    src, dst = Store(clock), Store(clock)
+    src.set(b"k", b"v", ttl_ms=5000)
+    _, version = src.gets(b"k")
+    taken = src.take(b"k")
+    assert taken == (b"v", 5000, version)
+    assert src.get(b"k") is None and src.used_bytes == 0 and src.take(b"k") is None
+    assert dst.restore(b"k", *taken) is True
+    assert dst.gets(b"k") == (b"v", version)
+    assert dst.ttl(b"k") == 5000
+    dst.set(b"other", b"x")
+    assert dst.gets(b"other")[1] > version  # new writes get versions past the adopted one
