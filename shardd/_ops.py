@@ -28,6 +28,7 @@ import msgspec
 
 from shardd import protocol
 from shardd.errors import ProtocolError, ServerError, SharddError, Timeout, error_for_status
+from shardd.hashing import shard_for
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:7400"
 DEFAULT_TIMEOUT = 1.0  # seconds; a local round trip is ~0.2 ms, so this only trips on trouble
@@ -516,3 +517,35 @@ class PipelineBase:
     def stats(self) -> Self:
         """Queue stats()."""
         return self._queue(stats())
+
+
+# --- direct mode: multi-key ops split by the client -------------------------------------
+
+to_dict = _to_dict
+
+
+def split_by_shard(op: Any, shards: int) -> dict[int, tuple[Any, list[int]]]:
+    """One sub-op per owning shard, with the positions of its keys in the original op."""
+    groups: dict[int, list[int]] = {}
+    keys = [item[0] for item in op.items] if type(op) is protocol.SetMany else op.keys
+    for position, key in enumerate(keys):
+        groups.setdefault(shard_for(key, shards), []).append(position)
+    parts = {}
+    for shard, positions in groups.items():
+        if type(op) is protocol.SetMany:
+            sub: Any = protocol.SetMany([op.items[i] for i in positions], op.ttl_ms)
+        else:
+            sub = type(op)([op.keys[i] for i in positions])
+        parts[shard] = (sub, positions)
+    return parts
+
+
+def merge_split(op: Any, results: dict[int, tuple[Any, list[int]]]) -> protocol.Reply:
+    """The Reply the router would have sent for ``op``, from the per-shard replies."""
+    if type(op) is protocol.GetMany:
+        values: list[Any] = [None] * len(op.keys)
+        for part, positions in results.values():
+            for position, value in zip(positions, part, strict=True):
+                values[position] = value
+        return protocol.Reply(0, protocol.OK, values)
+    return protocol.Reply(0, protocol.OK, sum(part for part, _ in results.values()))

@@ -37,14 +37,18 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from shardd import _ops
-from shardd.errors import ConnectionClosed, ProtocolError
+from shardd import _ops, protocol
+from shardd.errors import ConnectionClosed, ProtocolError, Timeout
+from shardd.hashing import shard_for
 from shardd.protocol import Reply, encode_request
 
 __all__ = ["AsyncClient", "AsyncPipeline"]
 
 _result = _ops.result
 
+
+_MULTI_OPS = frozenset(protocol.MULTI_KEY_OPS)
+_DIRECT_OPS = frozenset((*protocol.SINGLE_KEY_OPS, *protocol.MULTI_KEY_OPS))
 
 class AsyncClient:
     """An asyncio shardd client; safe to share between the coroutines of one loop."""
@@ -54,6 +58,7 @@ class AsyncClient:
         endpoint: str = _ops.DEFAULT_ENDPOINT,
         timeout: float = _ops.DEFAULT_TIMEOUT,
         context: zmq.asyncio.Context | None = None,
+        direct: bool = False,
     ) -> None:
         if not isinstance(endpoint, str):
             raise TypeError(f"endpoint must be a str such as {_ops.DEFAULT_ENDPOINT!r}")
@@ -74,6 +79,14 @@ class AsyncClient:
         self._pending: dict[int, asyncio.Future[Reply]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader: asyncio.Task[None] | None = None
+        # Direct mode: as shardd.client (Rule 6), with one reader task per worker socket, all
+        # resolving futures in the same ``_pending`` (ids are unique per client).
+        self.direct = bool(direct)
+        self._ctx = ctx
+        self._shards = 0
+        self._workers: list[zmq.asyncio.Socket | None] = []
+        self._worker_sockets: dict[str, zmq.asyncio.Socket] = {}
+        self._worker_readers: dict[str, asyncio.Task[None]] = {}
 
     def __repr__(self) -> str:
         state = "closed" if self._sock is None else "open"
@@ -96,13 +109,20 @@ class AsyncClient:
         if sock is None:
             return
         reader, self._reader = self._reader, None
-        if reader is not None and not reader.done() and reader.get_loop() is asyncio.get_running_loop():
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+        readers = [reader, *self._worker_readers.values()]
+        self._worker_readers.clear()
+        for task in readers:
+            if task is not None and not task.done() and task.get_loop() is asyncio.get_running_loop():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         self._fail_pending(lambda: ConnectionClosed(f"this AsyncClient for {self.endpoint} was closed"))
         if self._pid == os.getpid():  # a socket inherited through fork belongs to the parent
             sock.close(0)
+            for worker in self._worker_sockets.values():
+                worker.close(0)
+        self._worker_sockets.clear()
+        self._workers = []
 
     def _fail_pending(self, make_error: Any) -> None:
         """Fail every waiting call with a fresh ``make_error()`` and forget them all."""
@@ -138,6 +158,7 @@ class AsyncClient:
         # The previous loop is gone (e.g. a finished asyncio.run), and with it its reader
         # and every call that was waiting in it.
         self._loop, self._reader = loop, None
+        self._worker_readers.clear()
         self._pending.clear()
 
     async def _read_replies(self, sock: zmq.asyncio.Socket) -> None:
@@ -164,6 +185,14 @@ class AsyncClient:
     async def _call(self, call: _ops.Call) -> Any:
         sock = self._socket()
         op, convert = call
+        if self.direct and type(op) in _DIRECT_OPS:
+            reply = await self._call_direct(op)
+            if reply is not None:
+                return _result(reply, convert)
+        return _result(await self._exchange(sock, op, self.endpoint), convert)
+
+    async def _exchange(self, sock: zmq.asyncio.Socket, op: Any, endpoint: str) -> Reply:
+        """Send ``op`` on ``sock`` (whose reader task is running) and await its Reply; raises Timeout."""
         rid = self._last_id = _ops.next_id(self._last_id)
         fut: asyncio.Future[Reply] = self._loop.create_future()  # type: ignore[union-attr]
         pending = self._pending
@@ -171,12 +200,88 @@ class AsyncClient:
         try:
             async with asyncio.timeout(self.timeout):
                 await sock.send(encode_request(rid, op))
-                reply = await fut
+                return await fut
         except TimeoutError:
-            raise _ops.timeout_error(self.endpoint, self.timeout, op) from None
+            raise _ops.timeout_error(endpoint, self.timeout, op) from None
         finally:
             pending.pop(rid, None)
-        return _result(reply, convert)
+
+    # --- direct mode ------------------------------------------------------------------
+
+    async def _refresh_topology(self) -> None:
+        topology = _result(await self._exchange(self._socket(), protocol.Topology(), self.endpoint), _ops.to_dict)
+        workers: list[zmq.asyncio.Socket | None] = []
+        for endpoint in topology["endpoints"]:
+            if not endpoint:
+                workers.append(None)
+                continue
+            sock = self._worker_sockets.get(endpoint)
+            if sock is None:
+                sock = self._ctx.socket(zmq.DEALER)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.IMMEDIATE, 1)
+                sock.connect(endpoint)
+                self._worker_sockets[endpoint] = sock
+            reader = self._worker_readers.get(endpoint)
+            if reader is None or reader.done():
+                self._worker_readers[endpoint] = self._loop.create_task(  # type: ignore[union-attr]
+                    self._read_replies(sock), name=f"shardd reader {endpoint}")
+            workers.append(sock)
+        self._workers = workers
+        self._shards = topology["shards"] if all(workers[: topology["shards"]]) else 0
+
+    async def _shard_removed(self, shard: int) -> bool:
+        """As shardd.client.Client._shard_removed."""
+        await self._refresh_topology()
+        return shard >= len(self._workers)
+
+    def _worker(self, shard: int) -> zmq.asyncio.Socket | None:
+        return self._workers[shard] if shard < len(self._workers) else None
+
+    async def _call_direct(self, op: Any) -> Reply | None:
+        """The Reply from the owning worker(s), or None to use the router instead."""
+        if not self._shards:
+            await self._refresh_topology()
+            if not self._shards:
+                return None
+        if type(op) in _MULTI_OPS:
+            return await self._multi_direct(op)
+        shard = shard_for(op.key, self._shards)
+        for _ in range(3):
+            sock = self._worker(shard)
+            if sock is None:
+                return None
+            try:
+                reply = await self._exchange(sock, op, f"shard {shard}")
+            except Timeout:
+                if not await self._shard_removed(shard):
+                    raise
+                return None
+            if reply.status != protocol.MOVED:
+                return reply
+            await self._refresh_topology()
+            moved_to = reply.value.get("shard") if isinstance(reply.value, dict) else None
+            shard = moved_to if isinstance(moved_to, int) else shard_for(op.key, max(1, self._shards))
+        return None
+
+    async def _multi_direct(self, op: Any) -> Reply:
+        parts = _ops.split_by_shard(op, self._shards)
+        results: dict[int, Any] = {}
+        for shard, (sub, positions) in parts.items():
+            sock = self._worker(shard)
+            try:
+                reply = await self._exchange(sock, sub, f"shard {shard}") if sock is not None else None
+            except Timeout:
+                if not await self._shard_removed(shard):
+                    raise
+                reply = None
+            if reply is None or reply.status == protocol.MOVED:
+                self._shards = 0
+                reply = await self._exchange(self._socket(), sub, self.endpoint)
+            if reply.status != protocol.OK:
+                return reply
+            results[shard] = (reply.value, positions)
+        return _ops.merge_split(op, results)
 
     async def _execute(self, calls: list[_ops.Call], raise_on_error: bool) -> list[Any]:
         sock = self._socket()

@@ -25,6 +25,11 @@ Rule 5: a client is not thread-safe: use one per thread. Create it in the proces
 
 The client owns only its socket; the Context is shared (``zmq.Context.instance()`` by
 default) and never terminated here.
+Rule 6: with ``direct=True`` single- and multi-key ops skip the router: the client fetches
+        the topology, places each key with ``shard_for`` and talks to the owning worker's own
+        endpoint. A worker that no longer owns a key answers MOVED without applying anything;
+        the client re-reads the topology and retries there (or, for a part of a multi-key op,
+        through the router). Admin ops and pipelines always go through the router.
 """
 
 from __future__ import annotations
@@ -37,8 +42,9 @@ from typing import Any
 
 import zmq
 
-from shardd import _ops
-from shardd.errors import ConnectionClosed
+from shardd import _ops, protocol
+from shardd.errors import ConnectionClosed, Timeout
+from shardd.hashing import shard_for
 from shardd.protocol import encode_request
 
 __all__ = ["DEFAULT_ENDPOINT", "DEFAULT_TIMEOUT", "Client", "Pipeline"]
@@ -55,6 +61,8 @@ _monotonic = time.monotonic
 _decode = _ops.decode
 _result = _ops.result
 _UNANSWERED = _ops.UNANSWERED
+_MULTI_OPS = frozenset(protocol.MULTI_KEY_OPS)
+_DIRECT_OPS = frozenset((*protocol.SINGLE_KEY_OPS, *protocol.MULTI_KEY_OPS))
 
 
 def _ms(seconds: float) -> int:
@@ -70,6 +78,7 @@ class Client:
         endpoint: str = DEFAULT_ENDPOINT,
         timeout: float = DEFAULT_TIMEOUT,
         context: zmq.Context | None = None,
+        direct: bool = False,
     ) -> None:
         if not isinstance(endpoint, str):
             raise TypeError(f"endpoint must be a str such as {DEFAULT_ENDPOINT!r}")
@@ -87,6 +96,13 @@ class Client:
         self._sock: zmq.Socket | None = sock
         self._pid = os.getpid()
         self._last_id = 0
+        # Direct mode (Rule 6): single- and multi-key ops go to the owning worker's own
+        # endpoint, placed by the daemon's topology; everything else goes through the router.
+        self.direct = bool(direct)
+        self._ctx = ctx
+        self._shards = 0                                  # 0: topology not fetched (or unusable)
+        self._workers: list[zmq.Socket | None] = []
+        self._worker_sockets: dict[str, zmq.Socket] = {}  # endpoint → socket, reused across epochs
 
     def __repr__(self) -> str:
         state = "closed" if self._sock is None else "open"
@@ -109,6 +125,10 @@ class Client:
         # A socket inherited through fork belongs to the parent: leave it alone.
         if sock is not None and self._pid == os.getpid():
             sock.close(0)
+            for worker in self._worker_sockets.values():
+                worker.close(0)
+        self._worker_sockets.clear()
+        self._workers = []
 
     def _socket(self) -> zmq.Socket:
         sock = self._sock
@@ -138,6 +158,14 @@ class Client:
     def _call(self, call: _ops.Call) -> Any:
         sock = self._socket()
         op, convert = call
+        if self.direct and type(op) in _DIRECT_OPS:
+            reply = self._call_direct(op)
+            if reply is not None:
+                return _result(reply, convert)
+        return _result(self._exchange(sock, op, self.endpoint), convert)
+
+    def _exchange(self, sock: zmq.Socket, op: Any, endpoint: str) -> Any:
+        """Send ``op`` on ``sock`` and return its Reply; raises Timeout."""
         rid = self._last_id = _ops.next_id(self._last_id)
         deadline = _monotonic() + self.timeout
         if self._send(sock, encode_request(rid, op), deadline):
@@ -148,9 +176,87 @@ class Client:
                     continue
                 reply = _decode(frame)
                 if reply.id == rid:
-                    return _result(reply, convert)
+                    return reply
                 # Rule 1: a late reply to an abandoned request; drop it.
-        raise _ops.timeout_error(self.endpoint, self.timeout, op)
+        raise _ops.timeout_error(endpoint, self.timeout, op)
+
+    # --- direct mode ------------------------------------------------------------------
+
+    def _refresh_topology(self) -> None:
+        """Fetch the topology from the router and connect to every worker it names."""
+        topology = _result(self._exchange(self._socket(), protocol.Topology(), self.endpoint), _ops.to_dict)
+        workers: list[zmq.Socket | None] = []
+        for endpoint in topology["endpoints"]:
+            if not endpoint:
+                workers.append(None)
+                continue
+            sock = self._worker_sockets.get(endpoint)
+            if sock is None:
+                sock = self._ctx.socket(zmq.DEALER)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.IMMEDIATE, 1)
+                sock.connect(endpoint)
+                self._worker_sockets[endpoint] = sock
+            workers.append(sock)
+        self._workers = workers
+        # While a resize runs, placement is still by the old count; MOVED names new owners.
+        self._shards = topology["shards"] if all(workers[: topology["shards"]]) else 0
+
+    def _shard_removed(self, shard: int) -> bool:
+        """After a timeout from a worker: True if a shrink removed it (the request was not applied:
+        a removed shard holds no keys and answers MOVED until it stops), so retrying is safe."""
+        self._refresh_topology()
+        return shard >= len(self._workers)
+
+    def _worker(self, shard: int) -> zmq.Socket | None:
+        return self._workers[shard] if shard < len(self._workers) else None
+
+    def _call_direct(self, op: Any) -> Any:
+        """The Reply from the owning worker(s), or None to use the router instead."""
+        if not self._shards:
+            self._refresh_topology()
+            if not self._shards:
+                return None
+        if type(op) in _MULTI_OPS:
+            return self._multi_direct(op)
+        shard = shard_for(op.key, self._shards)
+        for _ in range(3):
+            sock = self._worker(shard)
+            if sock is None:
+                return None
+            try:
+                reply = self._exchange(sock, op, f"shard {shard}")
+            except Timeout:
+                if not self._shard_removed(shard):
+                    raise
+                return None  # its worker was removed by a shrink, before it saw our request
+            if reply.status != protocol.MOVED:
+                return reply
+            # Not applied there: the key lives elsewhere now. Learn the new placement, retry.
+            self._refresh_topology()
+            moved_to = reply.value.get("shard") if isinstance(reply.value, dict) else None
+            shard = moved_to if isinstance(moved_to, int) else shard_for(op.key, max(1, self._shards))
+        return None
+
+    def _multi_direct(self, op: Any) -> Any:
+        """Split a multi-key op per owning worker; any part answered MOVED goes through the router."""
+        parts = _ops.split_by_shard(op, self._shards)
+        results: dict[int, Any] = {}
+        for shard, (sub, positions) in parts.items():
+            sock = self._worker(shard)
+            try:
+                reply = self._exchange(sock, sub, f"shard {shard}") if sock is not None else None
+            except Timeout:
+                if not self._shard_removed(shard):
+                    raise
+                reply = None
+            if reply is None or reply.status == protocol.MOVED:
+                self._shards = 0
+                reply = self._exchange(self._socket(), sub, self.endpoint)
+            if reply.status != protocol.OK:
+                return reply
+            results[shard] = (reply.value, positions)
+        return _ops.merge_split(op, results)
 
     def _execute(self, calls: list[_ops.Call], raise_on_error: bool) -> list[Any]:
         sock = self._socket()

@@ -57,6 +57,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     hotkeys_capacity: int = 256
     metrics_bind: str = ""
     state_dir: str = ""
+    direct: bool = True
     snapshot_on_stop: bool = True
     snapshot_interval: float = 0.0
     snapshot_timeout: float = 60.0
@@ -107,6 +108,13 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     def shard_count(self) -> int:
         """The number of shards: as configured, or one per CPU this process may run on."""
         return self.shards or len(allowed_cpus())
+
+    def direct_host(self) -> str:
+        """Where workers bind their direct-mode endpoints: the public endpoint's host (tcp), else loopback."""
+        if self.bind.startswith("tcp://"):
+            host = self.bind.removeprefix("tcp://").rsplit(":", 1)[0]
+            return "127.0.0.1" if host in ("*", "0.0.0.0", "localhost") else host
+        return "127.0.0.1"
 
     def worker_endpoint(self, shard: int) -> str:
         return f"ipc://{os.path.join(self.runtime_dir, f'shard-{shard}.ipc')}"

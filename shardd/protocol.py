@@ -221,6 +221,10 @@ class SetTopology(_Op, tag="set_topology"):
     shards: int
 
 
+class Describe(_Op, tag="describe"):
+    """Router → worker: the worker's own client endpoint (direct mode), pid and shard."""
+
+
 class Hotkeys(_Op, tag="hotkeys"):
     """The ``top`` most accessed keys of each shard (Space-Saving estimates), merged by the router."""
 
@@ -257,13 +261,15 @@ Op = (
     Get | Set | Delete | Exists | Expire | Ttl | Persist | Incr | Gets | Cas
     | GetMany | SetMany | DeleteMany | Ping | Stats | Flush | DebugSleep | Maintenance | Health | Configure
     | Drain | Snapshot | Hotkeys | Tune | Topology | Resize | ResizeStart | Migrate | MigrateOut | MigrateIn
-    | SetTopology
+    | SetTopology | Describe
 )
 SINGLE_KEY_OPS = (Get, Set, Delete, Exists, Expire, Ttl, Persist, Incr, Gets, Cas)
 MULTI_KEY_OPS = (GetMany, SetMany, DeleteMany)
 ADMIN_OPS = (Ping, Stats, Flush, Health, Maintenance, Configure, Hotkeys, Drain, Snapshot, Tune)
 TUNABLE = ("mailbox_limit", "max_memory", "eviction_policy")
-CONTROL_ONLY_OPS = (Configure, Drain, Snapshot, ResizeStart, Migrate, MigrateOut, MigrateIn, SetTopology)
+CONTROL_ONLY_OPS = (Configure, Drain, Snapshot, ResizeStart, Migrate, MigrateOut, MigrateIn, SetTopology, Describe)
+# What a direct-mode client may send to a worker's own endpoint; the rest goes to the router.
+DIRECT_OPS = (*SINGLE_KEY_OPS, *MULTI_KEY_OPS, Ping, DebugSleep)
 WRITE_OPS = (Set, Delete, Expire, Persist, Incr, Cas, SetMany, DeleteMany, Flush)
 
 

@@ -111,8 +111,8 @@ class Gather:
 class ShardLink:
     """The router's view of one shard: its socket, health, mailbox and what is in flight."""
 
-    __slots__ = ("busy", "high", "inflight", "monitor", "moved_until", "next_seq", "out_frames", "out_targets",
-                 "pending", "shard", "sock", "up")
+    __slots__ = ("busy", "direct", "high", "inflight", "monitor", "moved_until", "next_seq", "out_frames",
+                 "out_targets", "pending", "shard", "sock", "up")
 
     def __init__(self, shard: int, sock: transport.Socket, monitor: transport.Socket) -> None:
         self.shard = shard
@@ -130,6 +130,7 @@ class ShardLink:
         self.out_targets: list[Any] = []
         # Replies to batches with a seq below this may carry MOVED (a resize is or was running).
         self.moved_until = 0
+        self.direct: str | None = None  # the worker's own endpoint, for direct-mode clients
 
 
 class Router:
@@ -409,7 +410,9 @@ class Router:
             "epoch": self.epoch,
             "shards": self.n,
             "hash": "jump_hash(xxh3_64(key, seed=0), shards)",
-            "endpoints": [self.config.worker_endpoint(link.shard) for link in self.links[: self.n]],
+            # Every connected worker's own endpoint, new shards of a running resize included
+            # (MOVED names them); None until the worker has told us.
+            "endpoints": [link.direct for link in self.links],
             "resizing": None if mig is None else {"to": mig.new, "epoch": mig.epoch, "moving": mig.moving},
             "pending_resize": None if self.pending_resize is None else self.pending_resize[0],
         }
@@ -470,6 +473,10 @@ class Router:
     def _on_migration_step(self, step: MigrationStep, raw: Any) -> None:
         mig = self.migration
         reply = p.decode_reply(raw)
+        if step.kind == "describe":
+            if reply.status == p.OK and step.shard < len(self.links):
+                self.links[step.shard].direct = reply.value.get("direct")
+            return
         if mig is None:
             return
         if reply.status != p.OK:
@@ -701,6 +708,8 @@ class Router:
         for target, frame in zip(targets, frames, strict=True):
             if type(target) is tuple:
                 self._complete_part(target[0], link.shard, target[1], (p.UNAVAILABLE, message), None)
+            elif type(target) is MigrationStep:
+                self._on_migration_step(target, p.encode_reply(0, p.UNAVAILABLE, message))
             else:
                 env = p.decode_envelope(frame, self.limits)
                 request_id = env.id if isinstance(env, p.Envelope) else 0
@@ -710,8 +719,12 @@ class Router:
         if event == "up" and not link.up:
             link.up = True
             log.info("shard %d is up", link.shard)
+            # Learn the worker's own endpoint (it changes when a worker restarts).
+            self._queue(link, p.Describe(), MigrationStep("describe", link.shard))
+            self.flush_outboxes()
         elif event == "down" and link.up:
             link.up = False
+            link.direct = None
             log.warning("shard %d is down; answering UNAVAILABLE for it", link.shard)
             pending, link.pending = link.pending, {}
             for targets, frames in pending.values():

@@ -96,6 +96,17 @@ def bind_worker_router(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
     return sock
 
 
+def bind_direct_router(ctx: zmq.Context, host: str) -> tuple[zmq.Socket, str]:
+    """A worker's client-facing ROUTER socket for direct mode, on a free port of ``host``."""
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    sock.setsockopt(zmq.SNDHWM, 10_000)
+    sock.setsockopt(zmq.RCVHWM, 10_000)
+    port = sock.bind_to_random_port(f"tcp://{host}")
+    return sock, f"tcp://{host}:{port}"
+
+
 def remove_ipc_file(endpoint: str) -> None:
     """libzmq leaves a bound ipc socket's file behind on close; the binder removes it."""
     if endpoint.startswith("ipc://"):

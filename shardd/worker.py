@@ -45,6 +45,7 @@ _DRAIN_LIMIT = 256
 WINDOW_S = 10.0
 
 _KEYED = frozenset(p.SINGLE_KEY_OPS)
+_DIRECT = frozenset(p.DIRECT_OPS)
 _MULTI_KEYS = frozenset((p.GetMany, p.DeleteMany))
 
 
@@ -88,6 +89,9 @@ class Shard:
         # and while a resize runs, the shard count it is moving to and the keys left to scan.
         self.epoch = 1
         self.new_shards: int | None = None
+        self.mailbox_limit = config.mailbox_limit
+        self.busy = 0  # direct requests answered BUSY
+        self.direct_endpoint: str | None = None  # set once the direct socket is bound
         self._to_scan: list[bytes] = []
         self._scan_at = 0
         # Service time of each op inside the worker (decode, apply, encode), log-linear buckets.
@@ -129,16 +133,26 @@ class Shard:
             p.MigrateOut: self.migrate_out,
             p.MigrateIn: self.migrate_in,
             p.SetTopology: self.set_topology,
+            p.Describe: lambda op: {"shard": self.shard_id, "pid": os.getpid(), "direct": self.direct_endpoint},
         }
 
-    def apply(self, frame: bytes) -> bytes:
-        """Decode one envelope, apply it, and return the encoded reply (never raises)."""
+    def apply(self, frame: bytes, direct: bool = False) -> bytes:
+        """Decode one envelope, apply it, and return the encoded reply (never raises).
+
+        ``direct``: the request came from a client on this worker's own endpoint, not through
+        the router, so it may be for a key this shard does not own (the client's topology is
+        stale): that is answered MOVED, and anything but data ops is refused.
+        """
         env = p.decode_envelope(frame, self.limits)
         if type(env) is bytes:
             return env
-        self.ops += 1
         op = env.op
         cls = type(op)
+        if direct:
+            refusal = self._direct_refusal(env.id, op, cls)
+            if refusal is not None:
+                return refusal
+        self.ops += 1
         track = self._track
         if track is not None:
             if cls in _KEYED:
@@ -196,6 +210,29 @@ class Shard:
             self._window_started, self._window_ops, self._window_service = now, self.ops, list(self.service)
             if self.hot is not None:
                 self.hot.rotate(now)
+
+    def _direct_refusal(self, request_id: int, op: Any, cls: type) -> bytes | None:
+        """MOVED for keys this shard does not own; BAD_REQUEST for ops only the router takes."""
+        if cls not in _DIRECT:
+            return p.encode_reply(request_id, p.BAD_REQUEST,
+                                  f"{cls.__struct_config__.tag} goes to the router, not to a shard's own endpoint")
+        if cls in _KEYED:
+            keys: Any = (op.key,)
+        elif cls is p.SetMany:
+            keys = [key for key, _ in op.items]
+        else:
+            keys = getattr(op, "keys", ())
+        shards, me = self.shards, self.shard_id
+        for key in keys:
+            owner = shard_for(key, shards)
+            if self.new_shards is not None:
+                # Resizing: we answer for keys we still hold or will own; the rest has moved.
+                owner = shard_for(key, self.new_shards)
+                if owner != me and self.store.exists(key):
+                    continue
+            if owner != me:
+                return p.encode_reply(request_id, p.MOVED, {"epoch": self.epoch, "shard": owner})
+        return None
 
     # --- resizing (the router drives it; see router.py) --------------------------------
 
@@ -317,6 +354,9 @@ class Shard:
         if limits:
             self.limits = msgspec.structs.replace(self.limits, **limits)
             applied.extend(limits)
+        if "mailbox_limit" in settings:  # bounds what direct clients may queue here
+            self.mailbox_limit = int(settings["mailbox_limit"])
+            applied.append("mailbox_limit")
         memory = [k for k in ("max_memory", "eviction_policy") if k in settings]
         if memory:
             self.set_memory(settings.get("max_memory"), settings.get("eviction_policy"))
@@ -348,27 +388,37 @@ def run_worker(config: Config, shard_id: int) -> int:
     except transport.ZMQError as exc:
         log.error("cannot bind %s: %s", config.worker_endpoint(shard_id), exc)
         return ExitCode.BOOT_FAILED
+    direct = None
+    if config.direct:
+        try:
+            direct, direct_endpoint = transport.bind_direct_router(ctx, config.direct_host())
+        except transport.ZMQError as exc:
+            log.error("cannot bind a direct-mode endpoint on %s (%s); direct clients will use the router",
+                      config.direct_host(), exc)
     tune_allocator()
     store = Store(monotonic_ms, max_bytes=config.shard_max_bytes(config.shards), policy=config.eviction_policy)
     if config.state_dir:
         load_snapshot(store, config, shard_id)
     shard = Shard(store, config, shard_id, cpu)
+    if direct is not None:
+        shard.direct_endpoint = direct_endpoint
     log.info("serving shard %d on %s (cpu %s)", shard_id, config.worker_endpoint(shard_id), cpu)
     try:
-        _serve(sock, shard, config, wakeup, lambda: stopping)
+        _serve(sock, shard, config, wakeup, lambda: stopping, direct)
     finally:
-        sock.close(linger=0)
         transport.remove_ipc_file(config.worker_endpoint(shard_id))
-        ctx.term()
+        ctx.destroy(linger=0)
     log.info("stopped")
     return ExitCode.OK
 
 
 def _serve(sock: transport.Socket, shard: Shard, config: Config, wakeup: int,
-           should_stop: Callable[[], bool]) -> None:
+           should_stop: Callable[[], bool], direct: transport.Socket | None = None) -> None:
     poller = transport.Poller()
     poller.register(sock, transport.POLLIN)
     poller.register(wakeup, transport.POLLIN)
+    if direct is not None:
+        poller.register(direct, transport.POLLIN)
     recv, send, getsockopt = sock.recv, sock.send, sock.getsockopt
     SNDMORE, POLLIN, EVENTS, RCVMORE = transport.SNDMORE, transport.POLLIN, transport.EVENTS, transport.RCVMORE
     apply_batch = shard.apply_batch
@@ -389,12 +439,54 @@ def _serve(sock: transport.Socket, shard: Shard, config: Config, wakeup: int,
                 if reply is not None:
                     send(peer, SNDMORE)
                     send(reply)
+            if direct is not None:
+                _serve_direct(direct, shard)
             transport.drain_fd(wakeup)
         now = monotonic_ms()
         if now >= next_expiry:
             active_expire(shard.expiry_budget_ms)
             shard.tick()
             next_expiry = now + shard.expiry_interval_ms
+
+
+def _serve_direct(sock: transport.Socket, shard: Shard) -> None:
+    """Requests from direct-mode clients: one envelope per frame, one reply each.
+
+    The mailbox limit holds here too: of the requests waiting when we look, those past
+    ``mailbox_limit`` are answered BUSY at once instead of being queued behind the rest.
+    """
+    recv, send, getsockopt = sock.recv, sock.send, sock.getsockopt
+    SNDMORE, POLLIN, EVENTS, RCVMORE = transport.SNDMORE, transport.POLLIN, transport.EVENTS, transport.RCVMORE
+    limit = shard.mailbox_limit
+    taken = []
+    while len(taken) < limit + _DRAIN_LIMIT and getsockopt(EVENTS) & POLLIN:
+        peer = recv()
+        frame = recv()
+        extra = 0
+        while getsockopt(RCVMORE):
+            recv()
+            extra += 1
+        taken.append((peer, frame, extra))
+    if not taken:
+        return
+    shard.store.touch_clock()
+    apply = shard.apply
+    for i, (peer, frame, extra) in enumerate(taken):
+        if extra:
+            reply = p.encode_reply(p.salvage_id(frame), p.BAD_REQUEST,
+                                   f"a request must be exactly one frame; got {extra} extra frame(s)")
+        elif i >= limit:
+            shard.busy += 1
+            reply = p.encode_reply(p.salvage_id(frame), p.BUSY,
+                                   f"shard {shard.shard_id} has more than {limit} requests waiting "
+                                   f"(mailbox_limit); back off and retry")
+        else:
+            reply = apply(frame, True)
+        try:
+            send(peer, SNDMORE | transport.NOBLOCK)
+            send(reply, transport.NOBLOCK)
+        except transport.ZMQError:
+            pass  # the client left or stopped reading: its loss, never a blocked shard
 
 
 def load_snapshot(store: Store, config: Config, shard_id: int) -> int:

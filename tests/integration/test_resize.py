@@ -10,20 +10,22 @@ import multiprocessing
 import random
 import time
 
+import pytest
+
 from shardd.client import Client
 from shardd.errors import SharddError
 
 COUNTERS = [f"ctr:{i}" for i in range(4)]
 
 
-def _load(endpoint: str, worker: int, stop, progress, out) -> None:
+def _load(endpoint: str, worker: int, stop, progress, out, direct: bool = False) -> None:
     rng = random.Random(worker)
     mine = [f"own:{worker}:{i}" for i in range(150)]
     expected: dict[str, bytes | None] = {}
     errors: list[str] = []
     incrs = 0
     ops = 0
-    with Client(endpoint, timeout=5) as c:
+    with Client(endpoint, timeout=5, direct=direct) as c:
         c.set_many({key: b"0" for key in mine})
         expected.update({key: b"0" for key in mine})
         c.set(f"ttl:{worker}", b"t", ttl=120)
@@ -73,11 +75,11 @@ def _load(endpoint: str, worker: int, stop, progress, out) -> None:
     out.put({"worker": worker, "expected": expected, "errors": errors, "incrs": incrs, "ops": ops, "ttl": ttl})
 
 
-def _run_resizes(d, sizes: list[int], procs: int = 3) -> tuple[list[dict], list[dict]]:
+def _run_resizes(d, sizes: list[int], procs: int = 3, direct: bool = False) -> tuple[list[dict], list[dict]]:
     mp = multiprocessing.get_context("spawn")
     stop, out = mp.Event(), mp.Queue()
     progress = [mp.Value("l", 0) for _ in range(procs)]
-    load = [mp.Process(target=_load, args=(d.endpoint, i, stop, progress[i], out)) for i in range(procs)]
+    load = [mp.Process(target=_load, args=(d.endpoint, i, stop, progress[i], out, direct)) for i in range(procs)]
     for p in load:
         p.start()
     results = []
@@ -113,9 +115,10 @@ def _check(d, reports: list[dict]) -> None:
         assert len(c.get_many([f"bulk:{i}" for i in range(20000)])) == 20000
 
 
-def test_grow_and_shrink_under_load_keep_every_guarantee(make_daemon):
+@pytest.mark.parametrize("direct", [False, True], ids=["router", "direct"])
+def test_grow_and_shrink_under_load_keep_every_guarantee(make_daemon, direct):
     d = make_daemon(shards=2)
-    results, reports = _run_resizes(d, [3, 2])
+    results, reports = _run_resizes(d, [3, 2], direct=direct)
     grow, shrink = results
     assert (grow["from"], grow["to"], shrink["from"], shrink["to"]) == (2, 3, 3, 2)
     for r in results:

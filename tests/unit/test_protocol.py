@@ -83,7 +83,7 @@ def test_op_names_are_the_documented_ones() -> None:
         "get", "set", "delete", "exists", "expire", "ttl", "persist", "incr", "gets", "cas",
         "get_many", "set_many", "delete_many", "ping", "stats", "flush", "debug_sleep",
         "maintenance", "health", "configure", "hotkeys", "drain", "snapshot", "tune",
-        "topology", "resize", "resize_start", "migrate", "migrate_out", "migrate_in", "set_topology",
+        "topology", "resize", "resize_start", "migrate", "migrate_out", "migrate_in", "set_topology", "describe",
     } == p.OP_NAMES
 
 
@@ -134,6 +134,7 @@ EXAMPLE_OPS: list[p.Op] = [
     p.MigrateOut(10, 100),
     p.MigrateIn([(b"k", b"v", 0, 1), (b"t", b"", 123456, 2**64 - 1)]),
     p.SetTopology(2, 3),
+    p.Describe(),
     p.Snapshot("/var/lib/shardd/snapshots/gen-1"),
 ]
 
