@@ -160,7 +160,7 @@ def _worker(index: int, opts: dict[str, Any], start_at: Any, go: Any, results: A
     try:
         from shardd import Client
 
-        client = Client(opts["endpoint"], timeout=opts["timeout"])
+        client = Client(opts["endpoint"], timeout=opts["timeout"], direct=opts["direct"])
         client.ping()
     except Exception as exc:  # reported to the parent, which exits non-zero
         results.put(("error", index, f"{type(exc).__name__}: {exc}"))
@@ -263,6 +263,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--pipeline", type=int, default=1, metavar="D",
                     help="ops per round trip; latency is then per pipeline (default 1)")
     ap.add_argument("--preload", action="store_true", help="SET every key once before the run")
+    ap.add_argument("--direct", action="store_true",
+                    help="direct mode: single-key ops go straight to the owning worker, not the router")
     ap.add_argument("--timeout", type=float, default=2.0, help="client timeout in seconds (default 2)")
     ap.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -320,7 +322,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     go = ctx.Event()
     results = ctx.Queue()
     opts = {k: getattr(args, k) for k in ("endpoint", "timeout", "keys", "value_size", "get_ratio",
-                                          "pipeline", "warmup", "duration", "seed")}
+                                          "pipeline", "warmup", "duration", "seed", "direct")}
     procs = [ctx.Process(target=_worker, args=(i, opts, start_at, go, results), daemon=True)
              for i in range(args.procs)]
     for proc in procs:
@@ -383,6 +385,7 @@ def summarize(args: argparse.Namespace, shards: int, reports: list[dict[str, Any
         "shards": shards,
         "procs": args.procs,
         "pipeline": args.pipeline,
+        "direct": args.direct,
         "keys": args.keys,
         "value_size": args.value_size,
         "get_ratio": args.get_ratio,
@@ -413,7 +416,8 @@ def format_report(report: dict[str, Any]) -> str:
     )
     return "\n".join([
         f"endpoint     {report['endpoint']} ({report['shards']} shards)",
-        f"load         {report['procs']} procs, pipeline {report['pipeline']}, "
+        f"load         {report['procs']} procs, {'direct' if report['direct'] else 'router'} mode, "
+        f"pipeline {report['pipeline']}, "
         f"get ratio {report['get_ratio']}, {report['keys']} keys, {report['value_size']} B values",
         f"time         {report['warmup_s']:g} s warm-up, {report['duration_s']:g} s measured",
         f"ops          {report['ops']}",

@@ -204,8 +204,8 @@ class Migrate(_Op, tag="migrate"):
 class MigrateOut(_Op, tag="migrate_out"):
     """Router → worker: remove and return up to ``limit`` entries that move, scanning at most ``scan`` keys."""
 
-    limit: int = 1000
-    scan: int = 5000
+    limit: int = 200
+    scan: int = 1000
 
 
 class MigrateIn(_Op, tag="migrate_in"):

@@ -16,6 +16,7 @@ Invariants:
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -210,6 +211,11 @@ class Shard:
             self._window_started, self._window_ops, self._window_service = now, self.ops, list(self.service)
             if self.hot is not None:
                 self.hot.rotate(now)
+            # Entries are long-lived and never form reference cycles, but the cyclic GC still
+            # walks them all in every full collection: with a million keys that is a pause of
+            # 70-250 ms on this machine. Freezing moves what exists now out of its reach, so a
+            # full collection only walks objects made since the last window.
+            gc.freeze()
 
     def _direct_refusal(self, request_id: int, op: Any, cls: type) -> bytes | None:
         """MOVED for keys this shard does not own; BAD_REQUEST for ops only the router takes."""
@@ -267,7 +273,9 @@ class Shard:
     def migrate_in(self, op: p.MigrateIn) -> int:
         """Adopt entries moved here; returns how many fit (the rest broke the memory bound)."""
         restore = self.store.restore
-        return sum(1 for key, value, expires, version in op.entries if restore(key, value, expires, version))
+        adopted = sum(1 for key, value, expires, version in op.entries if restore(key, value, expires, version))
+        gc.freeze()  # a resize adopts entries in bulk: keep them out of full collections (see tick)
+        return adopted
 
     def set_topology(self, op: p.SetTopology) -> bool:
         self.epoch, self.shards, self.new_shards = op.epoch, op.shards, None
@@ -524,6 +532,7 @@ def load_snapshot(store: Store, config: Config, shard_id: int) -> int:
                 continue
             store.restore(key, value, expires + to_mono if expires else 0, version)
             loaded += 1
+    gc.freeze()  # see Shard.tick
     log.info("loaded %d keys from snapshot %s in %.3f s (%d had expired while down)",
              loaded, os.path.basename(generation), time.perf_counter() - started, expired)
     return loaded
