@@ -47,6 +47,8 @@ def serve(
     log_level: Annotated[str | None, typer.Option("--log-level", help="debug, info, warning or error.")] = None,
     pin_cpus: Annotated[bool | None, typer.Option("--pin-cpus/--no-pin-cpus", help="Pin workers to CPUs.")] = None,
     enable_debug_ops: Annotated[bool | None, typer.Option("--enable-debug-ops", hidden=True)] = None,
+    allow_remote_without_auth: Annotated[bool | None, typer.Option(
+        "--allow-remote-without-auth", help="Serve a non-loopback TCP address with no authentication.")] = None,
 ) -> None:
     """Run the daemon in the foreground (supervisor, router, one worker per shard)."""
     from shardd.config import load_config
@@ -55,6 +57,7 @@ def serve(
         "bind": bind, "shards": shards, "runtime_dir": runtime_dir, "state_dir": state_dir,
         "mailbox_limit": mailbox_limit,
         "log_level": log_level, "pin_cpus": pin_cpus, "enable_debug_ops": enable_debug_ops,
+        "allow_remote_without_auth": allow_remote_without_auth,
     }
     try:
         cfg = load_config(config, overrides)

@@ -8,6 +8,7 @@ import time.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -61,10 +62,16 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     snapshot_on_stop: bool = True
     snapshot_interval: float = 0.0
     snapshot_timeout: float = 60.0
+    allow_remote_without_auth: bool = False
 
     def __post_init__(self) -> None:
         if not _ENDPOINT_RE.match(self.bind):
             raise ValueError(f"must be tcp://HOST:PORT or ipc://PATH, got {self.bind!r} - at `$.bind`")
+        if not self.allow_remote_without_auth and not is_local_endpoint(self.bind):
+            # Protected mode (Redis's precedent): an unauthenticated cache reachable from other
+            # hosts is an open door to every service's data, so serving one must be explicit.
+            raise ValueError(f"{self.bind} is reachable from other hosts and shardd has no authentication; "
+                             f"bind loopback or ipc, or set allow_remote_without_auth = true - at `$.bind`")
         checks: list[tuple[str, bool, str]] = [
             ("shards", 0 <= self.shards <= 1024, "between 0 (one per CPU) and 1024"),
             ("mailbox_limit", 1 <= self.mailbox_limit <= 10_000_000, "between 1 and 10000000"),
@@ -122,6 +129,23 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     def control_endpoint(self) -> str:
         """A second, local-only endpoint of the router, used by the supervisor's readiness check."""
         return f"ipc://{os.path.join(self.runtime_dir, 'router.ipc')}"
+
+
+def is_local_endpoint(endpoint: str) -> bool:
+    """True for ipc:// and for tcp:// on a loopback address (127.0.0.0/8, ::1, localhost).
+
+    Anything else counts as remote: wildcards (``*``, ``0.0.0.0``, ``::``), interface names
+    and host names, which are not resolved here (validation does no I/O).
+    """
+    if endpoint.startswith("ipc://"):
+        return True
+    host = endpoint.removeprefix("tcp://").rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def allowed_cpus() -> list[int]:

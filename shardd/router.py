@@ -887,7 +887,8 @@ def run_router(config: Config) -> int:
             links.append(ShardLink(shard, sock, monitor))
         try:
             frontend = transport.bind_public_router(ctx, public, config.max_message_bytes)
-            control = transport.bind_public_router(ctx, [config.control_endpoint()], config.max_message_bytes)
+            control = transport.bind_public_router(ctx, [config.control_endpoint()], config.max_message_bytes,
+                                                   transport.PRIVATE_IPC_MODE)
         except transport.ZMQError as exc:
             log.error("cannot bind %s: %s", config.bind, exc)
             return ExitCode.BOOT_FAILED

@@ -30,6 +30,7 @@ import multiprocessing.resource_tracker
 import os
 import shutil
 import signal
+import stat
 import tempfile
 import time
 from collections import deque
@@ -60,7 +61,7 @@ _HEALTH_INTERVAL = 5.0
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 # Settings a SIGHUP cannot change: they shape processes and sockets made at start-up.
 RESTART_KEYS = frozenset({"bind", "shards", "runtime_dir", "pin_cpus", "enable_debug_ops", "metrics_bind",
-                          "state_dir"})
+                          "state_dir", "allow_remote_without_auth"})
 
 
 class Arbiter:
@@ -113,6 +114,10 @@ class Arbiter:
         path = cfg.runtime_dir or os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
         if path:
             os.makedirs(path, mode=0o700, exist_ok=True)
+            # The ipc sockets inside accept any local process that can reach them: a directory
+            # others may write to would let them replace a socket file with their own.
+            if os.stat(path).st_mode & stat.S_IWOTH:
+                raise OSError(f"{path} is writable by other users; use a private directory (mode 0700)")
         else:
             path = tempfile.mkdtemp(prefix="shardd-")  # mode 0700
             self.owns_runtime_dir = True

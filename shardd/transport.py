@@ -33,7 +33,8 @@ def new_context() -> zmq.Context:
     return zmq.Context(io_threads=1)
 
 
-def bind_public_router(ctx: zmq.Context, endpoints: Iterable[str], max_message_bytes: int) -> zmq.Socket:
+def bind_public_router(ctx: zmq.Context, endpoints: Iterable[str], max_message_bytes: int,
+                       ipc_mode: int | None = None) -> zmq.Socket:
     """The router's client-facing ROUTER socket, bound to every endpoint given."""
     sock = ctx.socket(zmq.ROUTER)
     # Linger bounds close(); replies to departed clients are worthless.
@@ -47,8 +48,35 @@ def bind_public_router(ctx: zmq.Context, endpoints: Iterable[str], max_message_b
     sock.setsockopt(zmq.SNDHWM, 10_000)
     sock.setsockopt(zmq.RCVHWM, 10_000)
     for endpoint in endpoints:
-        sock.bind(endpoint)
+        bind(sock, endpoint, PUBLIC_IPC_MODE if ipc_mode is None else ipc_mode)
     return sock
+
+
+# ipc socket files: a local process that may write to one may talk to it. The internal
+# sockets (workers, control) are the daemon user's alone; a public ipc endpoint also admits
+# the daemon's group, the usual way to grant local clients access (Docker's socket, Redis's
+# unixsocketperm). Never others: there is no authentication yet.
+PRIVATE_IPC_MODE = 0o600
+PUBLIC_IPC_MODE = 0o660
+
+
+def bind(sock: zmq.Socket, endpoint: str, mode: int = PRIVATE_IPC_MODE) -> None:
+    """Bind ``endpoint``; an ipc socket file is created with ``mode`` (never world-writable).
+
+    libzmq creates the file with the process umask, so the umask is narrowed around the bind
+    (which happens in this thread) and the mode set exactly afterwards.
+    """
+    if not endpoint.startswith("ipc://"):
+        sock.bind(endpoint)
+        return
+    old = os.umask(0o177)
+    try:
+        sock.bind(endpoint)
+    finally:
+        os.umask(old)
+    path = endpoint.removeprefix("ipc://")
+    if not path.startswith("@"):  # Linux abstract sockets have no file, and no permissions
+        os.chmod(path, mode)
 
 
 def connect_shard_dealer(ctx: zmq.Context, endpoint: str) -> tuple[zmq.Socket, zmq.Socket]:
@@ -92,7 +120,7 @@ def bind_worker_router(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
     sock.setsockopt(zmq.SNDHWM, 0)
     sock.setsockopt(zmq.RCVHWM, 0)
     remove_ipc_file(endpoint)  # a crashed predecessor's socket file
-    sock.bind(endpoint)
+    bind(sock, endpoint)
     return sock
 
 
