@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
 
 import typer
 
 from shardd.errors import ConfigError, ExitCode, SharddError
+
+T = TypeVar("T")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="shardd: a shard-per-core cache daemon.")
@@ -27,6 +30,15 @@ TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds to wait fo
 def _fail(message: str, code: int = ExitCode.FAILURE) -> typer.Exit:
     typer.echo(f"shardd: {message}", err=True)
     return typer.Exit(code)
+
+
+def _ask(endpoint: str, timeout: float, request: Callable[[Any], T]) -> T:
+    """Run ``request(client)`` against the daemon; any failure is one line on stderr and exit 1."""
+    try:
+        with _client(endpoint, timeout) as client:
+            return request(client)
+    except (SharddError, ValueError) as exc:
+        raise _fail(str(exc)) from None
 
 
 def _client(endpoint: str, timeout: float):
@@ -88,11 +100,7 @@ def check_config(path: Annotated[str, typer.Argument(help="TOML config file to v
 @app.command()
 def ping(endpoint: Endpoint = DEFAULT_ENDPOINT, timeout: TimeoutOpt = 1.0) -> None:
     """Check that every shard answers."""
-    try:
-        with _client(endpoint, timeout) as client:
-            n = client.ping()
-    except SharddError as exc:
-        raise _fail(str(exc)) from None
+    n = _ask(endpoint, timeout, lambda client: client.ping())
     typer.echo(f"PONG ({n} shards)")
 
 
@@ -102,11 +110,7 @@ def health(
     endpoint: Endpoint = DEFAULT_ENDPOINT,
 ) -> None:
     """Exit 0 if every shard answers within the deadline; otherwise name the shards that did not."""
-    try:
-        with _client(endpoint, deadline + 1.0) as client:
-            report = client.health(deadline)
-    except SharddError as exc:
-        raise _fail(str(exc)) from None
+    report = _ask(endpoint, deadline + 1.0, lambda client: client.health(deadline))
     bad = [row for row in report["shards"] if row["status"] != "ok"]
     mode = " (maintenance mode: writes refused)" if report.get("maintenance") else ""
     if bad:
@@ -125,11 +129,7 @@ def maintenance(
     wanted = {"on": True, "off": False, "status": None}
     if mode not in wanted:
         raise _fail(f"mode must be on, off or status, got {mode!r}", ExitCode.CONFIG)
-    try:
-        with _client(endpoint, timeout) as client:
-            now = client.maintenance(wanted[mode])
-    except SharddError as exc:
-        raise _fail(str(exc)) from None
+    now = _ask(endpoint, timeout, lambda client: client.maintenance(wanted[mode]))
     typer.echo(f"maintenance {'on' if now else 'off'}")
 
 
@@ -147,11 +147,7 @@ def shards_show(
     """Show the topology: epoch, shard count, hash, worker endpoints, resize in progress."""
     if ctx.invoked_subcommand is not None:
         return
-    try:
-        with _client(endpoint, timeout) as client:
-            topology = client.topology()
-    except SharddError as exc:
-        raise _fail(str(exc)) from None
+    topology = _ask(endpoint, timeout, lambda client: client.topology())
     if as_json:
         typer.echo(json.dumps(topology, indent=2, sort_keys=True))
         return
@@ -169,11 +165,7 @@ def shards_resize(
     timeout: TimeoutOpt = 600.0,
 ) -> None:
     """Grow or shrink the number of shards while serving; only keys whose shard changes move."""
-    try:
-        with _client(endpoint, timeout) as client:
-            result = client.resize(shards)
-    except (SharddError, ValueError) as exc:
-        raise _fail(str(exc)) from None
+    result = _ask(endpoint, timeout, lambda client: client.resize(shards))
     share = result["moved"] / result["total"] if result["total"] else 0.0
     typer.echo(f"resized {result['from']} → {result['to']} shards in {result['seconds']:.2f} s: "
                f"moved {result['moved']}/{result['total']} keys ({share:.1%}), epoch {result['epoch']}")
@@ -194,22 +186,14 @@ def tune(
     if key is None:
         raise _fail(f"unknown setting {setting!r}; choose one of {', '.join(_TUNE_KEYS)}", ExitCode.CONFIG)
     parsed: Any = int(value) if key == "mailbox_limit" and value.lstrip("-").isdigit() else value
-    try:
-        with _client(endpoint, timeout) as client:
-            shards = client.tune(**{key: parsed})
-    except SharddError as exc:
-        raise _fail(str(exc)) from None
+    shards = _ask(endpoint, timeout, lambda client: client.tune(**{key: parsed}))
     typer.echo(f"{key} = {value} on {shards} shards")
 
 
 @app.command()
 def get(key: str, endpoint: Endpoint = DEFAULT_ENDPOINT, timeout: TimeoutOpt = 1.0) -> None:
     """Print the value of KEY (exit 1 if it does not exist)."""
-    try:
-        with _client(endpoint, timeout) as client:
-            value = client.get(key)
-    except SharddError as exc:
-        raise _fail(str(exc)) from None
+    value = _ask(endpoint, timeout, lambda client: client.get(key))
     if value is None:
         raise _fail(f"{key}: not found")
     sys.stdout.buffer.write(value + b"\n")
@@ -226,11 +210,7 @@ def set_(
     timeout: TimeoutOpt = 1.0,
 ) -> None:
     """Set KEY to VALUE (UTF-8)."""
-    try:
-        with _client(endpoint, timeout) as client:
-            stored = client.set(key, value.encode(), ttl=ttl, nx=nx, xx=xx)
-    except (SharddError, ValueError) as exc:
-        raise _fail(str(exc)) from None
+    stored = _ask(endpoint, timeout, lambda client: client.set(key, value.encode(), ttl=ttl, nx=nx, xx=xx))
     if not stored:
         raise _fail(f"{key}: not stored ({'exists' if nx else 'does not exist'})")
     typer.echo("OK")
@@ -239,11 +219,7 @@ def set_(
 @app.command("del")
 def delete(keys: list[str], endpoint: Endpoint = DEFAULT_ENDPOINT, timeout: TimeoutOpt = 1.0) -> None:
     """Delete KEYS; print how many existed."""
-    try:
-        with _client(endpoint, timeout) as client:
-            n = client.delete_many(keys)
-    except SharddError as exc:
-        raise _fail(str(exc)) from None
+    n = _ask(endpoint, timeout, lambda client: client.delete_many(keys))
     typer.echo(str(n))
 
 
@@ -349,11 +325,7 @@ def stats(
     timeout: TimeoutOpt = 2.0,
 ) -> None:
     """Show one row per shard and a total: keys, memory, ops/s, hit rate, evictions, service time, mailbox."""
-    try:
-        with _client(endpoint, timeout) as client:
-            data = client.stats()
-    except SharddError as exc:
-        raise _fail(str(exc)) from None
+    data = _ask(endpoint, timeout, lambda client: client.stats())
     if as_json:
         typer.echo(json.dumps(data, indent=2, sort_keys=True))
         return
@@ -374,11 +346,7 @@ def hotkeys(
     timeout: TimeoutOpt = 2.0,
 ) -> None:
     """List the most accessed keys over all shards, with their shard and estimated rate."""
-    try:
-        with _client(endpoint, timeout) as client:
-            data = client.hotkeys(top)
-    except SharddError as exc:
-        raise _fail(str(exc)) from None
+    data = _ask(endpoint, timeout, lambda client: client.hotkeys(top))
     if as_json:
         rows = [{"key": key.decode("utf-8", "backslashreplace"), "shard": shard, "rate_per_s": rate,
                  "count": count, "error": error} for key, shard, rate, count, error in data["keys"]]
