@@ -449,7 +449,8 @@ def _serve(sock: transport.Socket, shard: Shard, config: Config, wakeup: int,
                     send(reply)
             if direct is not None:
                 _serve_direct(direct, shard)
-            transport.drain_fd(wakeup)
+            if len(ready) > 1 or ready[0][0] == wakeup:  # only then can the pipe hold a signal byte
+                transport.drain_fd(wakeup)
         now = monotonic_ms()
         if now >= next_expiry:
             active_expire(shard.expiry_budget_ms)
