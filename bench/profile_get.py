@@ -3,6 +3,7 @@
     python bench/profile_get.py                          # shardd, 1 client process, 10 s
     python bench/profile_get.py --clients 8              # the mixed workload's process count
     python bench/profile_get.py --system redis           # the same numbers for redis-py -> Redis
+    python bench/profile_get.py --system shardd-direct   # shardd.Client(direct=True): no router hop
     python bench/profile_get.py --py-spy /tmp/prof       # also sample each process with py-spy
 
 Theory of operation
@@ -74,7 +75,7 @@ def roles_of(system: str, server: Any) -> dict[str, Any]:
     import psutil
 
     procs = server.processes()
-    if system != "shardd":
+    if compare.server_of(system) != "shardd":
         return {system: procs[0]}
     from shardd import Client
 
@@ -118,7 +119,8 @@ def summarize_stacks(path: Path, top: int) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="CPU per sync GET, per process and thread (see the docstring).")
-    ap.add_argument("--system", choices=("shardd", "redis", "memcached"), default="shardd")
+    ap.add_argument("--system", choices=compare.SYSTEMS, default="shardd",
+                    help="shardd-direct: shardd.Client(direct=True) against the same daemon")
     ap.add_argument("--workload", choices=("get", "set", "batch", "mixed"), default="get",
                     help="compare.py's workload to run (default get; batch: ops are keys)")
     ap.add_argument("--clients", type=int, default=1, help="client processes (default 1)")
@@ -139,13 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="shardd-profile-"))
     load_before = compare.loadavg()
     try:
-        if args.system == "shardd":
-            server, _ = compare.start_shardd(tmp, args.shards)
+        if compare.server_of(args.system) == "shardd":
+            server, _ = compare.start_shardd(tmp, args.shards, direct=args.system == "shardd-direct")
         elif args.system == "redis":
             server = compare.start_redis(tmp)
         else:
             server = compare.start_memcached(tmp, args.keys, 100)
-        adapter = compare.make_adapter(args.system, server.port, 30.0)
+        adapter = compare.make_adapter(compare.server_of(args.system), server.port, 30.0)
         adapter.load(0, args.keys, b"v" * 100)
         adapter.close()
         roles = roles_of(args.system, server)

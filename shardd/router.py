@@ -16,6 +16,10 @@ All requests read in one pass over the client socket are grouped per shard and s
 Batch per shard: per-message overhead dominates on this machine (DESIGN.md), so batching is
 the main lever on throughput.
 
+Two duties live in their own modules as mixins of Router: ``router_resize`` (topology and
+online resizing, see ``migration``) and ``router_stats`` (stats, imbalance, hot keys, health);
+``router_types`` holds the plain state (peers, shard links, gathers).
+
 Rules
 -----
 Rule 1: ``inflight`` of a shard is exact: +1 for each op put in its outbox, -1 for each reply
@@ -34,7 +38,6 @@ Rule 4: nothing a client sends raises out of the loop, and a client that vanishe
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import time
 from collections.abc import Callable
@@ -49,6 +52,9 @@ from shardd.errors import ConfigError, ExitCode
 from shardd.hashing import shard_for
 from shardd.logs import setup_logging
 from shardd.migration import Migration, MigrationStep
+from shardd.router_resize import ResizeDuty
+from shardd.router_stats import StatsDuty
+from shardd.router_types import ControlPeer, Gather, ReqPeer, ShardLink
 
 log = logging.getLogger("shardd.router")
 
@@ -56,84 +62,9 @@ log = logging.getLogger("shardd.router")
 # latency batching adds, while a burst still becomes one Batch per shard.
 _DRAIN_LIMIT = 512
 
-# Below these means a balance ratio is noise: a few keys or ops/s on an idle daemon are
-# never "imbalanced". (The check runs every imbalance_check_s, an internal stats fan-out.)
-_BALANCE_MIN_KEYS = 1000
-_BALANCE_MIN_OPS_PER_S = 100.0
-_BALANCE_REWARN_S = 300.0
-
-# Per-shard stats fields summed into the "total" row of stats.
-_SUMMED = ("keys", "expiring", "used_bytes", "max_bytes", "rss_bytes", "ops", "ops_per_s", "hits", "misses",
-           "sets", "deletes", "expired", "evicted", "oom_rejected", "mailbox", "mailbox_high", "busy")
 
 
-class ReqPeer:
-    """A client on a REQ socket: its replies need the empty delimiter frame echoed."""
-
-    __slots__ = ("identity",)
-
-    def __init__(self, identity: bytes) -> None:
-        self.identity = identity
-
-
-class ControlPeer:
-    """A client of the control endpoint (the supervisor): replies go out on the control socket."""
-
-    __slots__ = ("identity",)
-
-    def __init__(self, identity: bytes) -> None:
-        self.identity = identity
-
-
-class Gather:
-    """One client request answered from several shard replies (multi-key and admin ops)."""
-
-    __slots__ = ("combine", "deadline", "done", "error", "parts", "peer", "remaining", "request_id",
-                 "tolerant")
-
-    def __init__(self, peer: Any, request_id: int, parts: int,
-                 combine: Callable[[list[tuple[int, Any, Any]]], Any], tolerant: bool = False) -> None:
-        self.peer = peer
-        self.request_id = request_id
-        self.remaining = parts
-        self.parts: list[tuple[int, Any, Any]] = []  # (shard, context, value or (status, message))
-        self.error: tuple[int, str] | None = None
-        self.combine = combine
-        # A tolerant gather (stats) still combines when some shards failed; others answer
-        # the first error.
-        self.tolerant = tolerant
-        # A gather with a deadline (health) is completed by the router's clock if some shard
-        # has not answered by then; later parts are ignored.
-        self.deadline: float | None = None
-        self.done = False
-
-
-class ShardLink:
-    """The router's view of one shard: its socket, health, mailbox and what is in flight."""
-
-    __slots__ = ("busy", "direct", "high", "inflight", "monitor", "moved_until", "next_seq", "out_frames",
-                 "out_targets", "pending", "shard", "sock", "up")
-
-    def __init__(self, shard: int, sock: transport.Socket, monitor: transport.Socket) -> None:
-        self.shard = shard
-        self.sock = sock
-        self.monitor = monitor
-        self.up = False
-        self.inflight = 0
-        self.high = 0
-        self.busy = 0
-        self.next_seq = 1
-        # seq → (targets, frames): the frames are kept (not copied) so a request failed
-        # because its shard went down can be answered with its own request id.
-        self.pending: dict[int, tuple[list[Any], list[bytes]]] = {}
-        self.out_frames: list[bytes] = []
-        self.out_targets: list[Any] = []
-        # Replies to batches with a seq below this may carry MOVED (a resize is or was running).
-        self.moved_until = 0
-        self.direct: str | None = None  # the worker's own endpoint, for direct-mode clients
-
-
-class Router:
+class Router(ResizeDuty, StatsDuty):
     """The routing state machine; ``run_router`` drives it with sockets."""
 
     def __init__(self, config: Config, frontend: transport.Socket, links: list[ShardLink],
@@ -402,195 +333,6 @@ class Router:
         log.warning("tuned %s", ", ".join(f"{k}={v!r}" for k, v in sorted(settings.items())))
         self._configure(peer, request_id, p.Configure(settings))
 
-    # --- topology and resizing (see shardd.migration) ------------------------------------
-
-    def topology(self) -> dict[str, Any]:
-        mig = self.migration
-        return {
-            "epoch": self.epoch,
-            "shards": self.n,
-            "hash": "jump_hash(xxh3_64(key, seed=0), shards)",
-            # Every connected worker's own endpoint, new shards of a running resize included
-            # (MOVED names them); None until the worker has told us.
-            "endpoints": [link.direct for link in self.links],
-            "resizing": None if mig is None else {"to": mig.new, "epoch": mig.epoch, "moving": mig.moving},
-            "pending_resize": None if self.pending_resize is None else self.pending_resize[0],
-        }
-
-    def _request_resize(self, peer: Any, request_id: int, op: p.Resize) -> None:
-        """A client asks for M shards: wake the supervisor, which starts workers and calls back."""
-        if self.migration is not None or self.pending_resize is not None:
-            self.reply(peer, request_id, p.BUSY, "a resize is already running; wait for it to finish")
-        elif not 1 <= op.shards <= 1024:
-            self.reply(peer, request_id, p.BAD_REQUEST, f"shards must be between 1 and 1024, got {op.shards}")
-        elif op.shards == self.n:
-            self.reply(peer, request_id, p.OK, {"from": self.n, "to": self.n, "moved": 0, "total": 0, "lost": 0,
-                                                "epoch": self.epoch, "seconds": 0.0})
-        elif down := [link.shard for link in self.links if not link.up]:
-            self.reply(peer, request_id, p.UNAVAILABLE, f"shard(s) {down} are down; resize when all are up")
-        else:
-            self.pending_resize = (op.shards, peer, request_id)
-            log.info("resize %d → %d requested", self.n, op.shards)
-            os.kill(os.getppid(), signal.SIGUSR1)
-
-    def _start_resize(self, peer: Any, request_id: int, op: p.ResizeStart) -> None:
-        """The supervisor has started the workers: connect to them; moving starts once all are up."""
-        if self.pending_resize is None or self.pending_resize[0] != op.shards:
-            self.reply(peer, request_id, p.BAD_REQUEST, "no such resize pending")
-            return
-        _, waiter_peer, waiter_id = self.pending_resize
-        self.pending_resize = None
-        for shard in range(len(self.links), op.shards):
-            sock, monitor = transport.connect_shard_dealer(self.ctx, self.config.worker_endpoint(shard))
-            link = ShardLink(shard, sock, monitor)
-            self.links.append(link)
-            self.on_new_link(link)
-        self.migration = Migration(self.n, op.shards, self.epoch + 1, (waiter_peer, waiter_id))
-        for link in self.links:
-            link.moved_until = _NO_LIMIT
-        self.reply(peer, request_id, p.OK, True)
-        self.advance_migration()
-
-    def on_new_link(self, link: ShardLink) -> None:
-        """Hook for the socket loop to start polling a shard added by a resize."""
-
-    def advance_migration(self) -> None:
-        """Start moving once every shard is connected; finish once everything has moved."""
-        mig = self.migration
-        if mig is None:
-            return
-        if not mig.moving:
-            if not all(link.up for link in self.links):
-                return
-            mig.moving = True
-            mig.scanning = set(range(mig.old))
-            for shard in range(mig.old):
-                self._queue(self.links[shard], p.Migrate(mig.epoch, mig.new), MigrationStep("migrate", shard))
-            self.flush_outboxes()
-        elif mig.finished():
-            self._finish_migration(mig)
-
-    def _on_migration_step(self, step: MigrationStep, raw: Any) -> None:
-        mig = self.migration
-        reply = p.decode_reply(raw)
-        if step.kind == "describe":
-            if reply.status == p.OK and step.shard < len(self.links):
-                self.links[step.shard].direct = reply.value.get("direct")
-            return
-        if mig is None:
-            return
-        if reply.status != p.OK:
-            mig.failed = f"shard {step.shard} answered {step.kind} with status {reply.status}: {reply.value}"
-            log.error("resize: %s", mig.failed)
-        if step.kind == "migrate":
-            mig.total += reply.value if reply.status == p.OK else 0
-            self._queue(self.links[step.shard], p.MigrateOut(), MigrationStep("out", step.shard))
-        elif step.kind == "out":
-            value = reply.value if reply.status == p.OK else {"entries": [], "done": True}
-            for owner, entries in mig.group_by_owner(value["entries"]).items():
-                mig.imports_in_flight += 1
-                mig.moved += len(entries)
-                self._queue(self.links[owner], p.MigrateIn(entries), MigrationStep("in", owner, len(entries)))
-            if value["done"]:
-                mig.scanning.discard(step.shard)
-            else:
-                self._queue(self.links[step.shard], p.MigrateOut(), MigrationStep("out", step.shard))
-        elif step.kind == "in":
-            mig.imports_in_flight -= 1
-            adopted = reply.value if reply.status == p.OK else 0
-            if adopted < step.entries:
-                mig.lost += step.entries - adopted
-                log.error("resize: shard %d could not adopt %d entries (memory bound)", step.shard,
-                          step.entries - adopted)
-        if mig.finished():
-            self._finish_migration(mig)
-
-    def _finish_migration(self, mig: Migration) -> None:
-        self.migration = None
-        self.epoch, self.n = mig.epoch, mig.new
-        for link in self.links:
-            link.moved_until = link.next_seq  # replies to what was sent until now may still say MOVED
-        for link in self.links[: mig.new]:
-            self._queue(link, p.SetTopology(mig.epoch, mig.new), MigrationStep("topology", link.shard))
-        removed, self.links = self.links[mig.new :], self.links[: mig.new]
-        self.retiring.extend(removed)
-        result = mig.result()
-        if mig.failed:
-            log.error("resize %d → %d finished with errors: %s", mig.old, mig.new, mig.failed)
-        log.info("resize %d → %d done: %d of %d keys moved in %.3f s (epoch %d)", mig.old, mig.new,
-                 mig.moved, mig.total, result["seconds"], mig.epoch)
-        if mig.waiter is not None:
-            if mig.failed:
-                self.reply(*mig.waiter, p.INTERNAL_ERROR, f"resize finished with errors: {mig.failed}")
-            else:
-                self.reply(*mig.waiter, p.OK, result)
-        self.flush_outboxes()
-        self.retire_links()
-
-    def retire_links(self) -> None:
-        """Close removed shards that have nothing in flight; then let the supervisor stop them."""
-        done = [link for link in self.retiring if not link.pending and not link.out_frames]
-        for link in done:
-            self.retiring.remove(link)
-            self.on_removed_link(link)
-        if not self.retiring and self.migration is None:
-            os.kill(os.getppid(), signal.SIGUSR1)  # resize over: the supervisor stops removed workers
-
-    def on_removed_link(self, link: ShardLink) -> None:
-        """Hook for the socket loop: a shard removed by a resize (its worker is stopped next)."""
-
-    def _rerouted(self, target: Any, raw: Any, frame: bytes) -> bool:
-        """If this reply is MOVED, send the request on to the key's new owner instead; True if so."""
-        if type(target) is MigrationStep:
-            return False
-        try:
-            reply = p.decode_reply(raw)
-        except Exception:
-            return False
-        if reply.status != p.MOVED:
-            return False
-        owner = reply.value.get("shard") if isinstance(reply.value, dict) else None
-        if not isinstance(owner, int) or not 0 <= owner < len(self.links):
-            return False
-        link = self.links[owner]
-        link.inflight += 1
-        link.out_frames.append(frame)
-        link.out_targets.append(target)
-        return True
-
-    def _split_per_key(self, peer: Any, request_id: int, op: Any, cls: type) -> None:
-        """During a resize a multi-key op becomes one single-key op per key, each routed (and
-        re-routed on MOVED) on its own; the gather puts the answers back together."""
-        n = self.n
-        if cls is p.SetMany:
-            subs = [(item[0], p.Set(item[0], item[1], op.ttl_ms)) for item in op.items]
-        elif cls is p.GetMany:
-            subs = [(key, p.Get(key)) for key in op.keys]
-        else:
-            subs = [(key, p.Delete(key)) for key in op.keys]
-        if not subs:
-            self.reply(peer, request_id, p.OK, [] if cls is p.GetMany else 0)
-            return
-        shards = [shard_for(key, n) for key, _ in subs]
-        for shard in set(shards):
-            problem = self._refusal(self.links[shard])
-            if problem is not None:
-                self.reply(peer, request_id, *problem)
-                return
-        size = len(subs)
-        if cls is p.GetMany:
-            def combine(parts: list[tuple[int, Any, Any]]) -> list[Any]:
-                out: list[Any] = [None] * size
-                for _, position, value in parts:
-                    out[position] = value
-                return out
-        else:
-            def combine(parts: list[tuple[int, Any, Any]]) -> int:
-                return sum(1 for _, _, value in parts if value)
-        gather = Gather(peer, request_id, size, combine)
-        for position, ((_, sub), shard) in enumerate(zip(subs, shards, strict=True)):
-            self._queue(self.links[shard], sub, (gather, position))
-
     def answer_drained(self) -> None:
         """Answer Drain requests once nothing is in flight to any shard."""
         if self.drain_waiters and self.idle():
@@ -730,89 +472,6 @@ class Router:
             for targets, frames in pending.values():
                 self._fail(link, targets, frames, "went down")
 
-    def stats(self) -> dict[str, Any]:
-        return {
-            "pid": os.getpid(),
-            "uptime_s": round(time.monotonic() - self.started, 3),
-            "shards": self.n,
-            "mailbox_limit": self.mailbox_limit,
-            "requests": self.requests,
-            "maintenance": self.maintenance,
-        }
-
-    def _combine_stats(self, parts: list[tuple[int, Any, Any]]) -> dict[str, Any]:
-        """Router stats plus one row per shard: the worker's own numbers and the router's view."""
-        by_shard = {shard: value for shard, _, value in parts}
-        rows = []
-        for link in self.links:
-            value = by_shard.get(link.shard)
-            row: dict[str, Any] = dict(value) if isinstance(value, dict) else {"shard": link.shard}
-            row.update(status="up" if isinstance(value, dict) else "down",
-                       mailbox=link.inflight, mailbox_high=link.high, busy=link.busy)
-            rows.append(row)
-        return {"router": self.stats(), "shards": rows, **_totals(rows, self.config.imbalance_threshold)}
-
-    def check_balance(self, now: float) -> None:
-        """Every imbalance_check_s, gather stats from the shards and warn about a hot one."""
-        if now < self.next_balance_check or self.draining:
-            return
-        self.next_balance_check = now + self.config.imbalance_check_s
-        up = [link for link in self.links if link.up]
-        if not up:
-            return
-        gather = Gather(None, 0, len(up), lambda parts: self._warn_imbalance(self._combine_stats(parts)), True)
-        for link in up:
-            self._queue(link, p.Stats(), (gather, None))
-        self.flush_outboxes()
-
-    def _warn_imbalance(self, stats: dict[str, Any]) -> None:
-        """Log once when a dimension passes the threshold, again every _BALANCE_REWARN_S, and when it clears."""
-        imbalance, total = stats["imbalance"], stats["total"]
-        n = max(1, total["shards_up"])
-        floors = {"keys": total["keys"] / n >= _BALANCE_MIN_KEYS,
-                  "ops": total["ops_per_s"] / n >= _BALANCE_MIN_OPS_PER_S}
-        now = time.monotonic()
-        threshold = self.config.imbalance_threshold
-        for dim, meaningful in floors.items():
-            ratio, hot = imbalance[dim], imbalance[f"hot_shard_{dim}"]
-            if meaningful and ratio > threshold:
-                last = self.imbalanced.get(dim)
-                if last is None or now - last >= _BALANCE_REWARN_S:
-                    self.imbalanced[dim] = now
-                    log.warning("shard %s is hot: %.2fx the mean %s over %d shards (imbalance_threshold %.2f)",
-                                hot, ratio, "keys" if dim == "keys" else "ops/s", n, threshold)
-            elif dim in self.imbalanced:
-                del self.imbalanced[dim]
-                log.info("%s are balanced again: max/mean %.2f", dim, ratio)
-
-    def _combine_hotkeys(self, parts: list[tuple[int, Any, Any]]) -> dict[str, Any]:
-        """Every shard's top keys, merged: [key, shard, rate/s, count, error], hottest first."""
-        rows: list[list[Any]] = []
-        top, window, down = 1, 0.0, []
-        for shard, _, value in parts:
-            if not isinstance(value, dict):
-                down.append(shard)
-                continue
-            top = max(top, value["top"])
-            window = max(window, value["window_s"])
-            rows.extend([key, shard, rate, count, error] for key, rate, count, error in value["keys"])
-        rows.sort(key=lambda row: row[2], reverse=True)
-        return {"window_s": window, "keys": rows[:top], "down": sorted(down)}
-
-    def _combine_health(self, parts: list[tuple[int, Any, Any]]) -> dict[str, Any]:
-        """Each shard: "ok", "down" (no worker connected) or "timeout" (did not answer in time)."""
-        states = {}
-        for shard, _, value in parts:
-            if value is True:
-                states[shard] = "ok"
-            elif isinstance(value, tuple) and value[1] == "timeout":
-                states[shard] = "timeout"
-            else:
-                states[shard] = "down"
-        shards = [{"shard": i, "status": states.get(i, "timeout")} for i in range(len(self.links))]
-        return {"ok": all(row["status"] == "ok" for row in shards), "maintenance": self.maintenance,
-                "shards": shards}
-
     def idle(self) -> bool:
         return all(not link.pending for link in self.links)
 
@@ -821,38 +480,11 @@ _WRITES = frozenset(p.WRITE_OPS)
 _MULTI = frozenset(p.MULTI_KEY_OPS)
 # Ops that cannot be made consistent with entries in transit between shards.
 _REFUSED_WHILE_RESIZING = frozenset({p.Flush, p.Resize, p.Snapshot})
-_NO_LIMIT = float("inf")
 _CONTROL_ONLY = frozenset(p.CONTROL_ONLY_OPS)
 
 
 def _by_shard(parts: list[tuple[int, Any, Any]]) -> list[Any]:
     return [value for _, _, value in sorted(parts, key=lambda part: part[0])]
-
-
-def _totals(rows: list[dict[str, Any]], threshold: float) -> dict[str, Any]:
-    """The "total" row and the "imbalance" ratios (max/mean over the shards that are up)."""
-    up = [row for row in rows if row.get("status") == "up"]
-    total: dict[str, Any] = {f: sum(row.get(f) or 0 for row in up) for f in _SUMMED}
-    total["mailbox"] = sum(row.get("mailbox") or 0 for row in rows)
-    total["busy"] = sum(row.get("busy") or 0 for row in rows)
-    total["shards_up"] = len(up)
-    evictions: dict[str, int] = {}
-    for row in up:
-        for reason, count in (row.get("evictions") or {}).items():
-            evictions[reason] = evictions.get(reason, 0) + count
-    total["evictions"] = evictions
-    # Quantiles cannot be added up: the total shows the worst shard's.
-    for q in ("service_p50_us", "service_p99_us"):
-        values = [row[q] for row in up if row.get(q) is not None]
-        total[q] = max(values) if values else None
-    imbalance: dict[str, Any] = {"threshold": threshold}
-    for dim, field in (("keys", "keys"), ("ops", "ops_per_s")):
-        values = [(row.get(field) or 0, row["shard"]) for row in up]
-        mean = sum(v for v, _ in values) / len(values) if values else 0
-        peak, hot = max(values) if values else (0, None)
-        imbalance[dim] = round(peak / mean, 3) if mean else 1.0
-        imbalance[f"hot_shard_{dim}"] = hot
-    return {"total": total, "imbalance": imbalance}
 
 
 def _sum_parts(parts: list[tuple[int, Any, Any]]) -> int:

@@ -124,10 +124,13 @@ def bind_worker_router(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
     return sock
 
 
-def bind_direct_router(ctx: zmq.Context, host: str) -> tuple[zmq.Socket, str]:
+def bind_direct_router(ctx: zmq.Context, host: str, max_message_bytes: int) -> tuple[zmq.Socket, str]:
     """A worker's client-facing ROUTER socket for direct mode, on a free port of ``host``."""
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
+    # As on the router's public socket: a frame past twice the limit is cut off before it is
+    # buffered, so one client cannot make a worker hold an arbitrarily large message.
+    sock.setsockopt(zmq.MAXMSGSIZE, 2 * max_message_bytes)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     sock.setsockopt(zmq.SNDHWM, 10_000)
     sock.setsockopt(zmq.RCVHWM, 10_000)

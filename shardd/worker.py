@@ -399,7 +399,8 @@ def run_worker(config: Config, shard_id: int) -> int:
     direct = None
     if config.direct:
         try:
-            direct, direct_endpoint = transport.bind_direct_router(ctx, config.direct_host())
+            direct, direct_endpoint = transport.bind_direct_router(ctx, config.direct_host(),
+                                                                   config.max_message_bytes)
         except transport.ZMQError as exc:
             log.error("cannot bind a direct-mode endpoint on %s (%s); direct clients will use the router",
                       config.direct_host(), exc)

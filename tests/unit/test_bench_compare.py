@@ -149,14 +149,16 @@ def _rows():
     Row = compare.Row
     return [
         Row("get", "sync GET", "shardd", "shardd.Client, router", 1, 6_000.0, 150.0, 200.0, 300.0),
-        Row("get", "sync GET", "shardd", "shardd.Client, direct", 1, note=compare.DIRECT_NA),
+        Row("get", "sync GET", "shardd-direct", "shardd.Client, direct", 1, 13_000.0, 80.0, 95.0, 120.0),
         Row("get", "sync GET", "redis", "redis-py", 1, 12_000.0, 70.0, 90.0, 100.0),
         Row("get", "sync GET", "memcached", "pymemcache", 1, 18_000.0, 50.0, 60.0, 80.0, misses=3,
             errors={"Timeout": 2}),
         Row("batch", "batched GET x100", "shardd", "shardd.Client, router", 1, 300_000.0, 300.0, 400.0, 500.0),
+        Row("batch", "batched GET x100", "shardd-direct", "shardd.Client, direct", 1, 420_000.0, 200.0, 300.0, 400.0),
         Row("batch", "batched GET x100", "redis", "redis-py", 1, 200_000.0, 500.0, 600.0, 700.0),
         Row("batch", "batched GET x100", "memcached", "pymemcache", 1, 400_000.0, 250.0, 300.0, 350.0),
         Row("mixed", "mixed", "shardd", "shardd.Client, router", 8, 20_000.0, 400.0, 900.0, 1_900.0),
+        Row("mixed", "mixed", "shardd-direct", "shardd.Client, direct", 8, 18_000.0, 300.0, 900.0, 2_500.0),
         Row("mixed", "mixed", "redis", "redis-py", 8, 20_000.0, 300.0, 700.0, 1_000.0),
     ]
 
@@ -169,8 +171,9 @@ def test_format_table_is_markdown_with_ratios_to_redis():
     shardd = cells[("sync GET", "shardd (shardd.Client, router)")]
     assert shardd[4].strip() == "6,000" and shardd[7].strip() == "300.0"
     assert shardd[8].strip() == f"0.50{compare.X}" and shardd[9].strip() == f"3.00{compare.X}"
-    direct = cells[("sync GET", "shardd (shardd.Client, direct)")]
-    assert direct[4].strip() == "n/a (direct mode not implemented)" and direct[8].strip() == "—"
+    direct = cells[("sync GET", "shardd-direct (shardd.Client, direct)")]
+    assert direct[4].strip() == "13,000" and direct[8].strip() == f"1.08{compare.X}"
+    assert direct[9].strip() == f"1.20{compare.X}"
     assert cells[("sync GET", "redis (redis-py)")][8].strip() == f"1.00{compare.X}"
     assert "3 misses; errors: Timeout 2" in cells[("sync GET", "memcached (pymemcache)")][10]
 
@@ -185,19 +188,54 @@ def test_memory_table_ratio_is_rss_to_redis_rss():
     assert f"{(200 << 20) // 1000:,}" in shardd_line  # Δ RSS per key, in bytes
 
 
+def _memory():
+    return [compare.MemoryRow("shardd", 10, 0, 160, None, "", 0.0),
+            compare.MemoryRow("redis", 10, 0, 100, None, "", 0.0)]
+
+
 def test_targets_compare_with_the_right_peer():
-    memory = [compare.MemoryRow("shardd", 10, 0, 160, None, "", 0.0),
-              compare.MemoryRow("redis", 10, 0, 100, None, "", 0.0)]
-    targets = {t.name.split(":")[0]: t for t in compare.evaluate_targets(_rows(), memory)}
-    assert targets["sync GET, direct mode"].met is None
-    assert targets["sync GET, router"].measured == 0.5 and targets["sync GET, router"].met is False
-    batch = targets["batched GET"]  # against memcached, the faster peer
+    targets = {t.name.split(":")[0]: t for t in compare.evaluate_targets(_rows(), _memory())}
+    direct = targets["sync GET, direct mode"]  # 13k vs 12k ops/s, goal 1.0x
+    assert direct.measured == pytest.approx(13 / 12) and direct.met is True and "1.00" in direct.goal
+    router = targets["sync GET, router"]
+    assert router.measured == 0.5 and router.met is False and "0.60" in router.goal
+    batch = targets["batched GET, router"]  # against memcached, the faster peer
     assert batch.measured == 0.75 and batch.met is False and "memcached" in batch.detail
-    mixed = [t for t in compare.evaluate_targets(_rows(), memory) if t.name.startswith("mixed")]
-    assert [t.met for t in mixed] == [True, True]  # 1.0x ops/s, 1.9x p99
+    batch = targets["batched GET, direct mode"]
+    assert batch.measured == pytest.approx(1.05) and batch.met is True and "memcached" in batch.detail
+    mixed = {t.name: t for t in compare.evaluate_targets(_rows(), _memory()) if t.name.startswith("mixed")}
+    assert len(mixed) == 4
+    assert mixed["mixed, router, all client processes: aggregate ops/s vs Redis"].met is True  # 1.0x
+    assert mixed["mixed, router, all client processes: p99 vs Redis's p99"].met is True  # 1.9x
+    assert mixed["mixed, direct mode, all client processes: aggregate ops/s vs Redis"].measured == pytest.approx(0.9)
+    assert mixed["mixed, direct mode, all client processes: p99 vs Redis's p99"].measured == pytest.approx(2.5)
+    assert not any(t.met for name, t in mixed.items() if "direct" in name)
     assert targets["memory"].measured == 1.6 and targets["memory"].met is False
-    text = compare.format_targets(compare.evaluate_targets(_rows(), memory))
-    assert "| not measured |" in text and "**no**" in text and "| yes |" in text
+    text = compare.format_targets(compare.evaluate_targets(_rows(), _memory()))
+    assert "**no**" in text and "| yes |" in text and "not measured" not in text
+
+
+def test_targets_without_a_direct_row_are_not_measured_and_router_targets_stay():
+    rows = [r for r in _rows() if r.system != "shardd-direct"]
+    targets = compare.evaluate_targets(rows, _memory())
+    direct = [t for t in targets if "direct mode" in t.name]
+    assert [t.name.split(":")[0] for t in direct] == ["sync GET, direct mode", "batched GET, direct mode",
+                                                       "mixed, direct mode, all client processes",
+                                                       "mixed, direct mode, all client processes"]
+    assert all(t.measured is None and t.met is None for t in direct)
+    assert next(t for t in targets if t.name.startswith("sync GET, router")).measured == 0.5
+    text = compare.format_targets(targets)
+    assert text.count("| not measured |") == 4
+    assert all(line.count("|") == 5 for line in text.splitlines())
+
+
+def test_shardd_direct_reuses_the_shardd_server():
+    assert "shardd-direct" in compare.SYSTEMS and compare.CLIENTS["shardd-direct"] == "shardd.Client, direct"
+    assert compare.server_of("shardd-direct") == "shardd" and compare.server_of("redis") == "redis"
+    assert compare.servers_for(["shardd", "shardd-direct", "redis"]) == ["shardd", "redis"]
+    assert compare.servers_for(["shardd-direct", "memcached"]) == ["shardd", "memcached"]
+    assert compare.ADAPTERS["shardd-direct"].direct is True and compare.ADAPTERS["shardd"].direct is False
+    assert issubclass(compare.ADAPTERS["shardd-direct"], compare.ADAPTERS["shardd"])
 
 
 def test_quick_sets_short_defaults_and_explicit_options_win():
@@ -205,6 +243,7 @@ def test_quick_sets_short_defaults_and_explicit_options_win():
     assert (args.duration, args.warmup, args.memory_keys) == (2.0, 0.3, 100_000)
     full = compare.parse_args([])
     assert (full.duration, full.warmup, full.memory_keys, full.procs, full.keys) == (10.0, 2.0, 1_000_000, 8, 100_000)
-    assert full.systems == ["shardd", "redis", "memcached"]
+    assert full.systems == ["shardd", "shardd-direct", "redis", "memcached"]
+    assert compare.parse_args(["--systems", "shardd-direct,redis"]).systems == ["shardd-direct", "redis"]
     with pytest.raises(SystemExit):
         compare.parse_args(["--systems", "mongodb"])
