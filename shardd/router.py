@@ -33,6 +33,12 @@ Rule 3: every Batch carries a seq; replies are matched by seq, so a reply from b
         restart, or one for a request already failed, is recognised and dropped.
 Rule 4: nothing a client sends raises out of the loop, and a client that vanished or stopped
         reading costs us a dropped reply, never a blocked send (all sends are non-blocking).
+Rule 5: one flooding client cannot turn everyone else's requests into BUSY. The socket reads
+        peers round-robin (libzmq fair-queues a ROUTER's input), and a peer with more than
+        mailbox_limit/8 requests in flight (received, not yet answered) may fill only 7/8 of a
+        shard's mailbox: the last eighth stays for clients with a few requests in flight.
+        Every request gets exactly one reply, through ``send_to``, which is where a peer's
+        count goes down; a peer with nothing in flight has no entry.
 """
 
 from __future__ import annotations
@@ -76,6 +82,10 @@ class Router(ResizeDuty, StatsDuty):
         self.n = len(links)
         self.limits = config.limits
         self.mailbox_limit = config.mailbox_limit
+        # Rule 5: requests in flight per client connection, and whether the one being routed
+        # comes from a client past its share.
+        self.peer_inflight: dict[bytes, int] = {}
+        self.heavy = False
         self.requests = 0
         self.draining = False
         self.maintenance = False
@@ -107,6 +117,13 @@ class Router(ResizeDuty, StatsDuty):
 
     def send_to(self, peer: Any, frame: bytes) -> None:
         """Send one reply frame; a peer that left or stopped reading loses it (Rule 4)."""
+        identity = peer if type(peer) is bytes else peer.identity if type(peer) is ReqPeer else None
+        if identity is not None:  # Rule 5: one reply per request
+            n = self.peer_inflight.get(identity, 0)
+            if n > 1:
+                self.peer_inflight[identity] = n - 1
+            elif n:
+                del self.peer_inflight[identity]
         try:
             if type(peer) is bytes:
                 send = self.frontend.send
@@ -140,11 +157,16 @@ class Router(ResizeDuty, StatsDuty):
     def _read_clients(self, sock: transport.Socket, privileged: bool) -> None:
         recv, getsockopt = sock.recv, sock.getsockopt
         EVENTS, POLLIN, RCVMORE = transport.EVENTS, transport.POLLIN, transport.RCVMORE
+        fair_share = self.mailbox_limit >> 3
+        peer_inflight = self.peer_inflight
         for _ in range(_DRAIN_LIMIT):
             if not getsockopt(EVENTS) & POLLIN:
                 break
             peer: Any = recv()
             frame = recv()
+            if not privileged:  # Rule 5
+                n = peer_inflight[peer] = peer_inflight.get(peer, 0) + 1
+                self.heavy = n > fair_share
             extra = 0
             if privileged:
                 peer = ControlPeer(peer)
@@ -167,6 +189,7 @@ class Router(ResizeDuty, StatsDuty):
                 except Exception as exc:  # Rule 4: a bug in one request must not stop the router
                     log.exception("internal error routing a request")
                     self.reply(peer, 0, p.INTERNAL_ERROR, f"internal error: {exc!r}")
+        self.heavy = False
         self.flush_outboxes()
 
     def route(self, peer: Any, frame: bytes, privileged: bool = False) -> None:
@@ -228,10 +251,12 @@ class Router(ResizeDuty, StatsDuty):
     def _refusal(self, link: ShardLink) -> tuple[int, str] | None:
         if not link.up:
             return p.UNAVAILABLE, f"shard {link.shard} is down (being restarted); retry shortly"
-        if link.inflight >= self.mailbox_limit:
+        limit = self.mailbox_limit
+        if link.inflight >= limit or (self.heavy and link.inflight >= limit - (limit >> 3)):
             link.busy += 1
+            share = "" if link.inflight >= limit else ", 7/8 of it for a connection sending this much"
             return p.BUSY, (f"shard {link.shard} has {link.inflight} requests in flight "
-                            f"(mailbox_limit {self.mailbox_limit}); back off and retry")
+                            f"(mailbox_limit {limit}{share}); back off and retry")
         return None
 
     def _queue(self, link: ShardLink, op: p.Op, target: Any) -> None:

@@ -464,10 +464,15 @@ def _serve_direct(sock: transport.Socket, shard: Shard) -> None:
 
     The mailbox limit holds here too: of the requests waiting when we look, those past
     ``mailbox_limit`` are answered BUSY at once instead of being queued behind the rest.
+    As in the router (its Rule 5), a peer past mailbox_limit/8 messages in this pass counts
+    against 7/8 of the limit, and those within it are always served (the pass itself is
+    bounded), so a flooder's backlog never turns a light client's request into BUSY.
     """
     recv, send, getsockopt = sock.recv, sock.send, sock.getsockopt
     SNDMORE, POLLIN, EVENTS, RCVMORE = transport.SNDMORE, transport.POLLIN, transport.EVENTS, transport.RCVMORE
     limit = shard.mailbox_limit
+    fair_share = limit >> 3
+    seen: dict[bytes, int] = {}
     taken = []
     while len(taken) < limit + _DRAIN_LIMIT and getsockopt(EVENTS) & POLLIN:
         peer = recv()
@@ -476,21 +481,24 @@ def _serve_direct(sock: transport.Socket, shard: Shard) -> None:
         while getsockopt(RCVMORE):
             recv()
             extra += 1
-        taken.append((peer, frame, extra))
+        sent = seen[peer] = seen.get(peer, 0) + 1
+        taken.append((peer, frame, extra, sent > fair_share))
     if not taken:
         return
     shard.store.touch_clock()
     apply = shard.apply
-    for i, (peer, frame, extra) in enumerate(taken):
+    admitted = 0
+    for peer, frame, extra, heavy in taken:
         if extra:
             reply = p.encode_reply(p.salvage_id(frame), p.BAD_REQUEST,
                                    f"a request must be exactly one frame; got {extra} extra frame(s)")
-        elif i >= limit:
+        elif heavy and admitted >= limit - fair_share:
             shard.busy += 1
             reply = p.encode_reply(p.salvage_id(frame), p.BUSY,
                                    f"shard {shard.shard_id} has more than {limit} requests waiting "
                                    f"(mailbox_limit); back off and retry")
         else:
+            admitted += 1
             reply = apply(frame, True)
         try:
             send(peer, SNDMORE | transport.NOBLOCK)

@@ -17,6 +17,7 @@ import sys
 import time
 
 import psutil
+import pytest
 import zmq
 
 from shardd import protocol as proto
@@ -101,7 +102,9 @@ import sys, time, zmq
 from shardd import protocol as proto
 endpoint, seconds = sys.argv[1], float(sys.argv[2])
 ctx = zmq.Context(); s = ctx.socket(zmq.DEALER); s.linger = 0; s.connect(endpoint)
-frames = [proto.encode_request(i + 1, proto.Get(f"flood:{i}".encode())) for i in range(512)]
+from shardd.hashing import shard_for
+keys = [k for k in (f"flood:{i}".encode() for i in range(4000)) if shard_for(k, 2) == 0][:512]
+frames = [proto.encode_request(i + 1, proto.Get(k)) for i, k in enumerate(keys)]
 sent = received = busy = 0
 print("flooding", flush=True)
 deadline = time.monotonic() + seconds
@@ -116,14 +119,16 @@ print(f"{sent} {busy}", flush=True)
 """
 
 
-def _latencies(endpoint: str, seconds: float) -> list[float]:
+def _latencies(endpoint: str, seconds: float, direct: bool) -> list[float]:
+    """Sequential gets of a key on the flooded shard (0 of 2), one at a time, as a light client does."""
+    key = keys_on_shard(0, 2, 1, prefix="fair:")[0]
     out = []
-    with Client(endpoint, timeout=2.0) as c:
-        c.set("fair:k", b"x")
+    with Client(endpoint, timeout=2.0, direct=direct) as c:
+        c.set(key, b"x")
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             t0 = time.perf_counter()
-            assert c.get("fair:k") == b"x"
+            assert c.get(key) == b"x"
             out.append(time.perf_counter() - t0)
     return sorted(out)
 
@@ -132,15 +137,21 @@ def _p99(values: list[float]) -> float:
     return values[min(len(values) - 1, int(len(values) * 0.99))]
 
 
-def test_a_flooding_client_does_not_starve_another(make_daemon, capsys):
+@pytest.mark.parametrize("path", ["router", "direct"])
+def test_a_flooding_client_does_not_starve_another(make_daemon, capsys, path):
     d = make_daemon(shards=2)
-    quiet = _latencies(d.endpoint, 1.0)
-    flooder = subprocess.Popen([sys.executable, "-c", _FLOOD, d.endpoint, "4"], stdout=subprocess.PIPE,
+    direct = path == "direct"
+    quiet = _latencies(d.endpoint, 1.0, direct)
+    target = d.endpoint
+    if direct:
+        with Client(d.endpoint, timeout=2.0) as c:
+            target = c.topology()["endpoints"][0]
+    flooder = subprocess.Popen([sys.executable, "-c", _FLOOD, target, "4"], stdout=subprocess.PIPE,
                                text=True, cwd=REPO)
     try:
         assert flooder.stdout.readline().strip() == "flooding"
         time.sleep(0.5)  # not readiness: let the flood reach its steady state before measuring
-        flooded = _latencies(d.endpoint, 2.5)
+        flooded = _latencies(d.endpoint, 2.5, direct)
         sent, busy = map(int, flooder.stdout.readline().split())
         assert flooder.wait(10) == 0
     finally:
@@ -148,9 +159,9 @@ def test_a_flooding_client_does_not_starve_another(make_daemon, capsys):
             flooder.kill()
             flooder.wait()
     with capsys.disabled():
-        print(f"\nfair queuing: quiet p99 {_p99(quiet) * 1e3:.2f} ms ({len(quiet)} gets); while a flooder sent "
-              f"{sent} requests ({busy} BUSY): p99 {_p99(flooded) * 1e3:.2f} ms, max {flooded[-1] * 1e3:.1f} ms "
-              f"({len(flooded)} gets)")
+        print(f"\nfair queuing ({path}): quiet p99 {_p99(quiet) * 1e3:.2f} ms ({len(quiet)} gets); "
+              f"while a flooder sent {sent} requests ({busy} BUSY): p99 {_p99(flooded) * 1e3:.2f} ms, "
+              f"max {flooded[-1] * 1e3:.1f} ms ({len(flooded)} gets)")
     assert sent > 10 * len(flooded)  # it really was a flood
     # The bound: one router pass (≤ 512 messages) plus one mailbox (1024 ops) per shard ahead of
     # us, ~10 µs each ≈ 15 ms, times 2 for sharing 2 cores with the flooder: 50 ms. Without fair
