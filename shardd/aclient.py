@@ -266,15 +266,22 @@ class AsyncClient:
 
     async def _multi_direct(self, op: Any) -> Reply:
         parts = _ops.split_by_shard(op, self._shards)
-        results: dict[int, Any] = {}
-        for shard, (sub, positions) in parts.items():
+
+        async def ask(shard: int, sub: Any) -> Any:
             sock = self._worker(shard)
-            try:
-                reply = await self._exchange(sock, sub, f"shard {shard}") if sock is not None else None
-            except Timeout:
+            return await self._exchange(sock, sub, f"shard {shard}") if sock is not None else None
+
+        # All parts in flight at once: the shards work on them in parallel.
+        replies = await asyncio.gather(*(ask(shard, sub) for shard, (sub, _) in parts.items()),
+                                       return_exceptions=True)
+        results: dict[int, Any] = {}
+        for (shard, (sub, positions)), reply in zip(parts.items(), replies, strict=True):
+            if isinstance(reply, Timeout):
                 if not await self._shard_removed(shard):
-                    raise
+                    raise reply
                 reply = None
+            elif isinstance(reply, BaseException):
+                raise reply
             if reply is None or reply.status == protocol.MOVED:
                 self._shards = 0
                 reply = await self._exchange(self._socket(), sub, self.endpoint)

@@ -62,6 +62,7 @@ _decode = _ops.decode
 _result = _ops.result
 _UNANSWERED = _ops.UNANSWERED
 _MULTI_OPS = frozenset(protocol.MULTI_KEY_OPS)
+_TIMED_OUT = object()
 _DIRECT_OPS = frozenset((*protocol.SINGLE_KEY_OPS, *protocol.MULTI_KEY_OPS))
 
 
@@ -202,6 +203,28 @@ class Client:
         # While a resize runs, placement is still by the old count; MOVED names new owners.
         self._shards = topology["shards"] if all(workers[: topology["shards"]]) else 0
 
+    def _send_parts(self, parts: list[tuple[zmq.Socket | None, Any]]) -> list[tuple[Any, int, float]]:
+        """Send each (socket, op); returns (socket or None if not sent, request id, deadline) each."""
+        deadline = _monotonic() + self.timeout
+        sent = []
+        for sock, op in parts:
+            rid = self._last_id = _ops.next_id(self._last_id)
+            ok = sock is not None and self._send(sock, encode_request(rid, op), deadline)
+            sent.append((sock if ok else None, rid, deadline))
+        return sent
+
+    def _await(self, sock: zmq.Socket, rid: int, deadline: float) -> Any:
+        """The Reply with id ``rid`` from ``sock``, or _TIMED_OUT at ``deadline``."""
+        while sock.poll(_ms(deadline - _monotonic()), _POLLIN):
+            try:
+                frame = sock.recv(_NOBLOCK)
+            except zmq.Again:
+                continue
+            reply = _decode(frame)
+            if reply.id == rid:
+                return reply
+        return _TIMED_OUT
+
     def _shard_removed(self, shard: int) -> bool:
         """After a timeout from a worker: True if a shrink removed it (the request was not applied:
         a removed shard holds no keys and answers MOVED until it stops), so retrying is safe."""
@@ -241,14 +264,14 @@ class Client:
     def _multi_direct(self, op: Any) -> Any:
         """Split a multi-key op per owning worker; any part answered MOVED goes through the router."""
         parts = _ops.split_by_shard(op, self._shards)
+        # Every part is sent before any reply is awaited: the shards work on them in parallel.
+        sent = self._send_parts([(self._worker(shard), sub) for shard, (sub, _) in parts.items()])
         results: dict[int, Any] = {}
-        for shard, (sub, positions) in parts.items():
-            sock = self._worker(shard)
-            try:
-                reply = self._exchange(sock, sub, f"shard {shard}") if sock is not None else None
-            except Timeout:
+        for (shard, (sub, positions)), (sock, rid, deadline) in zip(parts.items(), sent, strict=True):
+            reply = self._await(sock, rid, deadline) if sock is not None else None
+            if reply is _TIMED_OUT:
                 if not self._shard_removed(shard):
-                    raise
+                    raise _ops.timeout_error(f"shard {shard}", self.timeout, sub)
                 reply = None
             if reply is None or reply.status == protocol.MOVED:
                 self._shards = 0
