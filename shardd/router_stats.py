@@ -38,6 +38,7 @@ class StatsDuty:
             "mailbox_limit": self.mailbox_limit,
             "requests": self.requests,
             "maintenance": self.maintenance,
+            "clients_in_flight": len(self.peer_inflight),  # connections with requests unanswered (Rule 5)
         }
 
     def _combine_stats(self, parts: list[tuple[int, Any, Any]]) -> dict[str, Any]:

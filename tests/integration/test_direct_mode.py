@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import zmq
 
@@ -71,7 +72,15 @@ def test_mailbox_limit_holds_in_direct_mode(make_daemon):
     s = ctx.socket(zmq.DEALER)
     s.linger = 0
     s.connect(endpoint)
+    held = ctx.socket(zmq.DEALER)
+    held.linger = 0
+    held.connect(d.endpoint)
     try:
+        # Hold the worker in a sleep (through the router) first, so the whole burst below is
+        # waiting when it next reads its direct socket: one pass, which the limit governs.
+        # Without it the burst could be split over two passes, each allowed `limit` ops.
+        held.send(proto.encode_request(2, proto.DebugSleep(0, 300)))
+        time.sleep(0.1)  # timing, not readiness: the router forwards within a millisecond
         s.send(proto.encode_request(1, proto.DebugSleep(0, 500)))
         keys = keys_on_shard(0, 2, 20)
         for i, key in enumerate(keys):
@@ -96,4 +105,5 @@ def test_mailbox_limit_holds_in_direct_mode(make_daemon):
         assert proto.decode_reply(s.recv()).status == proto.BAD_REQUEST
     finally:
         s.close()
+        held.close()
         ctx.term()

@@ -267,6 +267,8 @@ def test_live_fuzz_leaves_every_shard_healthy_and_clients_undisturbed(make_daemo
         health = admin.health()
         assert health["ok"] and not health["maintenance"], health
         assert admin.topology()["shards"] == 2
+        # Every request was answered once: the router tracks nothing in flight but this stats call (Rule 5).
+        assert admin.stats()["router"]["clients_in_flight"] == 1
         rss_after = _workers_rss(admin)
     for shard, rss in rss_after.items():
         assert rss - rss_before[shard] < _RSS_GROWTH, (shard, rss_before, rss_after)
