@@ -524,6 +524,32 @@ class PipelineBase:
 to_dict = _to_dict
 
 
+def attach_workers(topology: dict[str, Any], cache: dict[str, Any], ctx: Any) -> tuple[int, list[Any]]:
+    """(shards to place by, a DEALER per shard) for a topology, reusing ``cache``d sockets.
+
+    Placement is by the topology's shard count, which during a resize is still the old one
+    (MOVED names new owners). 0 means "not usable yet": some shard has not published its
+    endpoint, so the router is used meanwhile.
+    """
+    import zmq  # here, not at the top: _ops is otherwise free of transport concerns
+
+    workers: list[Any] = []
+    for endpoint in topology["endpoints"]:
+        if not endpoint:
+            workers.append(None)
+            continue
+        sock = cache.get(endpoint)
+        if sock is None:
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.IMMEDIATE, 1)  # see shardd.client, Rule 4
+            sock.connect(endpoint)
+            cache[endpoint] = sock
+        workers.append(sock)
+    shards = topology["shards"] if all(workers[: topology["shards"]]) else 0
+    return shards, workers
+
+
 def split_by_shard(op: Any, shards: int) -> dict[int, tuple[Any, list[int]]]:
     """One sub-op per owning shard, with the positions of its keys in the original op."""
     groups: dict[int, list[int]] = {}

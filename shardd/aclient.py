@@ -210,25 +210,12 @@ class AsyncClient:
 
     async def _refresh_topology(self) -> None:
         topology = _result(await self._exchange(self._socket(), protocol.Topology(), self.endpoint), _ops.to_dict)
-        workers: list[zmq.asyncio.Socket | None] = []
-        for endpoint in topology["endpoints"]:
-            if not endpoint:
-                workers.append(None)
-                continue
-            sock = self._worker_sockets.get(endpoint)
-            if sock is None:
-                sock = self._ctx.socket(zmq.DEALER)
-                sock.setsockopt(zmq.LINGER, 0)
-                sock.setsockopt(zmq.IMMEDIATE, 1)
-                sock.connect(endpoint)
-                self._worker_sockets[endpoint] = sock
+        self._shards, self._workers = _ops.attach_workers(topology, self._worker_sockets, self._ctx)
+        for endpoint, sock in self._worker_sockets.items():
             reader = self._worker_readers.get(endpoint)
             if reader is None or reader.done():
                 self._worker_readers[endpoint] = self._loop.create_task(  # type: ignore[union-attr]
                     self._read_replies(sock), name=f"shardd reader {endpoint}")
-            workers.append(sock)
-        self._workers = workers
-        self._shards = topology["shards"] if all(workers[: topology["shards"]]) else 0
 
     async def _shard_removed(self, shard: int) -> bool:
         """As shardd.client.Client._shard_removed."""

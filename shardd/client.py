@@ -170,15 +170,9 @@ class Client:
         rid = self._last_id = _ops.next_id(self._last_id)
         deadline = _monotonic() + self.timeout
         if self._send(sock, encode_request(rid, op), deadline):
-            while sock.poll(_ms(deadline - _monotonic()), _POLLIN):
-                try:
-                    frame = sock.recv(_NOBLOCK)
-                except zmq.Again:
-                    continue
-                reply = _decode(frame)
-                if reply.id == rid:
-                    return reply
-                # Rule 1: a late reply to an abandoned request; drop it.
+            reply = self._await(sock, rid, deadline)
+            if reply is not _TIMED_OUT:
+                return reply
         raise _ops.timeout_error(endpoint, self.timeout, op)
 
     # --- direct mode ------------------------------------------------------------------
@@ -186,22 +180,7 @@ class Client:
     def _refresh_topology(self) -> None:
         """Fetch the topology from the router and connect to every worker it names."""
         topology = _result(self._exchange(self._socket(), protocol.Topology(), self.endpoint), _ops.to_dict)
-        workers: list[zmq.Socket | None] = []
-        for endpoint in topology["endpoints"]:
-            if not endpoint:
-                workers.append(None)
-                continue
-            sock = self._worker_sockets.get(endpoint)
-            if sock is None:
-                sock = self._ctx.socket(zmq.DEALER)
-                sock.setsockopt(zmq.LINGER, 0)
-                sock.setsockopt(zmq.IMMEDIATE, 1)
-                sock.connect(endpoint)
-                self._worker_sockets[endpoint] = sock
-            workers.append(sock)
-        self._workers = workers
-        # While a resize runs, placement is still by the old count; MOVED names new owners.
-        self._shards = topology["shards"] if all(workers[: topology["shards"]]) else 0
+        self._shards, self._workers = _ops.attach_workers(topology, self._worker_sockets, self._ctx)
 
     def _send_parts(self, parts: list[tuple[zmq.Socket | None, Any]]) -> list[tuple[Any, int, float]]:
         """Send each (socket, op); returns (socket or None if not sent, request id, deadline) each."""
@@ -223,6 +202,7 @@ class Client:
             reply = _decode(frame)
             if reply.id == rid:
                 return reply
+            # Rule 1: a late reply to an abandoned request; drop it.
         return _TIMED_OUT
 
     def _shard_removed(self, shard: int) -> bool:
