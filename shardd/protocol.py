@@ -423,6 +423,14 @@ def check_op(op: Op, limits: Limits) -> tuple[int, str] | None:
         return BAD_REQUEST, f"debug_sleep ms must be in [0, 60000], got {op.ms}"
     elif cls is Hotkeys and not 1 <= op.top <= 10_000:
         return BAD_REQUEST, f"hotkeys top must be in [1, 10000], got {op.top}"
+    elif (cls is Resize or cls is ResizeStart) and not 1 <= op.shards <= 1024:
+        return BAD_REQUEST, f"shards must be between 1 and 1024, got {op.shards}"
+    elif cls is Migrate and not 1 <= op.new_shards <= 1024:
+        return BAD_REQUEST, f"new_shards must be between 1 and 1024, got {op.new_shards}"
+    elif cls is SetTopology and not 1 <= op.shards <= 1024:
+        return BAD_REQUEST, f"shards must be between 1 and 1024, got {op.shards}"
+    elif cls is MigrateOut and not (1 <= op.limit <= 100_000 and 1 <= op.scan <= 1_000_000):
+        return BAD_REQUEST, f"migrate_out limit/scan out of range: {op.limit}/{op.scan}"
     elif cls is Health and not 1 <= op.deadline_ms <= 60_000:
         return BAD_REQUEST, f"health deadline_ms must be in [1, 60000], got {op.deadline_ms}"
     return None

@@ -106,6 +106,7 @@ class Shard:
         self._track = self.hot.add if self.hot is not None else None
         s = store
         # type(op) → function(op) → reply value. Built once: the dispatch is a dict lookup.
+        # Ops not listed (maintenance, health, topology, resize, …) are the router's to answer.
         self._handlers: dict[type, Callable[[Any], Any]] = {
             p.Get: lambda op: s.get(op.key),
             p.Set: lambda op: s.set(op.key, op.value, op.ttl_ms, op.cond),
@@ -125,11 +126,8 @@ class Shard:
             p.Stats: lambda op: self.stats(),
             p.Hotkeys: self.hotkeys,
             p.Snapshot: self.snapshot,
-            p.Drain: _router_only,
             p.DebugSleep: self._debug_sleep,
             p.Configure: self.configure,
-            p.Maintenance: _router_only,
-            p.Health: _router_only,
             p.Migrate: self.migrate,
             p.MigrateOut: self.migrate_out,
             p.MigrateIn: self.migrate_in,
@@ -170,7 +168,7 @@ class Shard:
                 # Moved out already, or never here: either way its new owner answers.
                 return p.encode_reply(env.id, p.MOVED, {"epoch": self.epoch, "shard": shard_for(key, self.new_shards)})
         try:
-            value = self._handlers[cls](op)
+            value = self._handlers.get(cls, _router_only)(op)
         except ServerError as exc:  # e.g. NotInteger from INCR: the op's own failure
             return p.encode_reply(env.id, exc.status, exc.message)
         except Exception as exc:  # Invariant 2: a bug must not take the shard down.

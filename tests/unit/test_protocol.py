@@ -634,3 +634,11 @@ def test_negative_ids_are_rejected(obj: Any) -> None:
     reply = error_for(obj)
     assert reply.status != p.OK
     assert reply.id == 0
+
+
+@pytest.mark.parametrize("op", [p.SetTopology(2, 0), p.Migrate(2, 0), p.Resize(0), p.ResizeStart(2000),
+                                p.MigrateOut(0, 10), p.MigrateOut(10, 0)])
+def test_resize_ops_with_impossible_counts_are_bad_requests(op: p.Op) -> None:
+    # Found by bench/fuzz_protocol.py: set_topology with 0 shards reached shard_for(key, 0).
+    reply = reply_of(p.decode_envelope(p.encode_request(9, op), LIMITS))
+    assert (reply.id, reply.status) == (9, p.BAD_REQUEST)
