@@ -524,7 +524,30 @@ class PipelineBase:
 to_dict = _to_dict
 
 
-def attach_workers(topology: dict[str, Any], cache: dict[str, Any], ctx: Any) -> tuple[int, list[Any]]:
+Curve = tuple[bytes, bytes, bytes]  # server public key, client public key, client secret key
+
+
+def load_curve(auth_dir: str, name: str = "admin") -> Curve:
+    """The keys a client needs for a daemon with ``auth_dir`` (see ``shardd keys generate``)."""
+    import os
+
+    import zmq.auth
+
+    server_public, _ = zmq.auth.load_certificate(os.path.join(auth_dir, "server.key"))
+    public, secret = zmq.auth.load_certificate(os.path.join(auth_dir, f"{name}.key_secret"))
+    if secret is None:
+        raise ValueError(f"{auth_dir}/{name}.key_secret holds no secret key")
+    return server_public, public, secret
+
+
+def secure(sock: Any, curve: Curve | None) -> None:
+    """Make ``sock`` a CURVE client of the daemon (before it connects); nothing without keys."""
+    if curve is not None:
+        sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = curve
+
+
+def attach_workers(topology: dict[str, Any], cache: dict[str, Any], ctx: Any,
+                   curve: Curve | None = None) -> tuple[int, list[Any]]:
     """(shards to place by, a DEALER per shard) for a topology, reusing ``cache``d sockets.
 
     Placement is by the topology's shard count, which during a resize is still the old one
@@ -543,6 +566,7 @@ def attach_workers(topology: dict[str, Any], cache: dict[str, Any], ctx: Any) ->
             sock = ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.IMMEDIATE, 1)  # see shardd.client, Rule 4
+            secure(sock, curve)
             sock.connect(endpoint)
             cache[endpoint] = sock
         workers.append(sock)

@@ -59,6 +59,7 @@ class AsyncClient:
         timeout: float = _ops.DEFAULT_TIMEOUT,
         context: zmq.asyncio.Context | None = None,
         direct: bool = False,
+        curve: _ops.Curve | None = None,
     ) -> None:
         if not isinstance(endpoint, str):
             raise TypeError(f"endpoint must be a str such as {_ops.DEFAULT_ENDPOINT!r}")
@@ -69,6 +70,7 @@ class AsyncClient:
         try:
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.IMMEDIATE, 1)  # see shardd.client, Rule 4
+            _ops.secure(sock, curve)  # CURVE keys, when the daemon has auth_dir
             sock.connect(endpoint)
         except BaseException:
             sock.close(0)
@@ -82,6 +84,7 @@ class AsyncClient:
         # Direct mode: as shardd.client (Rule 6), with one reader task per worker socket, all
         # resolving futures in the same ``_pending`` (ids are unique per client).
         self.direct = bool(direct)
+        self._curve = curve
         self._ctx = ctx
         self._shards = 0
         self._workers: list[zmq.asyncio.Socket | None] = []
@@ -210,7 +213,7 @@ class AsyncClient:
 
     async def _refresh_topology(self) -> None:
         topology = _result(await self._exchange(self._socket(), protocol.Topology(), self.endpoint), _ops.to_dict)
-        self._shards, self._workers = _ops.attach_workers(topology, self._worker_sockets, self._ctx)
+        self._shards, self._workers = _ops.attach_workers(topology, self._worker_sockets, self._ctx, self._curve)
         for endpoint, sock in self._worker_sockets.items():
             reader = self._worker_readers.get(endpoint)
             if reader is None or reader.done():

@@ -42,9 +42,16 @@ def _ask(endpoint: str, timeout: float, request: Callable[[Any], T]) -> T:
 
 
 def _client(endpoint: str, timeout: float):
+    """A client for the CLI's commands; with $SHARDD_KEYS (an auth_dir) it presents the key named
+    $SHARDD_KEY_NAME (default "admin") to a daemon that has authentication on."""
+    import os
+
+    from shardd import _ops
     from shardd.client import Client
 
-    return Client(endpoint, timeout=timeout)
+    keys = os.environ.get("SHARDD_KEYS")
+    curve = _ops.load_curve(keys, os.environ.get("SHARDD_KEY_NAME", "admin")) if keys else None
+    return Client(endpoint, timeout=timeout, curve=curve)
 
 
 @app.command()
@@ -55,6 +62,7 @@ def serve(
     shards: Annotated[int | None, typer.Option(help="Number of shards (0 = one per CPU).")] = None,
     runtime_dir: Annotated[str | None, typer.Option("--runtime-dir", help="Directory for ipc sockets.")] = None,
     state_dir: Annotated[str | None, typer.Option("--state-dir", help="Directory for warm-restart snapshots.")] = None,
+    auth_dir: Annotated[str | None, typer.Option("--auth-dir", help="CURVE keys (shardd keys generate).")] = None,
     mailbox_limit: Annotated[int | None, typer.Option("--mailbox-limit", help="In-flight ops per shard.")] = None,
     log_level: Annotated[str | None, typer.Option("--log-level", help="debug, info, warning or error.")] = None,
     pin_cpus: Annotated[bool | None, typer.Option("--pin-cpus/--no-pin-cpus", help="Pin workers to CPUs.")] = None,
@@ -66,7 +74,7 @@ def serve(
     from shardd.config import load_config
 
     overrides: dict[str, Any] = {
-        "bind": bind, "shards": shards, "runtime_dir": runtime_dir, "state_dir": state_dir,
+        "bind": bind, "shards": shards, "runtime_dir": runtime_dir, "state_dir": state_dir, "auth_dir": auth_dir,
         "mailbox_limit": mailbox_limit,
         "log_level": log_level, "pin_cpus": pin_cpus, "enable_debug_ops": enable_debug_ops,
         "allow_remote_without_auth": allow_remote_without_auth,
@@ -131,6 +139,30 @@ def maintenance(
         raise _fail(f"mode must be on, off or status, got {mode!r}", ExitCode.CONFIG)
     now = _ask(endpoint, timeout, lambda client: client.maintenance(wanted[mode]))
     typer.echo(f"maintenance {'on' if now else 'off'}")
+
+
+keys_app = typer.Typer(help="CURVE keys for authentication (auth_dir).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("generate")
+def keys_generate(
+    auth_dir: Annotated[str, typer.Argument(help="Directory to create or add to (use it as auth_dir).")],
+    name: Annotated[str, typer.Option(help="Name of the client key pair to create.")] = "admin",
+    admin: Annotated[bool, typer.Option("--admin/--client", help="May the key send admin ops?")] = True,
+) -> None:
+    """Create the daemon's key pair (once) and a client key pair that may connect."""
+    import os
+
+    from shardd import transport
+
+    if os.path.exists(os.path.join(auth_dir, f"{name}.key_secret")):
+        raise _fail(f"{auth_dir}/{name}.key_secret exists already; choose another --name", ExitCode.CONFIG)
+    _, secret = transport.generate_keys(auth_dir, name, admin)
+    typer.echo(f"server keys: {auth_dir}/server.key (public), {auth_dir}/server.key_secret (keep private)")
+    typer.echo(f"{'admin' if admin else 'client'} key {name!r}: {secret} — give it, with server.key, to that client")
+    typer.echo(f"serve with: shardd serve --auth-dir {auth_dir}; clients: SHARDD_KEYS={auth_dir} "
+               f"SHARDD_KEY_NAME={name}")
 
 
 shards_app = typer.Typer(help="Show the shard topology, or resize it while serving.", no_args_is_help=False)

@@ -80,6 +80,7 @@ class Client:
         timeout: float = DEFAULT_TIMEOUT,
         context: zmq.Context | None = None,
         direct: bool = False,
+        curve: _ops.Curve | None = None,
     ) -> None:
         if not isinstance(endpoint, str):
             raise TypeError(f"endpoint must be a str such as {DEFAULT_ENDPOINT!r}")
@@ -90,6 +91,7 @@ class Client:
         try:
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.IMMEDIATE, 1)
+            _ops.secure(sock, curve)  # CURVE keys, when the daemon has auth_dir
             sock.connect(endpoint)
         except BaseException:
             sock.close(0)
@@ -100,6 +102,7 @@ class Client:
         # Direct mode (Rule 6): single- and multi-key ops go to the owning worker's own
         # endpoint, placed by the daemon's topology; everything else goes through the router.
         self.direct = bool(direct)
+        self._curve = curve
         self._ctx = ctx
         self._shards = 0                                  # 0: topology not fetched (or unusable)
         self._workers: list[zmq.Socket | None] = []
@@ -180,7 +183,7 @@ class Client:
     def _refresh_topology(self) -> None:
         """Fetch the topology from the router and connect to every worker it names."""
         topology = _result(self._exchange(self._socket(), protocol.Topology(), self.endpoint), _ops.to_dict)
-        self._shards, self._workers = _ops.attach_workers(topology, self._worker_sockets, self._ctx)
+        self._shards, self._workers = _ops.attach_workers(topology, self._worker_sockets, self._ctx, self._curve)
 
     def _send_parts(self, parts: list[tuple[zmq.Socket | None, Any]]) -> list[tuple[Any, int, float]]:
         """Send each (socket, op); returns (socket or None if not sent, request id, deadline) each."""

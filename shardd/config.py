@@ -63,15 +63,17 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     snapshot_interval: float = 0.0
     snapshot_timeout: float = 60.0
     allow_remote_without_auth: bool = False
+    auth_dir: str = ""
 
     def __post_init__(self) -> None:
         if not _ENDPOINT_RE.match(self.bind):
             raise ValueError(f"must be tcp://HOST:PORT or ipc://PATH, got {self.bind!r} - at `$.bind`")
-        if not self.allow_remote_without_auth and not is_local_endpoint(self.bind):
+        if not self.auth_dir and not self.allow_remote_without_auth and not is_local_endpoint(self.bind):
             # Protected mode (Redis's precedent): an unauthenticated cache reachable from other
             # hosts is an open door to every service's data, so serving one must be explicit.
             raise ValueError(f"{self.bind} is reachable from other hosts and shardd has no authentication; "
-                             f"bind loopback or ipc, or set allow_remote_without_auth = true - at `$.bind`")
+                             f"bind loopback or ipc, set auth_dir (CURVE keys: shardd keys generate), "
+                             f"or set allow_remote_without_auth = true - at `$.bind`")
         checks: list[tuple[str, bool, str]] = [
             ("shards", 0 <= self.shards <= 1024, "between 0 (one per CPU) and 1024"),
             ("mailbox_limit", 1 <= self.mailbox_limit <= 10_000_000, "between 1 and 10000000"),

@@ -114,10 +114,16 @@ class Moved(ServerError):
     status = 10
 
 
+class Forbidden(ServerError):
+    """Raised when an admin op (flush, resize, tune, maintenance, …) comes from a key that is not an admin key."""
+
+    status = 11
+
+
 SERVER_ERRORS: dict[int, type[ServerError]] = {
     cls.status: cls
     for cls in (BadRequest, UnsupportedVersion, TooLarge, Busy, Unavailable, NotInteger, InternalError,
-                OutOfMemory, Maintenance, Moved)
+                OutOfMemory, Maintenance, Moved, Forbidden)
 }
 
 

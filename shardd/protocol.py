@@ -36,6 +36,7 @@ import msgspec
 from shardd.errors import (
     BadRequest,
     Busy,
+    Forbidden,
     InternalError,
     Moved,
     NotInteger,
@@ -60,6 +61,7 @@ INTERNAL_ERROR = InternalError.status
 OUT_OF_MEMORY = OutOfMemory.status
 MAINTENANCE = MaintenanceError.status
 MOVED = Moved.status
+FORBIDDEN = Forbidden.status
 
 # SET conditions (memcached add/replace, Redis NX/XX).
 ALWAYS = 0
@@ -267,6 +269,8 @@ SINGLE_KEY_OPS = (Get, Set, Delete, Exists, Expire, Ttl, Persist, Incr, Gets, Ca
 MULTI_KEY_OPS = (GetMany, SetMany, DeleteMany)
 ADMIN_OPS = (Ping, Stats, Flush, Health, Maintenance, Configure, Hotkeys, Drain, Snapshot, Tune)
 TUNABLE = ("mailbox_limit", "max_memory", "eviction_policy")
+# With authentication on, only admin keys may send these (see transport.ServerAuth).
+ADMIN_ONLY_OPS = (Flush, Resize, Tune, Maintenance, DebugSleep)
 CONTROL_ONLY_OPS = (Configure, Drain, Snapshot, ResizeStart, Migrate, MigrateOut, MigrateIn, SetTopology, Describe)
 # What a direct-mode client may send to a worker's own endpoint; the rest goes to the router.
 DIRECT_OPS = (*SINGLE_KEY_OPS, *MULTI_KEY_OPS, Ping, DebugSleep)

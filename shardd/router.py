@@ -75,6 +75,10 @@ class Router(ResizeDuty, StatsDuty):
 
     def __init__(self, config: Config, frontend: transport.Socket, links: list[ShardLink],
                  control: transport.Socket | None = None) -> None:
+        # Authentication (auth_dir): the z85 public keys allowed admin ops, or None when off.
+        self.admin_ids: frozenset[str] | None = None
+        self.caller_is_admin = False
+        self.authenticator: Any = None
         self.config = config
         self.frontend = frontend
         self.control = control
@@ -163,7 +167,13 @@ class Router(ResizeDuty, StatsDuty):
             if not getsockopt(EVENTS) & POLLIN:
                 break
             peer: Any = recv()
-            frame = recv()
+            if self.admin_ids is not None and not privileged:
+                # Authenticated: the body frame carries the client's key as its User-Id.
+                message = recv(copy=False)
+                frame = message.bytes
+                self.caller_is_admin = message.get("User-Id") in self.admin_ids
+            else:
+                frame = recv()
             if not privileged:  # Rule 5
                 n = peer_inflight[peer] = peer_inflight.get(peer, 0) + 1
                 self.heavy = n > fair_share
@@ -214,6 +224,11 @@ class Router(ResizeDuty, StatsDuty):
             link.out_targets.append(peer)
             return
         cls = type(op)
+        if (self.admin_ids is not None and not privileged and not self.caller_is_admin and cls in _ADMIN_ONLY
+                and not (cls is p.Maintenance and op.on is None)):
+            self.reply(peer, env.id, p.FORBIDDEN,
+                       f"{cls.__struct_config__.tag} needs an admin key (auth_dir/admins); this key is a client key")
+            return
         if self.migration is not None and cls in _REFUSED_WHILE_RESIZING:
             self.reply(peer, env.id, p.BUSY, f"{cls.__struct_config__.tag} is refused while a resize runs; retry")
             return
@@ -502,6 +517,7 @@ class Router(ResizeDuty, StatsDuty):
 
 
 _WRITES = frozenset(p.WRITE_OPS)
+_ADMIN_ONLY = frozenset(p.ADMIN_ONLY_OPS)
 _MULTI = frozenset(p.MULTI_KEY_OPS)
 # Ops that cannot be made consistent with entries in transit between shards.
 _REFUSED_WHILE_RESIZING = frozenset({p.Flush, p.Resize, p.Snapshot})
@@ -542,8 +558,10 @@ def run_router(config: Config) -> int:
         for shard in range(config.shards):
             sock, monitor = transport.connect_shard_dealer(ctx, config.worker_endpoint(shard))
             links.append(ShardLink(shard, sock, monitor))
+        auth = transport.ServerAuth(config.auth_dir) if config.auth_dir else None
+        authenticator = transport.start_authenticator(ctx, auth) if auth else None
         try:
-            frontend = transport.bind_public_router(ctx, public, config.max_message_bytes)
+            frontend = transport.bind_public_router(ctx, public, config.max_message_bytes, auth=auth)
             control = transport.bind_public_router(ctx, [config.control_endpoint()], config.max_message_bytes,
                                                    transport.PRIVATE_IPC_MODE)
         except transport.ZMQError as exc:
@@ -551,6 +569,9 @@ def run_router(config: Config) -> int:
             return ExitCode.BOOT_FAILED
         router = Router(config, frontend, links, control)
         router.ctx = ctx
+        if auth is not None:
+            router.admin_ids = auth.admin_ids
+            router.authenticator = authenticator
         log.info("listening on %s for %d shards", config.bind, config.shards)
         _serve(router, wakeup, lambda: stopping)
     finally:
@@ -568,9 +589,13 @@ def _serve(router: Router, wakeup: int, should_stop: Callable[[], bool]) -> None
     poller.register(frontend, transport.POLLIN)
     poller.register(router.control, transport.POLLIN)
     poller.register(wakeup, transport.POLLIN)
+    authenticator = router.authenticator
+    if authenticator is not None:  # CURVE handshakes ask it over inproc; answered in this loop
+        poller.register(authenticator.zap_socket, transport.POLLIN)
     by_socket: dict[Any, Callable[[], None]] = {
         frontend: router.on_frontend,
         router.control: router.on_control,
+        **({authenticator.zap_socket: lambda: transport.answer_zap(authenticator)} if authenticator else {}),
         wakeup: lambda: transport.drain_fd(wakeup),
     }
     def watch(link: ShardLink) -> None:

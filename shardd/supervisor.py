@@ -61,7 +61,7 @@ _HEALTH_INTERVAL = 5.0
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 # Settings a SIGHUP cannot change: they shape processes and sockets made at start-up.
 RESTART_KEYS = frozenset({"bind", "shards", "runtime_dir", "pin_cpus", "enable_debug_ops", "metrics_bind",
-                          "state_dir", "allow_remote_without_auth"})
+                          "state_dir", "allow_remote_without_auth", "auth_dir"})
 
 
 class Arbiter:
@@ -88,6 +88,13 @@ class Arbiter:
     # --- entry point --------------------------------------------------------------
 
     def run(self) -> int:
+        if self.config.auth_dir:
+            try:
+                transport.ServerAuth(self.config.auth_dir)
+            except (OSError, ValueError) as exc:
+                log.error("auth_dir %s is not usable (%s); create it with: shardd keys generate %s",
+                          self.config.auth_dir, exc, self.config.auth_dir)
+                return ExitCode.CONFIG
         wakeup_r = self._install_signals()
         try:
             self.prepare_runtime_dir()

@@ -34,9 +34,11 @@ def new_context() -> zmq.Context:
 
 
 def bind_public_router(ctx: zmq.Context, endpoints: Iterable[str], max_message_bytes: int,
-                       ipc_mode: int | None = None) -> zmq.Socket:
+                       ipc_mode: int | None = None, auth: ServerAuth | None = None) -> zmq.Socket:
     """The router's client-facing ROUTER socket, bound to every endpoint given."""
     sock = ctx.socket(zmq.ROUTER)
+    if auth is not None:
+        secure(sock, auth)
     # Linger bounds close(); replies to departed clients are worthless.
     sock.setsockopt(zmq.LINGER, 0)
     # A peer sending more than twice the message limit is cut off by libzmq before the bytes
@@ -124,9 +126,12 @@ def bind_worker_router(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
     return sock
 
 
-def bind_direct_router(ctx: zmq.Context, host: str, max_message_bytes: int) -> tuple[zmq.Socket, str]:
+def bind_direct_router(ctx: zmq.Context, host: str, max_message_bytes: int,
+                       auth: ServerAuth | None = None) -> tuple[zmq.Socket, str]:
     """A worker's client-facing ROUTER socket for direct mode, on a free port of ``host``."""
     sock = ctx.socket(zmq.ROUTER)
+    if auth is not None:
+        secure(sock, auth)
     sock.setsockopt(zmq.LINGER, 0)
     # As on the router's public socket: a frame past twice the limit is cut off before it is
     # buffered, so one client cannot make a worker hold an arbitrarily large message.
@@ -164,3 +169,80 @@ def drain_fd(fd: int) -> None:
             pass
     except BlockingIOError:
         pass
+
+
+# --- CURVE authentication (optional: auth_dir) -------------------------------------------
+#
+# Layout of an auth directory (made by `shardd keys generate`):
+#   server.key, server.key_secret   the daemon's key pair
+#   clients/<name>.key              public keys allowed to connect
+#   admins/<name>.key               public keys also allowed admin ops (flush, resize, tune, …)
+#   <name>.key, <name>.key_secret   a client's own pair, to hand to that client
+# Every connection to a public endpoint (router or a worker's own) is encrypted and must
+# present an allowed client key; a handshake with any other key fails, so the client only
+# ever sees a timeout (ZeroMQ never tells an unauthenticated peer why).
+
+class ServerAuth:
+    """The daemon's CURVE keys and who is allowed in, loaded once at start-up."""
+
+    def __init__(self, auth_dir: str) -> None:
+        import zmq.auth
+
+        self.auth_dir = auth_dir
+        self.public, self.secret = zmq.auth.load_certificate(os.path.join(auth_dir, "server.key_secret"))
+        self.clients_dir = os.path.join(auth_dir, "clients")
+        admins = os.path.join(auth_dir, "admins")
+        # The User-Id libzmq attaches to each message is the z85 public key (pyzmq's default).
+        self.admin_ids = frozenset(zmq.auth.load_certificate(os.path.join(admins, name))[0].decode()
+                                   for name in sorted(os.listdir(admins)) if name.endswith(".key"))
+
+
+def secure(sock: zmq.Socket, auth: ServerAuth) -> None:
+    """Make ``sock`` a CURVE server (before it binds)."""
+    sock.curve_server = True
+    sock.curve_publickey = auth.public
+    sock.curve_secretkey = auth.secret
+    sock.zap_domain = b"shardd"
+
+
+def start_authenticator(ctx: zmq.Context, auth: ServerAuth):
+    """A ZAP handler for ``ctx``, driven by the caller's poll loop (no thread): poll its
+    ``zap_socket`` and call ``answer_zap`` when it is readable."""
+    from zmq.auth.base import Authenticator
+
+    authenticator = Authenticator(ctx)
+    authenticator.start()
+    authenticator.configure_curve(domain="shardd", location=auth.clients_dir)  # = zap_domain in secure()
+    return authenticator
+
+
+def answer_zap(authenticator) -> None:
+    """Answer one ZAP request. pyzmq makes the handler a coroutine (for async callbacks); with
+    keys from a directory it never suspends, so it is run to completion right here."""
+    result = authenticator.handle_zap_message(authenticator.zap_socket.recv_multipart())
+    if hasattr(result, "send"):
+        try:
+            result.send(None)
+        except StopIteration:
+            return
+        result.close()
+        raise RuntimeError("the ZAP handler wanted to wait; key checks must not")
+
+
+def generate_keys(auth_dir: str, name: str, admin: bool) -> tuple[str, str]:
+    """Create the server pair (once) and a client pair ``name``; allow it (and make it admin)."""
+    import shutil
+
+    import zmq.auth
+
+    for sub in ("", "clients", "admins"):
+        os.makedirs(os.path.join(auth_dir, sub), mode=0o700, exist_ok=True)
+    if not os.path.exists(os.path.join(auth_dir, "server.key_secret")):
+        zmq.auth.create_certificates(auth_dir, "server")
+    public, secret = zmq.auth.create_certificates(auth_dir, name)
+    shutil.copy(public, os.path.join(auth_dir, "clients", f"{name}.key"))
+    if admin:
+        shutil.copy(public, os.path.join(auth_dir, "admins", f"{name}.key"))
+    for path in (secret, os.path.join(auth_dir, "server.key_secret")):
+        os.chmod(path, 0o600)
+    return public, secret

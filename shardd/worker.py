@@ -394,11 +394,13 @@ def run_worker(config: Config, shard_id: int) -> int:
     except transport.ZMQError as exc:
         log.error("cannot bind %s: %s", config.worker_endpoint(shard_id), exc)
         return ExitCode.BOOT_FAILED
+    auth = transport.ServerAuth(config.auth_dir) if config.auth_dir else None
+    authenticator = transport.start_authenticator(ctx, auth) if auth and config.direct else None
     direct = None
     if config.direct:
         try:
             direct, direct_endpoint = transport.bind_direct_router(ctx, config.direct_host(),
-                                                                   config.max_message_bytes)
+                                                                   config.max_message_bytes, auth)
         except transport.ZMQError as exc:
             log.error("cannot bind a direct-mode endpoint on %s (%s); direct clients will use the router",
                       config.direct_host(), exc)
@@ -411,7 +413,7 @@ def run_worker(config: Config, shard_id: int) -> int:
         shard.direct_endpoint = direct_endpoint
     log.info("serving shard %d on %s (cpu %s)", shard_id, config.worker_endpoint(shard_id), cpu)
     try:
-        _serve(sock, shard, config, wakeup, lambda: stopping, direct)
+        _serve(sock, shard, config, wakeup, lambda: stopping, direct, authenticator)
     finally:
         transport.remove_ipc_file(config.worker_endpoint(shard_id))
         ctx.destroy(linger=0)
@@ -420,12 +422,16 @@ def run_worker(config: Config, shard_id: int) -> int:
 
 
 def _serve(sock: transport.Socket, shard: Shard, config: Config, wakeup: int,
-           should_stop: Callable[[], bool], direct: transport.Socket | None = None) -> None:
+           should_stop: Callable[[], bool], direct: transport.Socket | None = None,
+           authenticator: Any = None) -> None:
     poller = transport.Poller()
     poller.register(sock, transport.POLLIN)
     poller.register(wakeup, transport.POLLIN)
     if direct is not None:
         poller.register(direct, transport.POLLIN)
+    zap = authenticator.zap_socket if authenticator is not None else None
+    if zap is not None:  # CURVE handshakes on the direct endpoint ask here (see transport)
+        poller.register(zap, transport.POLLIN)
     recv, send, getsockopt = sock.recv, sock.send, sock.getsockopt
     SNDMORE, POLLIN, EVENTS, RCVMORE = transport.SNDMORE, transport.POLLIN, transport.EVENTS, transport.RCVMORE
     apply_batch = shard.apply_batch
@@ -446,6 +452,8 @@ def _serve(sock: transport.Socket, shard: Shard, config: Config, wakeup: int,
                 if reply is not None:
                     send(peer, SNDMORE)
                     send(reply)
+            if zap is not None and zap.getsockopt(EVENTS) & POLLIN:
+                transport.answer_zap(authenticator)
             if direct is not None:
                 _serve_direct(direct, shard)
             if len(ready) > 1 or ready[0][0] == wakeup:  # only then can the pipe hold a signal byte

@@ -38,6 +38,12 @@ class Daemon:
             self.argv += ["--config", config]
         self.proc: subprocess.Popen | None = None
         self.shards = shards
+        # With authentication on, readiness is checked with the admin key.
+        self.curve = None
+        if "--auth-dir" in args:
+            from shardd import _ops
+
+            self.curve = _ops.load_curve(args[args.index("--auth-dir") + 1], "admin")
 
     def start(self, wait: bool = True) -> Daemon:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - held for the daemon's lifetime
@@ -51,7 +57,7 @@ class Daemon:
         from shardd.errors import SharddError
 
         deadline = time.monotonic() + timeout
-        with Client(self.endpoint, timeout=0.5) as client:
+        with Client(self.endpoint, timeout=0.5, curve=self.curve) as client:
             while True:
                 if self.proc.poll() is not None:
                     raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.log()}")

@@ -64,10 +64,10 @@ def error_for(obj: Any, limits: Limits = LIMITS) -> Reply:
 
 
 def test_status_codes_are_fixed() -> None:
-    assert tuple(range(11)) == (p.OK, p.BAD_REQUEST, p.UNSUPPORTED_VERSION, p.TOO_LARGE, p.BUSY, p.UNAVAILABLE,
-            p.NOT_INTEGER, p.INTERNAL_ERROR, p.OUT_OF_MEMORY, p.MAINTENANCE, p.MOVED)
+    assert tuple(range(12)) == (p.OK, p.BAD_REQUEST, p.UNSUPPORTED_VERSION, p.TOO_LARGE, p.BUSY, p.UNAVAILABLE,
+            p.NOT_INTEGER, p.INTERNAL_ERROR, p.OUT_OF_MEMORY, p.MAINTENANCE, p.MOVED, p.FORBIDDEN)
     assert {s: cls.status for s, cls in errors.SERVER_ERRORS.items()} == {s: s for s in errors.SERVER_ERRORS}
-    assert set(range(1, 11)) == set(errors.SERVER_ERRORS)
+    assert set(range(1, 12)) == set(errors.SERVER_ERRORS)
     assert p.PROTOCOL_VERSION == 1
     assert (p.ALWAYS, p.IF_ABSENT, p.IF_PRESENT) == (0, 1, 2)
 

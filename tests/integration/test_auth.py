@@ -1,0 +1,65 @@
+"""CURVE authentication against the real daemon: allowed keys in, others out, admin ops for admins."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from shardd import _ops
+from shardd.client import Client
+from shardd.errors import Forbidden, Timeout
+
+
+@pytest.fixture
+def auth_dir(tmp_path):
+    d = str(tmp_path / "keys")
+    for args in (["--name", "admin"], ["--name", "app", "--client"], ["--name", "stranger", "--client"]):
+        r = subprocess.run([sys.executable, "-m", "shardd", "keys", "generate", d, *args], capture_output=True,
+                           text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+    # "stranger" has a key pair but is not allowed in: remove it from clients/
+    os.unlink(os.path.join(d, "clients", "stranger.key"))
+    return d
+
+
+def test_only_allowed_keys_get_in_and_only_admins_administer(make_daemon, auth_dir):
+    d = make_daemon("--auth-dir", auth_dir, shards=2)
+    with Client(d.endpoint, timeout=0.5) as anonymous, pytest.raises(Timeout):
+        anonymous.get("k")  # no CURVE handshake: never answered
+    with Client(d.endpoint, timeout=0.5, curve=_ops.load_curve(auth_dir, "stranger")) as c, pytest.raises(Timeout):
+        c.get("k")  # a key the daemon does not list
+    with Client(d.endpoint, timeout=2, curve=_ops.load_curve(auth_dir, "app")) as app:
+        assert app.set("k", b"v") is True and app.get("k") == b"v"
+        assert app.maintenance() is False  # asking is fine
+        with pytest.raises(Forbidden, match="admin key"):
+            app.flush()
+        with pytest.raises(Forbidden):
+            app.tune(mailbox_limit=10)
+    with Client(d.endpoint, timeout=2, curve=_ops.load_curve(auth_dir, "admin"), direct=True) as admin:
+        assert admin.get("k") == b"v"  # direct mode: the workers' own endpoints are secured too
+        assert admin.set_many({f"x{i}": b"1" for i in range(20)}) == 20
+        assert admin.flush() == 21
+    with Client(d.endpoint, timeout=0.5, direct=True) as anonymous, pytest.raises(Timeout):
+        anonymous.get("k")
+
+
+def test_auth_allows_remote_binds_and_the_cli_uses_shardd_keys(make_daemon, auth_dir):
+    d = make_daemon("--auth-dir", auth_dir, shards=1)
+    env = {**os.environ, "SHARDD_ENDPOINT": d.endpoint, "SHARDD_KEYS": auth_dir}
+    r = subprocess.run([sys.executable, "-m", "shardd", "set", "a", "b"], capture_output=True, text=True,
+                       timeout=30, env=env)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-m", "shardd", "check-config", "/dev/stdin"], input=(
+        f'bind = "tcp://0.0.0.0:7499"\nauth_dir = "{auth_dir}"\n'), capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr  # protected mode is satisfied by authentication
+
+
+def test_a_missing_auth_dir_is_a_clear_start_up_error(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "shardd", "serve", "--auth-dir", str(tmp_path / "nope"),
+                        "--bind", "tcp://127.0.0.1:7498", "--runtime-dir", str(tmp_path / "run")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert "auth_dir" in r.stderr and "shardd keys generate" in r.stderr
