@@ -29,8 +29,8 @@ import psutil
 
 from shardd import histogram, snapshot, transport
 from shardd import protocol as p
-from shardd.config import Config, allowed_cpus
-from shardd.errors import BadRequest, ExitCode, InternalError, ServerError
+from shardd.config import Config, allowed_cpus, build_config
+from shardd.errors import BadRequest, ConfigError, ExitCode, InternalError, ServerError
 from shardd.hashing import shard_for
 from shardd.hotkeys import HotKeys
 from shardd.logs import setup_logging
@@ -47,6 +47,7 @@ WINDOW_S = 10.0
 
 _KEYED = frozenset(p.SINGLE_KEY_OPS)
 _DIRECT = frozenset(p.DIRECT_OPS)
+_CONFIG_KEYS = frozenset(Config.__struct_fields__)
 _MULTI_KEYS = frozenset((p.GetMany, p.DeleteMany))
 
 
@@ -77,6 +78,7 @@ class Shard:
         self.shard_id = shard_id
         self.cpu = cpu
         self.limits = config.limits
+        self.config = config  # the settings as they are now; configure() validates against it
         self.debug_ops = config.enable_debug_ops
         self.expiry_interval_ms = config.expiry_interval_ms
         self.expiry_budget_ms = config.expiry_budget_ms
@@ -346,8 +348,18 @@ class Shard:
         return {"shard": self.shard_id, "keys": len(entries), "bytes": len(data), "seconds": round(seconds, 3)}
 
     def configure(self, op: p.Configure) -> list[str]:
-        """Apply the live settings this shard knows (SIGHUP reload); returns the keys applied."""
-        settings = op.settings
+        """Apply the live settings this shard knows (SIGHUP reload); returns the keys applied.
+
+        Values are validated like the config file's first (BAD_REQUEST and nothing changed if
+        one is wrong): the sender is trusted, but a bad value must not poison the shard.
+        """
+        known = {k: v for k, v in op.settings.items() if k in _CONFIG_KEYS}
+        try:
+            checked = build_config({**msgspec.structs.asdict(self.config), **known})
+        except ConfigError as exc:
+            raise BadRequest(f"configure: {exc}") from None
+        self.config = checked
+        settings = {k: getattr(checked, k) for k in known}
         applied = []
         if "log_level" in settings:
             logging.getLogger().setLevel(str(settings["log_level"]).upper())
