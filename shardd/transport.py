@@ -33,9 +33,8 @@ def new_context() -> zmq.Context:
     return zmq.Context(io_threads=1)
 
 
-def bind_public_router(ctx: zmq.Context, endpoints: Iterable[str], max_message_bytes: int,
-                       ipc_mode: int | None = None, auth: ServerAuth | None = None) -> zmq.Socket:
-    """The router's client-facing ROUTER socket, bound to every endpoint given."""
+def client_facing_router(ctx: zmq.Context, max_message_bytes: int, auth: ServerAuth | None) -> zmq.Socket:
+    """A ROUTER socket that clients connect to (the router's public one, a worker's own)."""
     sock = ctx.socket(zmq.ROUTER)
     if auth is not None:
         secure(sock, auth)
@@ -49,6 +48,13 @@ def bind_public_router(ctx: zmq.Context, endpoints: Iterable[str], max_message_b
     # Bound what a client that sends without reading can make us hold (per peer).
     sock.setsockopt(zmq.SNDHWM, 10_000)
     sock.setsockopt(zmq.RCVHWM, 10_000)
+    return sock
+
+
+def bind_public_router(ctx: zmq.Context, endpoints: Iterable[str], max_message_bytes: int,
+                       ipc_mode: int | None = None, auth: ServerAuth | None = None) -> zmq.Socket:
+    """The router's client-facing ROUTER socket, bound to every endpoint given."""
+    sock = client_facing_router(ctx, max_message_bytes, auth)
     for endpoint in endpoints:
         bind(sock, endpoint, PUBLIC_IPC_MODE if ipc_mode is None else ipc_mode)
     return sock
@@ -128,17 +134,11 @@ def bind_worker_router(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
 
 def bind_direct_router(ctx: zmq.Context, host: str, max_message_bytes: int,
                        auth: ServerAuth | None = None) -> tuple[zmq.Socket, str]:
-    """A worker's client-facing ROUTER socket for direct mode, on a free port of ``host``."""
-    sock = ctx.socket(zmq.ROUTER)
-    if auth is not None:
-        secure(sock, auth)
-    sock.setsockopt(zmq.LINGER, 0)
-    # As on the router's public socket: a frame past twice the limit is cut off before it is
-    # buffered, so one client cannot make a worker hold an arbitrarily large message.
-    sock.setsockopt(zmq.MAXMSGSIZE, 2 * max_message_bytes)
-    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-    sock.setsockopt(zmq.SNDHWM, 10_000)
-    sock.setsockopt(zmq.RCVHWM, 10_000)
+    """A worker's client-facing ROUTER socket for direct mode, on a free port of ``host``.
+
+    Same options as the router's (MAXMSGSIZE above all: one client must not make a worker
+    buffer an arbitrarily large frame)."""
+    sock = client_facing_router(ctx, max_message_bytes, auth)
     port = sock.bind_to_random_port(f"tcp://{host}")
     return sock, f"tcp://{host}:{port}"
 
