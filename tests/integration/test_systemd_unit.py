@@ -6,6 +6,7 @@ import configparser
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,8 +40,10 @@ def test_systemd_analyze_verify(tmp_path):
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze is not installed (apt-get install systemd); .ci/run installs it")
-    shardd = shutil.which("shardd")
-    assert shardd, "the shardd console script is not on PATH; pip install -e . first"
+    # The console script pip installed next to this interpreter (PATH may not include it).
+    beside = os.path.join(os.path.dirname(sys.executable), "shardd")
+    shardd = beside if os.access(beside, os.X_OK) else shutil.which("shardd")
+    assert shardd, "the shardd console script is not installed; pip install -e . first"
     # verify checks that ExecStart's binary exists: point it at this installation's script.
     unit = tmp_path / "shardd.service"
     unit.write_text(UNIT.read_text().replace("/usr/local/bin/shardd", shardd))
