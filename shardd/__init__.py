@@ -4,8 +4,13 @@ from shardd.errors import (
     BadRequest,
     Busy,
     ConfigError,
+    ConnectionClosed,
+    Forbidden,
     InternalError,
+    Maintenance,
+    Moved,
     NotInteger,
+    OutOfMemory,
     ProtocolError,
     ServerError,
     SharddError,
@@ -18,9 +23,9 @@ from shardd.errors import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "AsyncClient", "BadRequest", "Busy", "Client", "ConfigError", "InternalError", "NotInteger",
-    "ProtocolError", "ServerError", "SharddError", "Timeout", "TooLarge", "Unavailable",
-    "UnsupportedVersion", "__version__",
+    "AsyncClient", "BadRequest", "Busy", "Client", "ConfigError", "ConnectionClosed", "Forbidden",
+    "InternalError", "Maintenance", "Moved", "NotInteger", "OutOfMemory", "ProtocolError", "ServerError",
+    "SharddError", "Timeout", "TooLarge", "Unavailable", "UnsupportedVersion", "__version__", "load_curve",
 ]
 
 
@@ -31,4 +36,7 @@ def __getattr__(name: str):  # lazy, so `import shardd` in the daemon does not l
     if name == "AsyncClient":
         from shardd.aclient import AsyncClient
         return AsyncClient
+    if name == "load_curve":  # CURVE keys for Client(curve=...), from an auth_dir
+        from shardd._ops import load_curve
+        return load_curve
     raise AttributeError(name)
