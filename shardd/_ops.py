@@ -546,6 +546,23 @@ def secure(sock: Any, curve: Curve | None) -> None:
         sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = curve
 
 
+def connect_dealer(ctx: Any, endpoint: str, curve: Curve | None) -> Any:
+    """A client DEALER to ``endpoint``: no linger, queue only on a live connection (shardd.client,
+    Rule 4), CURVE keys when given. Works for zmq and zmq.asyncio contexts alike."""
+    import zmq
+
+    sock = ctx.socket(zmq.DEALER)
+    try:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        secure(sock, curve)
+        sock.connect(endpoint)
+    except BaseException:
+        sock.close(0)
+        raise
+    return sock
+
+
 def attach_workers(topology: dict[str, Any], cache: dict[str, Any], ctx: Any,
                    curve: Curve | None = None) -> tuple[int, list[Any]]:
     """(shards to place by, a DEALER per shard) for a topology, reusing ``cache``d sockets.
@@ -554,8 +571,6 @@ def attach_workers(topology: dict[str, Any], cache: dict[str, Any], ctx: Any,
     (MOVED names new owners). 0 means "not usable yet": some shard has not published its
     endpoint, so the router is used meanwhile.
     """
-    import zmq  # here, not at the top: _ops is otherwise free of transport concerns
-
     workers: list[Any] = []
     for endpoint in topology["endpoints"]:
         if not endpoint:
@@ -563,12 +578,7 @@ def attach_workers(topology: dict[str, Any], cache: dict[str, Any], ctx: Any,
             continue
         sock = cache.get(endpoint)
         if sock is None:
-            sock = ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.IMMEDIATE, 1)  # see shardd.client, Rule 4
-            secure(sock, curve)
-            sock.connect(endpoint)
-            cache[endpoint] = sock
+            sock = cache[endpoint] = connect_dealer(ctx, endpoint, curve)
         workers.append(sock)
     shards = topology["shards"] if all(workers[: topology["shards"]]) else 0
     return shards, workers

@@ -66,15 +66,7 @@ class AsyncClient:
         self.endpoint = endpoint
         self.timeout = _ops.check_timeout(timeout)
         ctx = context if context is not None else zmq.asyncio.Context.instance()
-        sock = ctx.socket(zmq.DEALER)
-        try:
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.IMMEDIATE, 1)  # see shardd.client, Rule 4
-            _ops.secure(sock, curve)  # CURVE keys, when the daemon has auth_dir
-            sock.connect(endpoint)
-        except BaseException:
-            sock.close(0)
-            raise
+        sock = _ops.connect_dealer(ctx, endpoint, curve)
         self._sock: zmq.asyncio.Socket | None = sock
         self._pid = os.getpid()
         self._last_id = 0

@@ -87,15 +87,7 @@ class Client:
         self.endpoint = endpoint
         self.timeout = _ops.check_timeout(timeout)
         ctx = context if context is not None else zmq.Context.instance()
-        sock = ctx.socket(zmq.DEALER)
-        try:
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.IMMEDIATE, 1)
-            _ops.secure(sock, curve)  # CURVE keys, when the daemon has auth_dir
-            sock.connect(endpoint)
-        except BaseException:
-            sock.close(0)
-            raise
+        sock = _ops.connect_dealer(ctx, endpoint, curve)
         self._sock: zmq.Socket | None = sock
         self._pid = os.getpid()
         self._last_id = 0
