@@ -52,7 +52,7 @@ __all__ = ["DEFAULT_ENDPOINT", "DEFAULT_TIMEOUT", "Client", "Pipeline"]
 DEFAULT_ENDPOINT = _ops.DEFAULT_ENDPOINT
 DEFAULT_TIMEOUT = _ops.DEFAULT_TIMEOUT
 
-# Plain ints: enum arithmetic and enum-typed flags cost ~0.5 µs per call (DESIGN.md).
+# Plain ints: enum arithmetic and enum-typed flags cost ~0.5 µs per call (docs/design.md).
 _NOBLOCK = int(zmq.NOBLOCK)
 _POLLIN = int(zmq.POLLIN)
 _POLLOUT = int(zmq.POLLOUT)

@@ -13,7 +13,7 @@ find its key), then:
 * an admin op (ping, stats, flush) fans out to every shard and is gathered.
 
 All requests read in one pass over the client socket are grouped per shard and sent as one
-Batch per shard: per-message overhead dominates on this machine (DESIGN.md), so batching is
+Batch per shard: per-message overhead dominates on this machine (docs/design.md), so batching is
 the main lever on throughput.
 
 Two duties live in their own modules as mixins of Router: ``router_resize`` (topology and

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 One worker owns one :class:`Store` and applies every op on its shard to it, one at a time
-(DESIGN.md, decision 2), so nothing here locks. The store does no I/O: time comes from an
+(docs/design.md, decision 2), so nothing here locks. The store does no I/O: time comes from an
 injected ``clock`` (monotonic milliseconds, an ``int`` >= 0) and randomness from an
 injected ``random.Random``, so tests drive it with a fake clock and a seeded rng.
 

@@ -3,7 +3,7 @@
 Roles call these helpers so socket options live in one place, each with its reason.
 Frames are sent and received one at a time with plain-int flags: on this machine
 ``send_multipart`` costs ~5 µs against ~1 µs frame by frame, and ``zmq.SNDMORE | flags``
-enum arithmetic ~0.5 µs (see DESIGN.md, "Where the time goes").
+enum arithmetic ~0.5 µs (see docs/design.md, "Where the time goes").
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ Socket = zmq.Socket
 
 
 def new_context() -> zmq.Context:
-    """A fresh Context for this process (never inherited: DESIGN.md fixed decision 3)."""
+    """A fresh Context for this process (never inherited: docs/design.md, decision 3)."""
     return zmq.Context(io_threads=1)
 
 
@@ -154,7 +154,7 @@ def signal_wakeup_pipe(signums: Iterable[int], handler) -> int:
     """Install ``handler`` for ``signums`` and return a fd that becomes readable on each signal.
 
     The fd goes into the zmq Poller, so a process blocked in poll wakes at once; the handler
-    itself only records the signal (STYLE.md habit 3).
+    itself only records the signal (docs/design.md, habit 3).
     """
     r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(w, warn_on_full_buffer=False)

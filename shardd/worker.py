@@ -2,7 +2,7 @@
 
 Entered through ``run_worker(config, shard_id)`` in a spawned process. The worker pins
 itself to one CPU *before* it creates its ZeroMQ Context, so the Context's I/O thread
-shares that core (DESIGN.md fixed decision 3), binds a ROUTER socket on its ipc endpoint,
+shares that core (docs/design.md, decision 3), binds a ROUTER socket on its ipc endpoint,
 and applies each Batch it receives op by op, in arrival order, answering with one
 BatchReply. Between batches it runs the store's active expiry on a timer.
 
