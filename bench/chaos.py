@@ -12,7 +12,7 @@ Meanwhile the controller repeatedly picks a victim shard at random, SIGKILLs its
 the restart time. A shard counts as *down* from the kill until it answers again, plus
 ``--grace`` seconds for replies already on their way.
 
-The verdict, per the issue: clients of healthy shards see no error (every failure must be
+The verdict: clients of healthy shards see no error (every failure must be
 on a shard that was down at that moment, and be UNAVAILABLE), each restart is under
 ``--max-restart`` seconds, no child of the supervisor is a zombie, and router + worker RSS
 does not grow by more than ``--max-rss-growth`` MiB.

@@ -318,7 +318,7 @@ class Target:
 
 
 def evaluate_targets(rows: Sequence[Row], memory: Sequence[MemoryRow]) -> list[Target]:
-    """Issue #6's targets, as ratios to the peer measured in the same run.
+    """The performance targets (docs/design.md), as ratios to the peer measured in the same run.
 
     The sync GET target is split by client mode (direct: at least 1.0 times Redis, router: at
     least 0.6 times); the batched and mixed targets name no mode, so each is evaluated for both
@@ -1171,7 +1171,7 @@ def format_report(report: dict[str, Any]) -> str:
     if memory:
         out += [f"Memory: {memory[0].keys_loaded:,} keys {X} {s['value_size']} B values, loaded into the fresh server.",
                 "", format_memory_table(memory), ""]
-    out += ["Targets (issue #6):", "", format_targets(targets)]
+    out += ["Targets (docs/design.md):", "", format_targets(targets)]
     return "\n".join(out)
 
 
