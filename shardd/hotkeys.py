@@ -20,6 +20,8 @@ Rule 3: memory is bounded: at most ``2 * capacity`` keys are held.
 
 :class:`HotKeys` turns counts into rates with two tumbling windows: the current one and
 the one before it, so a rate always covers between one and two windows of traffic.
+Rule 4: ``HotKeys.add`` stays valid for the object's whole life: a rotation or a resize
+        changes the tables in place, so a caller may bind ``add`` once (the worker does).
 Pure code, no I/O: the caller passes the time in.
 """
 
@@ -54,6 +56,21 @@ class SpaceSaving:
         if floor:
             self.errors[key] = floor
 
+    def resize(self, capacity: int) -> None:
+        """Keep ``capacity`` counters from now on; a table past ``2 * capacity`` is pruned now (Rule 3)."""
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        if len(self.counts) > 2 * capacity:
+            self._prune()
+
+    def take(self) -> SpaceSaving:
+        """Move this table's counts into a new SpaceSaving and start again empty, in place."""
+        taken = SpaceSaving(self.capacity)
+        taken.counts, taken.errors, taken.floor = self.counts, self.errors, self.floor
+        self.counts, self.errors, self.floor = {}, {}, 0
+        return taken
+
     def _prune(self) -> None:
         counts = self.counts
         keep = heapq.nlargest(self.capacity, counts.items(), key=lambda item: item[1])
@@ -82,13 +99,21 @@ class HotKeys:
         self.add = self.current.add
 
     def rotate(self, now: float) -> None:
-        """Start a new window if the current one is over (call it from a timer)."""
+        """Start a new window if the current one is over (call it from a timer).
+
+        The current table is emptied in place, never replaced, so ``add`` keeps counting (Rule 4).
+        """
         if now - self.started < self.window_s:
             return
-        self.previous = self.current
-        self.current = SpaceSaving(self.capacity)
-        self.add = self.current.add
+        self.previous = self.current.take()
         self.started = now
+
+    def resize(self, capacity: int) -> None:
+        """Track ``capacity`` keys from now on (a live ``hotkeys_capacity``); counts are kept."""
+        self.capacity = capacity
+        self.current.resize(capacity)
+        if self.previous is not None:
+            self.previous.resize(capacity)
 
     def top(self, n: int, now: float) -> tuple[float, list[tuple[bytes, float, int, int]]]:
         """(seconds covered, [(key, accesses per second, count, error), …]) hottest first."""

@@ -104,8 +104,9 @@ class Shard:
         self._window_ops = 0  # ops and service counts at the start of the previous window
         self._window_service = histogram.new_counts()
         self._last = (self._started, 0, histogram.new_counts())
-        self.hot = HotKeys(config.hotkeys_capacity, WINDOW_S, self._started) if config.hotkeys_capacity else None
-        self._track = self.hot.add if self.hot is not None else None
+        self.hot: HotKeys | None = None
+        self._track: Callable[[bytes], None] | None = None  # self.hot.add, bound once (hotkeys Rule 4)
+        self._set_hotkeys_capacity(config.hotkeys_capacity)
         s = store
         # type(op) → function(op) → reply value. Built once: the dispatch is a dict lookup.
         # Ops not listed (maintenance, health, topology, resize, …) are the router's to answer.
@@ -372,6 +373,9 @@ class Shard:
         if limits:
             self.limits = msgspec.structs.replace(self.limits, **limits)
             applied.extend(limits)
+        if "hotkeys_capacity" in settings:
+            self._set_hotkeys_capacity(int(settings["hotkeys_capacity"]))
+            applied.append("hotkeys_capacity")
         if "mailbox_limit" in settings:  # bounds what direct clients may queue here
             self.mailbox_limit = int(settings["mailbox_limit"])
             applied.append("mailbox_limit")
@@ -380,6 +384,16 @@ class Shard:
             self.set_memory(settings.get("max_memory"), settings.get("eviction_policy"))
             applied.extend(memory)
         return applied
+
+    def _set_hotkeys_capacity(self, capacity: int) -> None:
+        """Track up to ``capacity`` hot keys (0: off); counts so far are kept when it only changes."""
+        if not capacity:
+            self.hot = None
+        elif self.hot is None:
+            self.hot = HotKeys(capacity, WINDOW_S, self._clock())
+        else:
+            self.hot.resize(capacity)
+        self._track = self.hot.add if self.hot is not None else None
 
     def _debug_sleep(self, op: p.DebugSleep) -> bool:
         if not self.debug_ops:

@@ -80,3 +80,99 @@ def test_histogram_buckets_and_quantiles() -> None:
     assert len(cumulative) == len(histogram.PROM_BOUNDS_NS)
     assert cumulative[0] == 24  # 1000..1023 are below 1024 ns
     assert cumulative[-1] == 10_000 and cumulative == sorted(cumulative)
+
+
+# --- hot keys through rotations (issue 10, defect 2) -----------------------------------
+
+
+def test_an_add_bound_once_keeps_counting_across_rotations() -> None:
+    hk = HotKeys(8, window_s=10.0, now=0.0)
+    track = hk.add  # callers (the worker) bind it once
+    for window in range(5):
+        now = window * 10.0
+        hk.rotate(now)
+        for _ in range(10 + window):
+            track(b"k%d" % window)
+        span, rows = hk.top(1, now=now + 5.0)
+        assert rows and rows[0][0] == b"k%d" % window, (window, rows)
+        assert rows[0][2] == 10 + window
+
+
+class _FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _shard(clock: _FakeClock, **settings: object):
+    from shardd.config import build_config
+    from shardd.store import Store
+    from shardd.worker import Shard
+
+    config = build_config({"shards": 1, "pin_cpus": False, **settings})
+    return Shard(Store(lambda: int(clock.now * 1000)), config, 0, None, clock=clock)
+
+
+def _hotkeys(shard, top: int = 5) -> list:
+    from shardd import protocol as p
+
+    reply = p.decode_reply(shard.apply(p.encode_request(1, p.Hotkeys(top))))
+    assert reply.status == p.OK, reply
+    return reply.value["keys"]
+
+
+def _get(shard, key: bytes, times: int) -> None:
+    from shardd import protocol as p
+
+    for i in range(times):
+        assert p.decode_reply(shard.apply(p.encode_request(i + 2, p.Get(key)))).status == p.OK
+
+
+def test_a_worker_reports_hot_keys_after_several_rotations() -> None:
+    from shardd.worker import WINDOW_S
+
+    clock = _FakeClock()
+    shard = _shard(clock)
+    for window in range(5):
+        key = b"hot:%d" % window
+        _get(shard, key, 50)
+        rows = _hotkeys(shard)
+        assert rows and rows[0][0] == key and rows[0][2] >= 50, (window, rows)
+        clock.now += WINDOW_S  # the window is over: the worker's timer rotates
+        shard.tick()
+    # Two windows after the last access, the key has aged out; nothing stale stays on top.
+    clock.now += WINDOW_S
+    shard.tick()
+    clock.now += WINDOW_S
+    shard.tick()
+    assert _hotkeys(shard) == []
+
+
+def test_hotkeys_capacity_applies_live_on_a_worker() -> None:
+    from shardd import protocol as p
+
+    clock = _FakeClock()
+    shard = _shard(clock, hotkeys_capacity=4)
+
+    def configure(**settings: object) -> list[str]:
+        reply = p.decode_reply(shard.apply(p.encode_request(9, p.Configure(settings))))
+        assert reply.status == p.OK, reply
+        return reply.value
+
+    for i in range(20):
+        _get(shard, b"k%d" % i, 1)
+    assert len(shard.hot.current.counts) <= 2 * 4
+    assert configure(hotkeys_capacity=0) == ["hotkeys_capacity"]
+    _get(shard, b"off", 3)
+    assert _hotkeys(shard) == []  # off: nothing tracked
+    assert configure(hotkeys_capacity=64) == ["hotkeys_capacity"]
+    for i in range(100):
+        _get(shard, b"k%d" % i, 1 + (i == 7) * 30)
+    assert len(shard.hot.current.counts) == 100  # room for 2 x 64 now: nothing pruned
+    assert _hotkeys(shard, 1)[0][:1] == [b"k7"]
+    assert configure(hotkeys_capacity=8) == ["hotkeys_capacity"]
+    assert len(shard.hot.current.counts) <= 2 * 8  # shrunk at once (Rule 3), the hot key kept
+    assert _hotkeys(shard, 1)[0][:1] == [b"k7"]
+    assert shard.config.hotkeys_capacity == 8
