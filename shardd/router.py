@@ -327,9 +327,11 @@ class Router(ResizeDuty, StatsDuty):
         """Admin ops go to every shard; a down shard is an error part, not a refusal."""
         combine, tolerant = self._admin[type(op)]
         gather = Gather(peer, request_id, len(self.links), combine, tolerant)
-        if type(op) is p.Health:
-            gather.deadline = time.monotonic() + op.deadline_ms / 1000
+        deadline_s = self.gather_deadline(op)  # router_stats: health, stats and hotkeys never wait on a stuck shard
+        if deadline_s is not None:
+            gather.deadline = time.monotonic() + deadline_s
             self.timed.append(gather)
+        if type(op) is p.Health:
             op = p.Ping()
         for link in self.links:
             if link.up:
@@ -345,15 +347,20 @@ class Router(ResizeDuty, StatsDuty):
         self.reply(peer, request_id, p.OK, self.maintenance)
 
     def _configure(self, peer: Any, request_id: int, op: p.Configure) -> None:
-        """Apply the router's own live settings, then pass the rest to every shard."""
+        """Apply live settings (SIGHUP, tune): validated like the config file, kept in ``self.config``
+        (what stats and the balance check read), the router's own taken from it, then sent to every shard."""
         settings = dict(op.settings)
-        if "mailbox_limit" in settings:
-            self.mailbox_limit = int(settings["mailbox_limit"])
+        try:
+            checked = build_config({**msgspec.structs.asdict(self.config),
+                                    **{k: v for k, v in settings.items() if k in Config.__struct_fields__}})
+        except ConfigError as exc:
+            self.reply(peer, request_id, p.BAD_REQUEST, f"configure: {exc}")
+            return
+        self.config = checked
+        self.mailbox_limit = checked.mailbox_limit
+        self.limits = checked.limits
         if "log_level" in settings:
-            logging.getLogger().setLevel(str(settings["log_level"]).upper())
-        limits = {k: settings[k] for k in ("max_key_bytes", "max_value_bytes", "max_message_bytes") if k in settings}
-        if limits:
-            self.limits = msgspec.structs.replace(self.limits, **limits)
+            logging.getLogger().setLevel(checked.log_level.upper())
         self._fan_out(peer, request_id, p.Configure(settings))
 
     def _tune(self, peer: Any, request_id: int, op: p.Tune) -> None:

@@ -22,6 +22,11 @@ _BALANCE_MIN_KEYS = 1000
 _BALANCE_MIN_OPS_PER_S = 100.0
 _BALANCE_REWARN_S = 300.0
 
+# Stats and hotkeys answer with the shards that replied within this many seconds and name the
+# others (a stuck worker, e.g. SIGSTOPped or in a long GC, never holds the whole reply). Below
+# the clients' default timeout (1 s), so the answer arrives before a default client gives up.
+GATHER_DEADLINE_S = 0.75
+
 # Per-shard stats fields summed into the "total" row of stats.
 _SUMMED = ("keys", "expiring", "used_bytes", "max_bytes", "rss_bytes", "ops", "ops_per_s", "hits", "misses",
            "sets", "deletes", "expired", "evicted", "oom_rejected", "mailbox", "mailbox_high", "busy")
@@ -41,17 +46,31 @@ class StatsDuty:
             "clients_in_flight": len(self.peer_inflight),  # connections with requests unanswered (Rule 5)
         }
 
+    def gather_deadline(self, op: p.Op) -> float | None:
+        """Seconds a fan-out of ``op`` waits for the shards before answering without the rest."""
+        if type(op) is p.Health:
+            return op.deadline_ms / 1000
+        if type(op) in (p.Stats, p.Hotkeys):
+            return GATHER_DEADLINE_S
+        return None
+
     def _combine_stats(self, parts: list[tuple[int, Any, Any]]) -> dict[str, Any]:
-        """Router stats plus one row per shard: the worker's own numbers and the router's view."""
+        """Router stats plus one row per shard: the worker's own numbers and the router's view.
+
+        A shard that did not answer has status "down" (no worker connected) or "timeout" (did
+        not answer within GATHER_DEADLINE_S) and is also listed in "missing".
+        """
         by_shard = {shard: value for shard, _, value in parts}
         rows = []
         for link in self.links:
             value = by_shard.get(link.shard)
             row: dict[str, Any] = dict(value) if isinstance(value, dict) else {"shard": link.shard}
-            row.update(status="up" if isinstance(value, dict) else "down",
+            row.update(status="up" if isinstance(value, dict) else _missing_state(value),
                        mailbox=link.inflight, mailbox_high=link.high, busy=link.busy)
             rows.append(row)
-        return {"router": self.stats(), "shards": rows, **_totals(rows, self.config.imbalance_threshold)}
+        missing = [{"shard": row["shard"], "status": row["status"]} for row in rows if row["status"] != "up"]
+        return {"router": self.stats(), "shards": rows, "missing": missing,
+                **_totals(rows, self.config.imbalance_threshold)}
 
     def check_balance(self, now: float) -> None:
         """Every imbalance_check_s, gather stats from the shards and warn about a hot one."""
@@ -62,6 +81,8 @@ class StatsDuty:
         if not up:
             return
         gather = Gather(None, 0, len(up), lambda parts: self._warn_imbalance(self._combine_stats(parts)), True)
+        gather.deadline = now + GATHER_DEADLINE_S  # a stuck shard must not keep this gather forever
+        self.timed.append(gather)
         for link in up:
             self._queue(link, p.Stats(), (gather, None))
         self.flush_outboxes()
@@ -87,18 +108,23 @@ class StatsDuty:
                 log.info("%s are balanced again: max/mean %.2f", dim, ratio)
 
     def _combine_hotkeys(self, parts: list[tuple[int, Any, Any]]) -> dict[str, Any]:
-        """Every shard's top keys, merged: [key, shard, rate/s, count, error], hottest first."""
+        """Every shard's top keys, merged: [key, shard, rate/s, count, error], hottest first.
+
+        "down" lists the shards not included; "missing" says why ("down" or "timeout").
+        """
         rows: list[list[Any]] = []
-        top, window, down = 1, 0.0, []
+        top, window, down, missing = 1, 0.0, [], []
         for shard, _, value in parts:
             if not isinstance(value, dict):
                 down.append(shard)
+                missing.append({"shard": shard, "status": _missing_state(value)})
                 continue
             top = max(top, value["top"])
             window = max(window, value["window_s"])
             rows.extend([key, shard, rate, count, error] for key, rate, count, error in value["keys"])
         rows.sort(key=lambda row: row[2], reverse=True)
-        return {"window_s": window, "keys": rows[:top], "down": sorted(down)}
+        return {"window_s": window, "keys": rows[:top], "down": sorted(down),
+                "missing": sorted(missing, key=lambda row: row["shard"])}
 
     def _combine_health(self, parts: list[tuple[int, Any, Any]]) -> dict[str, Any]:
         """Each shard: "ok", "down" (no worker connected) or "timeout" (did not answer in time)."""
@@ -113,6 +139,11 @@ class StatsDuty:
         shards = [{"shard": i, "status": states.get(i, "timeout")} for i in range(len(self.links))]
         return {"ok": all(row["status"] == "ok" for row in shards), "maintenance": self.maintenance,
                 "shards": shards}
+
+
+def _missing_state(value: Any) -> str:
+    """The state of a shard whose gather part is an error: "timeout" (the deadline passed) or "down"."""
+    return "timeout" if isinstance(value, tuple) and value[1:2] == ("timeout",) else "down"
 
 
 def _totals(rows: list[dict[str, Any]], threshold: float) -> dict[str, Any]:
