@@ -103,3 +103,23 @@ def test_tune_applies_to_every_shard_at_once(make_daemon):
     r = cli(d.endpoint, "tune", "mailbox-limit", "0")
     assert r.returncode == 1 and "mailbox_limit" in r.stderr
     assert cli(d.endpoint, "tune", "shards", "3").returncode == 2
+
+
+def test_sighup_settings_are_live_where_they_are_read(make_daemon, tmp_path):
+    """Issue 10, defect 4: the router's stats and balance check read the reloaded values, and
+    the workers' hot-key tracking follows hotkeys_capacity (0 turns it off)."""
+    conf = tmp_path / "shardd.toml"
+    conf.write_text("imbalance_threshold = 1.5\nhotkeys_capacity = 64\n")
+    d = make_daemon(shards=2, config=str(conf))
+    with Client(d.endpoint) as c:
+        assert c.stats()["imbalance"]["threshold"] == 1.5
+        conf.write_text("imbalance_threshold = 3.25\nhotkeys_capacity = 0\n")
+        d.proc.send_signal(signal.SIGHUP)
+        d.wait_for_log("SIGHUP: applied")
+        assert "hotkeys_capacity=0" in d.log() and "imbalance_threshold=3.25" in d.log()
+        assert c.stats()["imbalance"]["threshold"] == 3.25
+        with c.pipeline() as pipe:
+            for _ in range(200):
+                pipe.get("hammered")
+            pipe.execute()
+        assert c.hotkeys(5)["keys"] == []  # tracking is off on every shard
