@@ -16,6 +16,7 @@ from shardd.errors import (
     SharddError,
     Timeout,
     TooLarge,
+    TryAgain,
     Unavailable,
     UnsupportedVersion,
 )
@@ -25,7 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AsyncClient", "BadRequest", "Busy", "Client", "ConfigError", "ConnectionClosed", "Forbidden",
     "InternalError", "Maintenance", "Moved", "NotInteger", "OutOfMemory", "ProtocolError", "ServerError",
-    "SharddError", "Timeout", "TooLarge", "Unavailable", "UnsupportedVersion", "__version__", "load_curve",
+    "SharddError", "Timeout", "TooLarge", "TryAgain", "Unavailable", "UnsupportedVersion", "__version__", "load_curve",
 ]
 
 

@@ -239,6 +239,8 @@ class AsyncClient:
                 if not await self._shard_removed(shard):
                     raise
                 return None
+            if reply.status == protocol.TRYAGAIN:
+                return None  # mid-resize, its entry may be on the way here: the router orders the two
             if reply.status != protocol.MOVED:
                 return reply
             await self._refresh_topology()
@@ -264,7 +266,7 @@ class AsyncClient:
                 reply = None
             elif isinstance(reply, BaseException):
                 raise reply
-            if reply is None or reply.status == protocol.MOVED:
+            if reply is None or reply.status == protocol.MOVED or reply.status == protocol.TRYAGAIN:
                 self._shards = 0
                 reply = await self._exchange(self._socket(), sub, self.endpoint)
             if reply.status != protocol.OK:

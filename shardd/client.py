@@ -29,7 +29,9 @@ Rule 6: with ``direct=True`` single- and multi-key ops skip the router: the clie
         the topology, places each key with ``shard_for`` and talks to the owning worker's own
         endpoint. A worker that no longer owns a key answers MOVED without applying anything;
         the client re-reads the topology and retries there (or, for a part of a multi-key op,
-        through the router). Admin ops and pipelines always go through the router.
+        through the router). During a resize a worker answers TRYAGAIN for a key whose entry
+        may still be on its way to it; the client then sends that request through the router,
+        which orders it after the entry. Admin ops and pipelines always go through the router.
 """
 
 from __future__ import annotations
@@ -228,6 +230,8 @@ class Client:
                 if not self._shard_removed(shard):
                     raise
                 return None  # its worker was removed by a shrink, before it saw our request
+            if reply.status == protocol.TRYAGAIN:
+                return None  # mid-resize, its entry may be on the way here: the router orders the two
             if reply.status != protocol.MOVED:
                 return reply
             # Not applied there: the key lives elsewhere now. Learn the new placement, retry.
@@ -248,7 +252,7 @@ class Client:
                 if not self._shard_removed(shard):
                     raise _ops.timeout_error(f"shard {shard}", self.timeout, sub)
                 reply = None
-            if reply is None or reply.status == protocol.MOVED:
+            if reply is None or reply.status == protocol.MOVED or reply.status == protocol.TRYAGAIN:
                 self._shards = 0
                 reply = self._exchange(self._socket(), sub, self.endpoint)
             if reply.status != protocol.OK:

@@ -120,10 +120,21 @@ class Forbidden(ServerError):
     status = 11
 
 
+class TryAgain(ServerError):
+    """Raised when a shard will own the key once a resize ends but its entry may still be on the way.
+
+    Only a shard's own endpoint (direct mode) answers it, during a resize; nothing was applied.
+    Send the request through the router, which orders it after the entry, or retry shortly.
+    The clients in this package do the former themselves.
+    """
+
+    status = 12
+
+
 SERVER_ERRORS: dict[int, type[ServerError]] = {
     cls.status: cls
     for cls in (BadRequest, UnsupportedVersion, TooLarge, Busy, Unavailable, NotInteger, InternalError,
-                OutOfMemory, Maintenance, Moved, Forbidden)
+                OutOfMemory, Maintenance, Moved, Forbidden, TryAgain)
 }
 
 

@@ -4,14 +4,16 @@ How a resize runs (router.py drives it; workers implement the ops in worker.py):
 
 1. A client asks ``resize(M)``. The router records it and wakes the supervisor (SIGUSR1),
    which starts the workers M > N needs and answers with ``resize_start(M)``.
-2. Once every new worker is connected, the router sends ``migrate(epoch, M)`` to every old
-   shard. From then on an old shard answers MOVED for a key it does not hold and will not own
+2. Once every new worker is connected, the router sends ``migrate(epoch, M, N)`` to every
+   shard. From then on a shard answers MOVED for a key it does not hold and will not own
    under M (the key has moved, or it never existed and its new owner must create it).
 3. The router keeps routing by the *old* placement. Each old shard is asked repeatedly for a
    batch of entries that move (``migrate_out``: bounded scan, entries removed as they are
    returned); the router sends each batch on to the new owners (``migrate_in``) before it
    reads anything else from that shard, so when a request for a moved key comes back MOVED and
    is re-sent to the new owner, the entry is already queued ahead of it there.
+   When an old shard has been scanned to the end, the router queues ``migrate_done(source)``
+   to every other shard of the new layout, behind that shard's last batch.
 4. When every old shard has scanned all its keys and every batch is adopted, the epoch goes up,
    placement switches to M, every shard learns it (``set_topology``), removed shards are
    stopped, and the client gets ``{from, to, moved, total, seconds, epoch}``.
@@ -21,6 +23,15 @@ it in the same step that exports it); every op on a key is applied by the shard 
 in the order the router forwarded it; a write to a key that exists nowhere goes to its new
 owner (MOVED from the old one). So no acknowledged write is lost, nothing deleted comes back,
 reads see the latest write, and TTLs and CAS versions travel with the entry.
+
+Direct mode. A direct client's request reaches a worker on the worker's own socket, which
+nothing orders against the router's ``migrate_in``: an entry can be taken from its old owner
+(which then answers MOVED) and still be in the router, or queued, when the client arrives at
+the new owner. So on its own endpoint a shard answers for a key it does not hold only when
+no old shard may still be sending it: if the key's old owner has not yet sent
+``migrate_done``, the answer is TRYAGAIN (nothing applied), and the client library sends the
+request through the router instead, where the ordering above holds. A shard started by the
+resize begins with the old shard count, so until ``migrate`` arrives it owns nothing (MOVED).
 """
 
 from __future__ import annotations
@@ -37,7 +48,7 @@ class MigrationStep:
     __slots__ = ("entries", "kind", "shard")
 
     def __init__(self, kind: str, shard: int, entries: int = 0) -> None:
-        self.kind = kind      # "migrate", "out", "in", "topology"
+        self.kind = kind      # "migrate", "out", "in", "done", "topology", "describe"
         self.shard = shard
         self.entries = entries
 

@@ -42,6 +42,7 @@ from shardd.errors import (
     NotInteger,
     OutOfMemory,
     TooLarge,
+    TryAgain,
     Unavailable,
     UnsupportedVersion,
 )
@@ -62,6 +63,7 @@ OUT_OF_MEMORY = OutOfMemory.status
 MAINTENANCE = MaintenanceError.status
 MOVED = Moved.status
 FORBIDDEN = Forbidden.status
+TRYAGAIN = TryAgain.status
 
 # SET conditions (memcached add/replace, Redis NX/XX).
 ALWAYS = 0
@@ -70,12 +72,25 @@ IF_PRESENT = 2
 
 SetCondition = Literal[0, 1, 2]
 
+# The longest TTL a request may ask for: 2**53 - 1 ms (~285,000 years). It keeps ``ttl``
+# replies and expiry times far inside int64, and exact as a double (JavaScript's
+# Number.MAX_SAFE_INTEGER), so no client needs a big integer type for a TTL.
+MAX_TTL_MS = (1 << 53) - 1
+
+_force_setattr = msgspec.structs.force_setattr  # for __post_init__ of frozen ops: nil → default
+
 
 class _Op(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fields=True):
     """Base of every op: an array whose first element is the op name.
 
     Extra trailing arguments are rejected, not ignored: a server that does not know a newer
     optional argument must say so rather than silently drop it.
+
+    Optional arguments may be left out or sent as nil, and both mean the default (clients in
+    typed languages send fixed-arity arrays with nil placeholders). Where the default is not
+    nil itself, the field is typed ``X | None`` and ``__post_init__`` (which msgspec runs on
+    decode and on construction) puts the default in place of nil, so no consumer ever sees
+    None there. Only ops that have such a field pay for it (~60 ns per decode).
     """
 
 
@@ -90,7 +105,11 @@ class Set(_Op, tag="set"):
     key: bytes
     value: bytes
     ttl_ms: int | None = None
-    cond: SetCondition = ALWAYS
+    cond: SetCondition | None = ALWAYS  # nil on the wire: ALWAYS (see _Op)
+
+    def __post_init__(self) -> None:
+        if self.cond is None:
+            _force_setattr(self, "cond", ALWAYS)
 
 
 class Delete(_Op, tag="delete"):
@@ -116,7 +135,11 @@ class Persist(_Op, tag="persist"):
 
 class Incr(_Op, tag="incr"):
     key: bytes
-    delta: int = 1
+    delta: int | None = 1  # nil on the wire: 1
+
+    def __post_init__(self) -> None:
+        if self.delta is None:
+            _force_setattr(self, "delta", 1)
 
 
 class Gets(_Op, tag="gets"):
@@ -170,7 +193,11 @@ class Maintenance(_Op, tag="maintenance"):
 class Health(_Op, tag="health"):
     """Ping every shard; the router answers within ``deadline_ms`` with each shard's state."""
 
-    deadline_ms: int = 1000
+    deadline_ms: int | None = 1000  # nil on the wire: 1000
+
+    def __post_init__(self) -> None:
+        if self.deadline_ms is None:
+            _force_setattr(self, "deadline_ms", 1000)
 
 
 class Configure(_Op, tag="configure"):
@@ -196,11 +223,14 @@ class ResizeStart(_Op, tag="resize_start"):
 
 
 class Migrate(_Op, tag="migrate"):
-    """Router → worker: a resize to ``new_shards`` has begun. Until it ends, a key this shard does not
-    hold and will not own is answered MOVED (its new owner has it, or nobody does)."""
+    """Router → every worker: a resize from ``shards`` to ``new_shards`` has begun. Until it ends, a key
+    this shard does not hold and will not own is answered MOVED (its new owner has it, or nobody does),
+    and on its own endpoint a key it will own but does not hold yet is answered TRYAGAIN until every
+    shard that may be sending it has sent its ``migrate_done``."""
 
     epoch: int
     new_shards: int
+    shards: int
 
 
 class MigrateOut(_Op, tag="migrate_out"):
@@ -214,6 +244,12 @@ class MigrateIn(_Op, tag="migrate_in"):
     """Router → worker: adopt entries [key, value, expires_at_ms (monotonic), version] moved from another shard."""
 
     entries: list[tuple[bytes, bytes, int, int]]
+
+
+class MigrateDone(_Op, tag="migrate_done"):
+    """Router → worker: every entry moving from shard ``source`` to this one has been sent ahead of this."""
+
+    source: int
 
 
 class SetTopology(_Op, tag="set_topology"):
@@ -230,7 +266,11 @@ class Describe(_Op, tag="describe"):
 class Hotkeys(_Op, tag="hotkeys"):
     """The ``top`` most accessed keys of each shard (Space-Saving estimates), merged by the router."""
 
-    top: int = 10
+    top: int | None = 10  # nil on the wire: 10
+
+    def __post_init__(self) -> None:
+        if self.top is None:
+            _force_setattr(self, "top", 10)
 
 
 class Tune(_Op, tag="tune"):
@@ -263,7 +303,7 @@ Op = (
     Get | Set | Delete | Exists | Expire | Ttl | Persist | Incr | Gets | Cas
     | GetMany | SetMany | DeleteMany | Ping | Stats | Flush | DebugSleep | Maintenance | Health | Configure
     | Drain | Snapshot | Hotkeys | Tune | Topology | Resize | ResizeStart | Migrate | MigrateOut | MigrateIn
-    | SetTopology | Describe
+    | MigrateDone | SetTopology | Describe
 )
 SINGLE_KEY_OPS = (Get, Set, Delete, Exists, Expire, Ttl, Persist, Incr, Gets, Cas)
 MULTI_KEY_OPS = (GetMany, SetMany, DeleteMany)
@@ -271,7 +311,8 @@ ADMIN_OPS = (Ping, Stats, Flush, Health, Maintenance, Configure, Hotkeys, Drain,
 TUNABLE = ("mailbox_limit", "max_memory", "eviction_policy")
 # With authentication on, only admin keys may send these (see transport.ServerAuth).
 ADMIN_ONLY_OPS = (Flush, Resize, Tune, Maintenance, DebugSleep)
-CONTROL_ONLY_OPS = (Configure, Drain, Snapshot, ResizeStart, Migrate, MigrateOut, MigrateIn, SetTopology, Describe)
+CONTROL_ONLY_OPS = (Configure, Drain, Snapshot, ResizeStart, Migrate, MigrateOut, MigrateIn, MigrateDone, SetTopology,
+                    Describe)
 # What a direct-mode client may send to a worker's own endpoint; the rest goes to the router.
 DIRECT_OPS = (*SINGLE_KEY_OPS, *MULTI_KEY_OPS, Ping, DebugSleep)
 WRITE_OPS = (Set, Delete, Expire, Persist, Incr, Cas, SetMany, DeleteMany, Flush)
@@ -429,8 +470,8 @@ def check_op(op: Op, limits: Limits) -> tuple[int, str] | None:
         return BAD_REQUEST, f"hotkeys top must be in [1, 10000], got {op.top}"
     elif (cls is Resize or cls is ResizeStart) and not 1 <= op.shards <= 1024:
         return BAD_REQUEST, f"shards must be between 1 and 1024, got {op.shards}"
-    elif cls is Migrate and not 1 <= op.new_shards <= 1024:
-        return BAD_REQUEST, f"new_shards must be between 1 and 1024, got {op.new_shards}"
+    elif cls is Migrate and not (1 <= op.new_shards <= 1024 and 1 <= op.shards <= 1024):
+        return BAD_REQUEST, f"shards and new_shards must be between 1 and 1024, got {op.shards}, {op.new_shards}"
     elif cls is SetTopology and not 1 <= op.shards <= 1024:
         return BAD_REQUEST, f"shards must be between 1 and 1024, got {op.shards}"
     elif cls is MigrateOut and not (1 <= op.limit <= 100_000 and 1 <= op.scan <= 1_000_000):

@@ -88,8 +88,10 @@ class ResizeDuty:
                 return
             mig.moving = True
             mig.scanning = set(range(mig.old))
-            for shard in range(mig.old):
-                self._queue(self.links[shard], p.Migrate(mig.epoch, mig.new), MigrationStep("migrate", shard))
+            # Every shard learns of the resize, new ones too: each answers its own endpoint's
+            # clients by it (MOVED, TRYAGAIN) until set_topology. Only old shards are scanned.
+            for link in self.links:
+                self._queue(link, p.Migrate(mig.epoch, mig.new, mig.old), MigrationStep("migrate", link.shard))
             self.flush_outboxes()
         elif mig.finished():
             self._finish_migration(mig)
@@ -108,7 +110,8 @@ class ResizeDuty:
             log.error("resize: %s", mig.failed)
         if step.kind == "migrate":
             mig.total += reply.value if reply.status == p.OK else 0
-            self._queue(self.links[step.shard], p.MigrateOut(), MigrationStep("out", step.shard))
+            if step.shard in mig.scanning:
+                self._queue(self.links[step.shard], p.MigrateOut(), MigrationStep("out", step.shard))
         elif step.kind == "out":
             value = reply.value if reply.status == p.OK else {"entries": [], "done": True}
             for owner, entries in mig.group_by_owner(value["entries"]).items():
@@ -117,8 +120,16 @@ class ResizeDuty:
                 self._queue(self.links[owner], p.MigrateIn(entries), MigrationStep("in", owner, len(entries)))
             if value["done"]:
                 mig.scanning.discard(step.shard)
+                # Queued behind the last of this shard's entries on each link: once a shard has
+                # applied it, every key it will get from step.shard is in its store.
+                for link in self.links[: mig.new]:
+                    if link.shard != step.shard:
+                        mig.imports_in_flight += 1
+                        self._queue(link, p.MigrateDone(step.shard), MigrationStep("done", link.shard))
             else:
                 self._queue(self.links[step.shard], p.MigrateOut(), MigrationStep("out", step.shard))
+        elif step.kind == "done":
+            mig.imports_in_flight -= 1
         elif step.kind == "in":
             mig.imports_in_flight -= 1
             adopted = reply.value if reply.status == p.OK else 0

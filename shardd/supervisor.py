@@ -168,8 +168,9 @@ class Arbiter:
         systemd.notify("READY=1", f"STATUS=serving {cfg.shards} shards on {cfg.bind}", f"MAINPID={os.getpid()}")
         return ExitCode.OK
 
-    def spawn_worker(self, shard: int) -> None:
-        proc = self.mp.Process(target=run_worker, args=(self.config, shard), name=f"shardd-worker-{shard}")
+    def spawn_worker(self, shard: int, config: Config | None = None) -> None:
+        config = self.config if config is None else config
+        proc = self.mp.Process(target=run_worker, args=(config, shard), name=f"shardd-worker-{shard}")
         proc.start()
         self.workers[shard] = proc
 
@@ -296,10 +297,16 @@ class Arbiter:
             return
         wanted = topology["pending_resize"]
         if wanted is not None:
-            self.config = msgspec.structs.replace(self.config, shards=max(wanted, self.config.shards))
-            started = list(range(len(self.workers), wanted))
+            # Reconcile shard ids, not counts: a shard waiting to restart after a crash is still
+            # ours (restart_due_workers brings it back), and a second copy of it would take over
+            # its ipc socket.
+            started = [shard for shard in range(wanted) if shard not in self.workers and shard not in self.restart_at]
+            # A worker started for a resize joins the current layout: it owns no key until the
+            # router's migrate (shardd.migration), and loads nothing from a snapshot.
+            joining = msgspec.structs.replace(self.config, shards=topology["shards"])
             for shard in started:
-                self.spawn_worker(shard)
+                self.spawn_worker(shard, joining)
+            self.config = msgspec.structs.replace(self.config, shards=max(wanted, self.config.shards))
             log.info("resize to %d shards: %s", wanted, f"started workers {started}" if started else "no new workers")
             try:
                 self.control.resize_start(wanted)

@@ -92,6 +92,8 @@ class Shard:
         # and while a resize runs, the shard count it is moving to and the keys left to scan.
         self.epoch = 1
         self.new_shards: int | None = None
+        # Old shards that may still be sending this shard entries (until their migrate_done).
+        self._awaiting: set[int] = set()
         self.mailbox_limit = config.mailbox_limit
         self.busy = 0  # direct requests answered BUSY
         self.direct_endpoint: str | None = None  # set once the direct socket is bound
@@ -134,6 +136,7 @@ class Shard:
             p.Migrate: self.migrate,
             p.MigrateOut: self.migrate_out,
             p.MigrateIn: self.migrate_in,
+            p.MigrateDone: self.migrate_done,
             p.SetTopology: self.set_topology,
             p.Describe: lambda op: {"shard": self.shard_id, "pid": os.getpid(), "direct": self.direct_endpoint},
         }
@@ -219,7 +222,7 @@ class Shard:
             gc.freeze()
 
     def _direct_refusal(self, request_id: int, op: Any, cls: type) -> bytes | None:
-        """MOVED for keys this shard does not own; BAD_REQUEST for ops only the router takes."""
+        """MOVED or TRYAGAIN for keys this shard must not answer for; BAD_REQUEST for router-only ops."""
         if cls not in _DIRECT:
             return p.encode_reply(request_id, p.BAD_REQUEST,
                                   f"{cls.__struct_config__.tag} goes to the router, not to a shard's own endpoint")
@@ -232,21 +235,43 @@ class Shard:
         shards, me = self.shards, self.shard_id
         for key in keys:
             owner = shard_for(key, shards)
-            if self.new_shards is not None:
-                # Resizing: we answer for keys we still hold or will own; the rest has moved.
-                owner = shard_for(key, self.new_shards)
-                if owner != me and self.store.exists(key):
-                    continue
-            if owner != me:
-                return p.encode_reply(request_id, p.MOVED, {"epoch": self.epoch, "shard": owner})
+            if self.new_shards is None:
+                if owner != me:
+                    return p.encode_reply(request_id, p.MOVED, {"epoch": self.epoch, "shard": owner})
+                continue
+            refusal = self._refusal_while_resizing(key, owner)
+            if refusal is not None:
+                return p.encode_reply(request_id, *refusal)
+        return None
+
+    def _refusal_while_resizing(self, key: bytes, old_owner: int) -> tuple[int, Any] | None:
+        """Whether a direct client may have ``key`` answered here while a resize runs.
+
+        We answer for keys we hold. A key we do not hold is answered MOVED if another shard
+        will own it. If we will own it but it belonged to another shard, its entry may still be
+        on the way (taken from the old owner, not yet adopted here): answering now could
+        acknowledge a write that the arriving entry then overwrites, or miss a value that
+        exists. So until that old owner's ``migrate_done`` has arrived it is TRYAGAIN, which
+        applies nothing; the router path stays correct because the router sends a moved entry
+        to its new owner before anything it re-routes there (see shardd.migration).
+        """
+        if self.store.exists(key):
+            return None
+        new_owner = shard_for(key, self.new_shards)
+        if new_owner != self.shard_id:
+            return p.MOVED, {"epoch": self.epoch, "shard": new_owner}
+        if old_owner in self._awaiting:
+            return p.TRYAGAIN, (f"shard {self.shard_id} owns this key once the resize to {self.new_shards} "
+                                f"shards ends, and its entry may still be on its way from shard {old_owner}; "
+                                f"send it through the router, or retry")
         return None
 
     # --- resizing (the router drives it; see router.py) --------------------------------
 
     def migrate(self, op: p.Migrate) -> int:
         """Enter migrating mode; returns the number of keys to scan."""
-        self.new_shards = op.new_shards
-        self.epoch = op.epoch
+        self.shards, self.new_shards, self.epoch = op.shards, op.new_shards, op.epoch
+        self._awaiting = set(range(op.shards)) - {self.shard_id}
         self._to_scan = self.store.keys()  # keys made later are never created here (MOVED)
         self._scan_at = 0
         return len(self._to_scan)
@@ -278,9 +303,15 @@ class Shard:
         gc.freeze()  # a resize adopts entries in bulk: keep them out of full collections (see tick)
         return adopted
 
+    def migrate_done(self, op: p.MigrateDone) -> bool:
+        """Every entry moving here from ``op.source`` has been adopted: its keys are ours to answer."""
+        self._awaiting.discard(op.source)
+        return True
+
     def set_topology(self, op: p.SetTopology) -> bool:
         self.epoch, self.shards, self.new_shards = op.epoch, op.shards, None
         self._to_scan = []
+        self._awaiting = set()
         self.set_memory(self.max_memory)  # the share changes with the shard count
         return True
 

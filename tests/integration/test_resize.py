@@ -150,7 +150,7 @@ def test_resize_cli_and_refusals(make_daemon):
     assert "epoch 2: 2 shards" in r.stdout
     r = subprocess.run([sys.executable, "-m", "shardd", "shards", "resize", "0"], capture_output=True, text=True,
                        timeout=30, env=env)
-    assert r.returncode == 1 and "between 1 and 1024" in r.stderr
+    assert r.returncode == 2 and "between 1 and 1024" in r.stderr
     with Client(d.endpoint) as c:
         assert c.ping() == 2
         assert c.resize(2)["moved"] == 0

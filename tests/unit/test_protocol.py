@@ -64,10 +64,10 @@ def error_for(obj: Any, limits: Limits = LIMITS) -> Reply:
 
 
 def test_status_codes_are_fixed() -> None:
-    assert tuple(range(12)) == (p.OK, p.BAD_REQUEST, p.UNSUPPORTED_VERSION, p.TOO_LARGE, p.BUSY, p.UNAVAILABLE,
-            p.NOT_INTEGER, p.INTERNAL_ERROR, p.OUT_OF_MEMORY, p.MAINTENANCE, p.MOVED, p.FORBIDDEN)
+    assert tuple(range(13)) == (p.OK, p.BAD_REQUEST, p.UNSUPPORTED_VERSION, p.TOO_LARGE, p.BUSY, p.UNAVAILABLE,
+            p.NOT_INTEGER, p.INTERNAL_ERROR, p.OUT_OF_MEMORY, p.MAINTENANCE, p.MOVED, p.FORBIDDEN, p.TRYAGAIN)
     assert {s: cls.status for s, cls in errors.SERVER_ERRORS.items()} == {s: s for s in errors.SERVER_ERRORS}
-    assert set(range(1, 12)) == set(errors.SERVER_ERRORS)
+    assert set(range(1, 13)) == set(errors.SERVER_ERRORS)
     assert p.PROTOCOL_VERSION == 1
     assert (p.ALWAYS, p.IF_ABSENT, p.IF_PRESENT) == (0, 1, 2)
 
@@ -83,7 +83,8 @@ def test_op_names_are_the_documented_ones() -> None:
         "get", "set", "delete", "exists", "expire", "ttl", "persist", "incr", "gets", "cas",
         "get_many", "set_many", "delete_many", "ping", "stats", "flush", "debug_sleep",
         "maintenance", "health", "configure", "hotkeys", "drain", "snapshot", "tune",
-        "topology", "resize", "resize_start", "migrate", "migrate_out", "migrate_in", "set_topology", "describe",
+        "topology", "resize", "resize_start", "migrate", "migrate_out", "migrate_in", "migrate_done",
+        "set_topology", "describe",
     } == p.OP_NAMES
 
 
@@ -129,7 +130,8 @@ EXAMPLE_OPS: list[p.Op] = [
     p.Topology(),
     p.Resize(3),
     p.ResizeStart(3),
-    p.Migrate(2, 3),
+    p.Migrate(2, 3, 2),
+    p.MigrateDone(1),
     p.MigrateOut(),
     p.MigrateOut(10, 100),
     p.MigrateIn([(b"k", b"v", 0, 1), (b"t", b"", 123456, 2**64 - 1)]),
@@ -636,7 +638,7 @@ def test_negative_ids_are_rejected(obj: Any) -> None:
     assert reply.id == 0
 
 
-@pytest.mark.parametrize("op", [p.SetTopology(2, 0), p.Migrate(2, 0), p.Resize(0), p.ResizeStart(2000),
+@pytest.mark.parametrize("op", [p.SetTopology(2, 0), p.Migrate(2, 0, 2), p.Resize(0), p.ResizeStart(2000),
                                 p.MigrateOut(0, 10), p.MigrateOut(10, 0)])
 def test_resize_ops_with_impossible_counts_are_bad_requests(op: p.Op) -> None:
     # Found by bench/fuzz_protocol.py: set_topology with 0 shards reached shard_for(key, 0).
