@@ -93,7 +93,7 @@ def test_an_add_bound_once_keeps_counting_across_rotations() -> None:
         hk.rotate(now)
         for _ in range(10 + window):
             track(b"k%d" % window)
-        span, rows = hk.top(1, now=now + 5.0)
+        _, rows = hk.top(1, now=now + 5.0)
         assert rows and rows[0][0] == b"k%d" % window, (window, rows)
         assert rows[0][2] == 10 + window
 
