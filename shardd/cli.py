@@ -92,7 +92,7 @@ def _client(endpoint: str, timeout: float) -> Any:
     from shardd.client import Client
 
     if not _ENDPOINT.match(endpoint):
-        raise _usage(f"bad endpoint {endpoint!r}: use tcp://HOST:PORT or ipc://PATH (--endpoint or SHARDD_ENDPOINT)")
+        raise _usage(f"bad endpoint {_short(endpoint, 30)!r}: use tcp://HOST:PORT or ipc://PATH")
     keys = os.environ.get("SHARDD_KEYS")
     name = os.environ.get("SHARDD_KEY_NAME", "admin")
     try:
@@ -208,16 +208,18 @@ def keys_generate(
 
     problem = key_name_problem(name)
     if problem:
-        raise _usage(f"--name {name!r}: {problem}")
-    if os.path.exists(auth_dir) and not os.path.isdir(auth_dir):
-        raise _usage(f"{auth_dir} exists and is not a directory")
+        raise _usage(f"--name {_short(name, 16)!r}: {problem}")
+    existing = auth_dir.rstrip("/") or "/"
+    while existing and not os.path.exists(existing):  # missing directories are created, like mkdir -p
+        existing = os.path.dirname(existing)
+    if existing and not os.path.isdir(existing):
+        raise _usage(f"{existing} is not a directory")
     if os.path.exists(os.path.join(auth_dir, f"{name}.key_secret")):
         raise _usage(f"{auth_dir}/{name}.key_secret exists already; choose another --name")
     try:
         _, secret = transport.generate_keys(auth_dir, name, admin)
     except OSError as exc:
-        where = exc.filename or auth_dir
-        raise _fail(f"cannot write keys in {auth_dir}: {where}: {exc.strerror or exc}") from None
+        raise _fail(f"cannot write keys in {auth_dir}: {exc.strerror or exc}") from None
     typer.echo(f"server keys: {auth_dir}/server.key (public)")
     typer.echo(f"             {auth_dir}/server.key_secret (keep private)")
     typer.echo(f"{'admin' if admin else 'client'} key {name!r}: {secret}")
@@ -235,8 +237,10 @@ def key_name_problem(name: str) -> str | None:
     1-64 characters: letters, digits, '_', '.', '-', starting with a letter or digit; no '..'
     (no path separators, no hidden files) and not "server", which is the daemon's own pair.
     """
-    if not _KEY_NAME.match(name) or ".." in name:
-        return "use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit, no '..'"
+    if not _KEY_NAME.match(name):
+        return "use 1-64 of A-Za-z0-9_.-, starting with a letter or digit"
+    if ".." in name:
+        return "must not contain '..'"
     if name == "server":
         return "'server' is the daemon's own key pair; choose another name"
     return None
@@ -357,7 +361,7 @@ def tune(
         except ValueError:
             raise _usage(f"mailbox-limit must be a whole number, got {value!r}") from None
         if not 1 <= parsed <= _MAILBOX_MAX:
-            raise _usage(f"mailbox-limit must be between 1 and {_MAILBOX_MAX}, got {_short(value)}")
+            raise _usage(f"mailbox-limit must be between 1 and {_MAILBOX_MAX}, not {_short(value, 16)}")
     shards = _ask(endpoint, timeout, lambda client: client.tune(**{key: parsed}))
     typer.echo(f"{key} = {value} on {shards} shards")
 
@@ -666,7 +670,9 @@ def top(
     """A live per-shard view, refreshed every second; q or Ctrl-C quits.
 
     With standard output not a terminal (a pipe, a file) it prints a plain snapshot per refresh,
-    separated by a blank line, like ``top -b``; --iterations 1 prints one and exits.
+    separated by a blank line, like ``top -b``; --iterations 1 prints one and exits. A daemon
+    that does not answer the first refresh is an error (exit 1); later failures are shown and
+    retried.
     """
     import contextlib
     import signal
@@ -705,6 +711,8 @@ def top(
                 try:
                     data = client.stats()
                 except SharddError as exc:
+                    if previous is None and count == 0:
+                        raise _fail(str(exc)) from None  # never reached the daemon: say so and stop
                     if plain:
                         typer.echo(_message(f"shardd: {exc} (retrying)"), err=True)
                     else:
