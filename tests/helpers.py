@@ -14,3 +14,44 @@ def keys_on_shard(shard: int, shards: int, n: int, prefix: str = "k") -> list[by
             out.append(key)
         i += 1
     return out
+
+
+def wait_until(condition, timeout: float = 60.0, interval: float = 0.01, what: str = "the condition"):
+    """Poll ``condition()`` until it returns something truthy, and return that.
+
+    The timeout is only a deadline against a hang (generous: CI machines are busy), never a
+    bound the test asserts on.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not hold within {timeout} s")
+        time.sleep(interval)
+
+
+# nanosleep and clock_nanosleep (what time.sleep calls) by architecture.
+_SLEEP_SYSCALLS = {"x86_64": {35, 230}, "aarch64": {101, 115}}
+
+
+def wait_until_sleeping(pid: int, timeout: float = 60.0) -> None:
+    """Wait until process ``pid``'s main thread is inside a sleep (e.g. a debug_sleep op), from
+    /proc/PID/syscall or /proc/PID/wchan: the readiness a test needs before queueing requests
+    behind it, instead of sleeping and hoping the process got there."""
+    import os
+
+    numbers = _SLEEP_SYSCALLS.get(os.uname().machine, set())
+
+    def sleeping() -> bool:
+        with open(f"/proc/{pid}/wchan") as f:
+            if "nanosleep" in f.read():
+                return True
+        with open(f"/proc/{pid}/syscall") as f:
+            fields = f.read().split()
+        return bool(fields) and fields[0].isdigit() and int(fields[0]) in numbers
+
+    wait_until(sleeping, timeout, interval=0.002, what=f"process {pid} sleeping")

@@ -10,11 +10,12 @@ import pytest
 from shardd.aclient import AsyncClient
 from shardd.client import Client
 from shardd.errors import NotInteger, TooLarge
+from tests.helpers import wait_until
 
 
 @pytest.fixture
 def client(daemon):
-    with Client(daemon.endpoint, timeout=2) as c:
+    with Client(daemon.endpoint, timeout=30) as c:  # a deadline against a hang, not a latency bound
         c.flush()
         yield c
 
@@ -46,20 +47,14 @@ def test_ttl_expire_persist(client):
     client.set("p", b"v")
     assert client.ttl("p") == math.inf
     assert client.expire("p", 100) is True
-    assert 99 < client.ttl("p") <= 100
+    assert 50 < client.ttl("p") <= 100  # slack for a busy machine between the two calls
     assert client.persist("p") is True
     assert client.ttl("p") == math.inf
     assert client.expire("missing", 10) is False
     client.set("short", b"v", ttl=0.05)
-    assert 0 < client.ttl("short") <= 0.05
-    deadline_hit = False
-    for _ in range(200):  # bounded wait for the 50 ms TTL to pass
-        if client.get("short") is None:
-            deadline_hit = True
-            break
-        import time
-        time.sleep(0.01)
-    assert deadline_hit
+    left = client.ttl("short")
+    assert left is None or 0 < left <= 0.05  # None: a busy machine let the 50 ms pass already
+    wait_until(lambda: client.get("short") is None, what="the 50 ms TTL to pass")
     assert client.exists("short") is False
 
 
@@ -147,14 +142,14 @@ def test_pipeline(client):
 
 def test_async_client_all_methods(daemon):
     async def main() -> None:
-        async with AsyncClient(daemon.endpoint, timeout=2) as c:
+        async with AsyncClient(daemon.endpoint, timeout=30) as c:
             await c.flush()
             assert await c.set("a", b"1") is True
             assert await c.get("a") == b"1"
             assert await c.exists("a") is True
             assert await c.set("a", b"2", nx=True) is False
             assert await c.expire("a", 50) is True
-            assert 49 < await c.ttl("a") <= 50
+            assert 25 < await c.ttl("a") <= 50  # slack for a busy machine
             assert await c.persist("a") is True
             assert await c.incr("n", 5) == 5
             assert await c.decr("n") == 4

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import zmq
 
 from shardd import protocol as proto
 from shardd.aclient import AsyncClient
 from shardd.client import Client
-from tests.helpers import keys_on_shard
+from tests.helpers import keys_on_shard, wait_until_sleeping
 
 
 def test_direct_client_bypasses_the_router(daemon):
@@ -68,6 +67,7 @@ def test_mailbox_limit_holds_in_direct_mode(make_daemon):
     d = make_daemon("--enable-debug-ops", "--mailbox-limit", "4", shards=2)
     with Client(d.endpoint) as admin:
         endpoint = admin.topology()["endpoints"][0]
+        worker = admin.stats()["shards"][0]["pid"]
     ctx = zmq.Context()
     s = ctx.socket(zmq.DEALER)
     s.linger = 0
@@ -79,15 +79,15 @@ def test_mailbox_limit_holds_in_direct_mode(make_daemon):
         # Hold the worker in a sleep (through the router) first, so the whole burst below is
         # waiting when it next reads its direct socket: one pass, which the limit governs.
         # Without it the burst could be split over two passes, each allowed `limit` ops.
-        held.send(proto.encode_request(2, proto.DebugSleep(0, 300)))
-        time.sleep(0.1)  # timing, not readiness: the router forwards within a millisecond
+        held.send(proto.encode_request(2, proto.DebugSleep(0, 1000)))
+        wait_until_sleeping(worker)  # readiness: the worker is inside that sleep
         s.send(proto.encode_request(1, proto.DebugSleep(0, 500)))
         keys = keys_on_shard(0, 2, 20)
         for i, key in enumerate(keys):
             s.send(proto.encode_request(100 + i, proto.Get(key)))
         statuses = {}
         while len(statuses) < len(keys) + 1:
-            assert s.poll(5000)
+            assert s.poll(30_000)
             reply = proto.decode_reply(s.recv())
             statuses[reply.id] = reply.status
         gets = [statuses[100 + i] for i in range(len(keys))]
@@ -97,11 +97,11 @@ def test_mailbox_limit_holds_in_direct_mode(make_daemon):
         # and a key this shard does not own is MOVED, not served
         other = keys_on_shard(1, 2, 1)[0]
         s.send(proto.encode_request(7, proto.Get(other)))
-        assert s.poll(5000)
+        assert s.poll(30_000)
         reply = proto.decode_reply(s.recv())
         assert (reply.status, reply.value["shard"]) == (proto.MOVED, 1)
         s.send(proto.encode_request(8, proto.Stats()))
-        assert s.poll(5000)
+        assert s.poll(30_000)
         assert proto.decode_reply(s.recv()).status == proto.BAD_REQUEST
     finally:
         s.close()

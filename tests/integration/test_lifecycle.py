@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import psutil
 import pytest
@@ -15,7 +14,7 @@ import zmq
 from shardd import protocol as proto
 from shardd.client import Client
 from shardd.errors import Unavailable
-from tests.helpers import keys_on_shard
+from tests.helpers import keys_on_shard, wait_until
 
 
 def test_workers_are_pinned_one_per_cpu(make_daemon):
@@ -38,10 +37,8 @@ def test_stop_signal_leaves_nothing_behind(make_daemon, sig):
     assert len(kids) >= 3  # router + 2 workers (+ spawn's resource tracker, if any)
     with Client(d.endpoint) as c:
         c.set("x", b"1")
-    started = time.monotonic()
-    code = d.stop(sig)
+    code = d.stop(sig, timeout=60)  # a deadline against a hang; a clean stop is exit 0, nothing killed
     assert code == 0, d.log()
-    assert time.monotonic() - started < 10
     assert d.leftover == []
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in kids)
     assert not d.runtime_dir.exists() or list(d.runtime_dir.iterdir()) == []
@@ -56,10 +53,10 @@ def test_in_flight_requests_are_answered_on_stop(make_daemon):
     s.send(proto.encode_request(77, proto.DebugSleep(0, 1000)))
     # Same connection, so the router has taken the sleep once this later get is answered.
     s.send(proto.encode_request(78, proto.Get(keys_on_shard(1, 2, 1)[0])))
-    assert s.poll(5000)
+    assert s.poll(30_000)
     assert proto.decode_reply(s.recv()).id == 78
     d.proc.send_signal(signal.SIGTERM)
-    assert s.poll(5000)
+    assert s.poll(30_000)
     reply = proto.decode_reply(s.recv())
     assert (reply.id, reply.status) == (77, proto.OK)
     s.close(0)
@@ -114,22 +111,34 @@ def test_killed_worker_is_unavailable_then_restarted_while_others_serve(make_dae
     d = make_daemon(shards=2)
     k0 = keys_on_shard(0, 2, 1)[0]
     k1 = keys_on_shard(1, 2, 1)[0]
-    with Client(d.endpoint, timeout=2) as c:
+
+    def unavailable() -> bool:
+        assert c.get(k1) == b"alive"  # the other shard never errors
+        try:
+            c.set(k0, b"too early")
+        except Unavailable:
+            return True
+        return False
+
+    def back() -> bool:
+        assert c.get(k1) == b"alive"
+        try:
+            return c.set(k0, b"back")
+        except Unavailable:
+            return False
+
+    with Client(d.endpoint, timeout=30) as c:
         c.set(k1, b"alive")
         victim = next(r["pid"] for r in c.stats()["shards"] if r["shard"] == 0)
-        os.kill(victim, signal.SIGKILL)
-        saw_unavailable = False
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            assert c.get(k1) == b"alive"  # the other shard never errors
-            try:
-                c.set(k0, b"back")
-                if saw_unavailable:
-                    break
-            except Unavailable:
-                saw_unavailable = True
-            time.sleep(0.005)
-        assert saw_unavailable, "the dead shard was never reported UNAVAILABLE"
+        # Hold the supervisor so the restart waits until the test has seen the shard down: on a
+        # busy machine a restart could otherwise beat the test's next request.
+        os.kill(d.proc.pid, signal.SIGSTOP)
+        try:
+            os.kill(victim, signal.SIGKILL)
+            wait_until(unavailable, what="the dead shard reported UNAVAILABLE")
+        finally:
+            os.kill(d.proc.pid, signal.SIGCONT)
+        wait_until(back, what="the shard served again")
         assert c.get(k0) == b"back"
         new_pid = next(r["pid"] for r in c.stats()["shards"] if r["shard"] == 0)
     assert new_pid != victim
