@@ -25,7 +25,11 @@ def free_port() -> int:
 
 
 class Daemon:
-    """One `shardd serve` process tree. Waits on readiness (ping), never on a bare sleep."""
+    """One `shardd serve` process tree. Waits on readiness (ping), never on a bare sleep.
+
+    Every timeout here is a deadline against a hang, generous because CI machines are busy;
+    no test asserts that something took less than so long.
+    """
 
     def __init__(self, tmp: Path, *args: str, shards: int = 2, config: str | None = None) -> None:
         self.tmp = tmp
@@ -52,7 +56,7 @@ class Daemon:
             self.wait_ready()
         return self
 
-    def wait_ready(self, timeout: float = 30.0) -> None:
+    def wait_ready(self, timeout: float = 60.0) -> None:
         from shardd.client import Client
         from shardd.errors import SharddError
 
@@ -80,14 +84,14 @@ class Daemon:
         except psutil.NoSuchProcess:
             return []
 
-    def wait_for_log(self, text: str, timeout: float = 10.0) -> None:
+    def wait_for_log(self, text: str, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while text not in self.log():
             if time.monotonic() > deadline:
                 raise AssertionError(f"{text!r} not logged in {timeout}s:\n{self.log()}")
             time.sleep(0.02)
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         """Signal the supervisor, wait for it, and return its exit code; kill on timeout."""
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else 0

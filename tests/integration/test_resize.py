@@ -28,7 +28,7 @@ def _load(endpoint: str, worker: int, stop, progress, out, direct: bool = False)
     with Client(endpoint, timeout=5, direct=direct) as c:
         c.set_many({key: b"0" for key in mine})
         expected.update({key: b"0" for key in mine})
-        c.set(f"ttl:{worker}", b"t", ttl=120)
+        c.set(f"ttl:{worker}", b"t", ttl=3600)
         while not stop.is_set():
             key = rng.choice(mine)
             action = rng.random()
@@ -88,7 +88,7 @@ def _run_resizes(d, sizes: list[int], procs: int = 3, direct: bool = False) -> t
             admin.set_many({f"bulk:{i}": b"x" * 50 for i in range(20000)})
             for size in sizes:
                 floor = [v.value for v in progress]
-                deadline = time.monotonic() + 30
+                deadline = time.monotonic() + 120  # against a hang only
                 while any(v.value < f + 100 for v, f in zip(progress, floor, strict=True)):
                     assert time.monotonic() < deadline, "load processes stalled"
                     time.sleep(0.02)
@@ -104,13 +104,13 @@ def _run_resizes(d, sizes: list[int], procs: int = 3, direct: bool = False) -> t
 
 def _check(d, reports: list[dict]) -> None:
     assert [e for r in reports for e in r["errors"]] == []
-    assert all(r["ops"] > 300 for r in reports), [r["ops"] for r in reports]
+    assert all(r["ops"] >= 200 for r in reports), [r["ops"] for r in reports]  # >= 100 before each resize
     with Client(d.endpoint, timeout=10) as c:
         for r in reports:
             keys = list(r["expected"])
             got = c.get_many(keys)
             assert {k: got.get(k) for k in keys} == r["expected"]  # nothing lost, nothing back
-            assert 100 < r["ttl"] <= 120                          # TTLs survived the moves
+            assert 600 < r["ttl"] <= 3600                         # TTLs survived the moves
         assert sum(int(c.get(k) or 0) for k in COUNTERS) == sum(r["incrs"] for r in reports)
         assert len(c.get_many([f"bulk:{i}" for i in range(20000)])) == 20000
 

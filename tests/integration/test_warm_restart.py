@@ -13,7 +13,7 @@ def _fill(c: Client) -> dict[str, bytes]:
     data = {f"warm:{i}": f"value-{i}".encode() * 3 for i in range(400)}
     c.set_many(data)
     for i in range(20):
-        c.set(f"ttl:{i}", b"long", ttl=120)
+        c.set(f"ttl:{i}", b"long", ttl=3600)
         c.set(f"short:{i}", b"gone soon", ttl=0.2)
     c.incr("counter", 41)
     return data
@@ -37,7 +37,7 @@ def test_graceful_stop_snapshots_and_a_resharded_start_reloads(make_daemon, tmp_
         assert c.get_many(list(data)) == data
         assert c.incr("counter") == 42
         assert c.gets("warm:7") == (data["warm:7"], version)  # CAS versions survive
-        assert 100 < c.ttl("ttl:3") <= 120                    # TTLs kept by wall-clock time
+        assert 600 < c.ttl("ttl:3") <= 3600                   # TTLs kept by wall-clock time
         assert c.get("short:3") is None                        # expired while down
         rows = c.stats()["shards"]
         assert len(rows) == 3 and all(row["keys"] > 50 for row in rows)  # re-placed over 3 shards
@@ -87,7 +87,7 @@ def test_periodic_snapshot_survives_a_crash(make_daemon, tmp_path):
     with Client(d.endpoint) as c:
         c.set("periodic", b"yes")
     before = d.log().count("snapshot gen-")
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60  # against a hang only
     while d.log().count("snapshot gen-") <= before:  # a periodic snapshot taken after the SET
         assert time.monotonic() < deadline, d.log()
         time.sleep(0.05)
