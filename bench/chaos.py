@@ -42,19 +42,23 @@ EXIT_OK, EXIT_FAILED, EXIT_UNREACHABLE = 0, 1, 2
 
 # --- load (one process per --procs; re-runs this file with --load) ---------------------------
 
-def run_load(endpoint: str, until: float, seed: int) -> dict[str, Any]:
-    """SET then GET random keys until ``until`` (monotonic); failures as [time, shard, kind]."""
+def run_load(endpoint: str, until: float, seed: int, timeout: float = 2.0) -> dict[str, Any]:
+    """SET then GET random keys until ``until`` (monotonic) or until stdin is readable (a line or
+    EOF: the controller says stop); failures as [time, shard, kind]. Prints "ready" once serving."""
+    import select
+
     from shardd import Client, SharddError
     from shardd.hashing import shard_for
 
     rng = random.Random(seed)
     ok, failures = 0, []
-    with Client(endpoint, timeout=2.0) as c:
+    with Client(endpoint, timeout=timeout) as c:
         shards = c.ping()
+        print("ready", flush=True)
         keys = [f"chaos:{seed}:{i}".encode() for i in range(256)]
         owner = [shard_for(k, shards) for k in keys]
         n = 0
-        while time.monotonic() < until:
+        while time.monotonic() < until and not select.select([sys.stdin], [], [], 0)[0]:
             i = rng.randrange(len(keys))
             value = str(n).encode()
             n += 1
@@ -115,14 +119,33 @@ def _wait_back(c: Any, shard: int, old_pid: int, timeout: float) -> float | None
     return None
 
 
+def _zombies(supervisor_pid: int) -> list[int]:
+    import psutil
+
+    out = []
+    for p in _tree(supervisor_pid):
+        try:
+            if p.status() == psutil.STATUS_ZOMBIE:
+                out.append(p.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
 def run_chaos(endpoint: str, duration: float, procs: int = 3, seed: int = 1, kills_per_minute: int = 3,
               pause: float = 0.2, grace: float = 0.25, max_restart: float = 1.0,
-              max_rss_growth_mib: float = 64.0, log: Any = None) -> dict[str, Any]:
-    """Run the load and the kills for ``duration`` seconds; return the report (``report["ok"]``)."""
+              max_rss_growth_mib: float = 64.0, log: Any = None, kills: int | None = None,
+              client_timeout: float = 2.0, wait_back: float = 10.0) -> dict[str, Any]:
+    """Run the load and the kills for ``duration`` seconds; return the report (``report["ok"]``).
+
+    With ``kills``, stop as soon as that many workers were killed and came back (``duration`` is
+    then only a cap): the CI test counts kills, not seconds, so a busy machine only makes it slower.
+    """
     import psutil
 
     from shardd import Client
 
+    wanted_kills = kills
     say = log or (lambda message: None)
     rng = random.Random(seed)
     with Client(endpoint, timeout=2.0) as c:
@@ -132,15 +155,19 @@ def run_chaos(endpoint: str, duration: float, procs: int = 3, seed: int = 1, kil
         rss_start = _rss(supervisor)
         until = time.monotonic() + duration
         load = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--load", "--endpoint", endpoint,
-                                  "--until", repr(until + 0.0), "--seed", str(seed * 1000 + i)],
-                                 stdout=subprocess.PIPE, text=True) for i in range(procs)]
+                                  "--until", repr(until + 0.0), "--seed", str(seed * 1000 + i),
+                                  "--timeout", repr(client_timeout)],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for i in range(procs)]
         kills: dict[int, deque[float]] = {s: deque() for s in range(shards)}
         down: list[tuple[int, float, float]] = []  # (shard, killed at, back at + grace)
         restarts: list[float] = []
         problems: list[str] = []
         try:
-            time.sleep(min(0.5, duration / 10))  # not readiness: let the load start before the first kill
-            while time.monotonic() < until - 0.5:
+            for p in load:  # readiness: every load process is serving before the first kill
+                if p.stdout.readline().strip() != "ready":
+                    problems.append("a load process did not start")
+            while (time.monotonic() < until - 0.5 and not problems
+                   and (wanted_kills is None or len(restarts) < wanted_kills)):
                 now = time.monotonic()
                 for recent in kills.values():
                     while recent and now - recent[0] > 60.0:
@@ -154,25 +181,25 @@ def run_chaos(endpoint: str, duration: float, procs: int = 3, seed: int = 1, kil
                 killed_at = time.monotonic()
                 os.kill(pid, signal.SIGKILL)
                 kills[victim].append(killed_at)
-                took = _wait_back(c, victim, pid, timeout=10.0)
+                took = _wait_back(c, victim, pid, timeout=wait_back)
                 back = time.monotonic()
                 down.append((victim, killed_at, back + grace))
                 if took is None:
-                    problems.append(f"shard {victim} was not back within 10 s of the kill")
+                    problems.append(f"shard {victim} was not back within {wait_back:g} s of the kill")
                     break
                 restarts.append(took)
                 say(f"killed shard {victim} (pid {pid}): back in {took * 1000:.0f} ms")
-                zombies = [p.pid for p in _tree(supervisor) if p.status() == psutil.STATUS_ZOMBIE]
+                # The supervisor reaps on its next loop turn; a zombie that stays is a bug.
+                reap_by = time.monotonic() + wait_back
+                while (zombies := _zombies(supervisor)) and time.monotonic() < reap_by:
+                    time.sleep(0.01)
                 if zombies:
-                    time.sleep(0.2)  # the supervisor reaps on its next loop turn; a zombie that stays is a bug
-                    zombies = [p.pid for p in _tree(supervisor) if p.status() == psutil.STATUS_ZOMBIE]
-                    if zombies:
-                        problems.append(f"zombie children after killing shard {victim}: {zombies}")
+                    problems.append(f"zombie children {wait_back:g} s after killing shard {victim}: {zombies}")
                 time.sleep(pause)
         finally:
             results = []
             for p in load:
-                out, _ = p.communicate(timeout=duration + 30)
+                out, _ = p.communicate("stop\n", timeout=duration + 30)
                 if p.returncode != 0:
                     problems.append(f"a load process exited {p.returncode}")
                 else:
@@ -222,9 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--load", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--until", type=float, help=argparse.SUPPRESS)
+    ap.add_argument("--timeout", type=float, default=2.0, help="the load clients' timeout, seconds (default 2)")
     args = ap.parse_args(argv)
     if args.load:
-        print(json.dumps(run_load(args.endpoint, args.until, args.seed)), flush=True)
+        print(json.dumps(run_load(args.endpoint, args.until, args.seed, args.timeout)), flush=True)
         return EXIT_OK
     from shardd import Client, SharddError
 
@@ -236,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_UNREACHABLE
     report = run_chaos(args.endpoint, args.duration, args.procs, args.seed, args.kills_per_minute, args.pause,
                        args.grace, args.max_restart, args.max_rss_growth,
-                       log=None if args.json else lambda m: print(m, flush=True))
+                       log=None if args.json else lambda m: print(m, flush=True), client_timeout=args.timeout)
     if args.json:
         print(json.dumps(report))
     else:
