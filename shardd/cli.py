@@ -360,13 +360,13 @@ def tune(
             parsed = int(value)
         except ValueError:
             raise _usage(f"mailbox-limit must be a whole number, got {value!r}") from None
-        if not 1 <= parsed <= _MAILBOX_MAX:
-            raise _usage(f"mailbox-limit must be between 1 and {_MAILBOX_MAX}, not {_short(value, 16)}")
+        if not -_INT64 <= parsed < _INT64:  # cannot be sent at all; the daemon checks the real range
+            raise _usage(f"mailbox-limit {_short(value, 16)} is out of range (1 to 10000000)")
     shards = _ask(endpoint, timeout, lambda client: client.tune(**{key: parsed}))
     typer.echo(f"{key} = {value} on {shards} shards")
 
 
-_MAILBOX_MAX = 10_000_000  # as the config file allows
+_INT64 = 1 << 63
 
 
 def _short(text: str, width: int = 24) -> str:
