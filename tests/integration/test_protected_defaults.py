@@ -38,7 +38,7 @@ def test_remote_bind_is_served_when_explicitly_allowed(make_daemon, tmp_path):
     d = make_daemon("--bind", f"tcp://0.0.0.0:{port}", shards=1, config=str(cfg), wait=False)
     d.endpoint = f"tcp://127.0.0.1:{port}"
     d.wait_ready()
-    with Client(d.endpoint, timeout=2) as c:
+    with Client(d.endpoint, timeout=30) as c:
         assert c.ping() == 1
 
 
@@ -63,7 +63,7 @@ def test_runtime_dir_and_ipc_sockets_are_private(make_daemon, tmp_path):
         assert _mode(sock) == 0o600, (sock, oct(_mode(sock)))
     # The public ipc endpoint admits the daemon's group (to grant local clients access), never others.
     assert _mode(public) == 0o660, oct(_mode(public))
-    with Client(d.endpoint, timeout=2) as c:
+    with Client(d.endpoint, timeout=30) as c:
         assert c.ping() == 2
 
 
