@@ -87,6 +87,11 @@ def bind(sock: zmq.Socket, endpoint: str, mode: int = PRIVATE_IPC_MODE) -> None:
         os.chmod(path, mode)
 
 
+# A failed connect to a missing ipc path costs one syscall: 100 a second per down shard is
+# nothing, and bounds how long a restarted worker waits to be found.
+SHARD_RECONNECT_MS = 10
+
+
 def connect_shard_dealer(ctx: zmq.Context, endpoint: str) -> tuple[zmq.Socket, zmq.Socket]:
     """The router's DEALER to one worker, and a monitor socket reporting its connection state.
 
@@ -98,9 +103,11 @@ def connect_shard_dealer(ctx: zmq.Context, endpoint: str) -> tuple[zmq.Socket, z
     # Queue only on a live connection: with no worker, a send fails at once (→ UNAVAILABLE)
     # instead of piling requests up for a worker that may never come back.
     sock.setsockopt(zmq.IMMEDIATE, 1)
-    # A restarted worker binds the same path; reconnect quickly so the shard is back fast.
-    sock.setsockopt(zmq.RECONNECT_IVL, 20)
-    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 200)
+    # A restarted worker binds the same path: retry every SHARD_RECONNECT_MS, never backing off,
+    # so its shard is served again within that of the worker binding. libzmq's default doubling
+    # (to 200 ms here before) left a restarted shard dark ~150 ms longer than it had to be.
+    sock.setsockopt(zmq.RECONNECT_IVL, SHARD_RECONNECT_MS)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 0)
     # In-flight work is bounded by the mailbox limit, not by the HWM; keep HWM out of the way.
     sock.setsockopt(zmq.SNDHWM, 0)
     sock.setsockopt(zmq.RCVHWM, 0)
