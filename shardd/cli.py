@@ -73,7 +73,7 @@ def _ask(endpoint: str, timeout: float, request: Callable[[Any], T]) -> T:
             return request(client)
     except SharddError as exc:
         raise _fail(str(exc)) from None
-    except (ValueError, TypeError, OverflowError) as exc:
+    except (ValueError, OverflowError) as exc:
         raise _usage(str(exc)) from None
 
 
