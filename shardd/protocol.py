@@ -322,7 +322,12 @@ RequestId = Annotated[int, msgspec.Meta(ge=0)]  # msgpack ints stop at 2**64-1 a
 
 
 class Envelope(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fields=True):
-    """One request: ``[version, id, op]``; ``id`` is an unsigned 64-bit integer."""
+    """One request: ``[version, id, op]``; ``id`` is an unsigned 64-bit integer.
+
+    Id 0 is accepted like any other, but it is also the id of an error reply to a request
+    whose id could not be read (see :func:`salvage_id`), so a client cannot tell the two
+    apart: clients should number from 1. The router's own sub-requests to workers use 0.
+    """
 
     version: int
     id: RequestId
@@ -330,7 +335,10 @@ class Envelope(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fiel
 
 
 class Reply(msgspec.Struct, array_like=True, frozen=True):
-    """One answer: ``[id, status, value]``; on an error status ``value`` is the message."""
+    """One answer: ``[id, status, value]``; on an error status ``value`` is the message (a str).
+
+    The one exception is MOVED, whose value is the map ``{"epoch": int, "shard": int}``.
+    """
 
     id: int
     status: int
@@ -445,8 +453,8 @@ def check_op(op: Op, limits: Limits) -> tuple[int, str] | None:
             f"value is {len(value)} bytes; the limit is {limits.max_value_bytes} (max_value_bytes)"
         )
     ttl = getattr(op, "ttl_ms", None)
-    if ttl is not None and not 0 < ttl <= _U64:
-        return BAD_REQUEST, f"ttl_ms must be a positive number of milliseconds, got {ttl}"
+    if ttl is not None and not 0 < ttl <= MAX_TTL_MS:
+        return BAD_REQUEST, f"ttl_ms must be between 1 and {MAX_TTL_MS} milliseconds (MAX_TTL_MS = 2**53-1), got {ttl}"
     cls = type(op)
     if cls is GetMany or cls is DeleteMany:
         for k in op.keys:
@@ -530,16 +538,20 @@ def _explain_bad_frame(frame: bytes, exc: Exception) -> bytes:
         obj = _loose_decoder.decode(frame)
     except Exception as loose_exc:
         return encode_reply(request_id, BAD_REQUEST, f"malformed request: not valid msgpack ({loose_exc})")
+    # The version comes first: any version but the int 1, of any type ("1", 1.0, true), is
+    # UNSUPPORTED_VERSION, in a request of this version's shape or, if it is an int, of any
+    # length of 2 or more (a later version may change the shape).
+    version = obj[0] if isinstance(obj, list) and obj else None
+    if (isinstance(obj, list) and (type(version) is not int or version != PROTOCOL_VERSION)
+            and (len(obj) == 3 or (type(version) is int and len(obj) >= 2))):
+        return encode_reply(
+            request_id, UNSUPPORTED_VERSION,
+            f"protocol version {version!r} is not supported; this server speaks {PROTOCOL_VERSION}",
+        )
     if not isinstance(obj, list) or len(obj) != 3:
         return encode_reply(
             request_id, BAD_REQUEST,
             "malformed request: expected a msgpack array [version, id, [op, args...]]",
-        )
-    version = obj[0]
-    if isinstance(version, int) and version != PROTOCOL_VERSION:
-        return encode_reply(
-            request_id, UNSUPPORTED_VERSION,
-            f"protocol version {version} is not supported; this server speaks {PROTOCOL_VERSION}",
         )
     op = obj[2]
     if isinstance(op, list) and op and isinstance(op[0], str) and op[0] not in OP_NAMES:

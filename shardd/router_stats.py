@@ -130,7 +130,7 @@ class StatsDuty:
         """Each shard: "ok", "down" (no worker connected) or "timeout" (did not answer in time)."""
         states = {}
         for shard, _, value in parts:
-            if value is True:
+            if value == 1:  # a ping part: the shard answered (a worker answers ping with 1)
                 states[shard] = "ok"
             elif isinstance(value, tuple) and value[1] == "timeout":
                 states[shard] = "timeout"

@@ -127,7 +127,7 @@ class Shard:
             p.SetMany: lambda op: s.set_many(op.items, op.ttl_ms),
             p.DeleteMany: lambda op: s.delete_many(op.keys),
             p.Flush: lambda op: s.flush(),
-            p.Ping: lambda op: True,
+            p.Ping: lambda op: 1,  # the number of shards that answered, as through the router: this one
             p.Stats: lambda op: self.stats(),
             p.Hotkeys: self.hotkeys,
             p.Snapshot: self.snapshot,
