@@ -88,8 +88,8 @@ def ttl_ms(ttl: object) -> int:
         ms = max(1, math.ceil(ttl * 1000 - 1e-6))
     else:
         raise TypeError(f"ttl must be an int or float number of seconds, not {type(ttl).__name__}")
-    if ms > U64:
-        raise ValueError(f"ttl is too large: {ttl} seconds")
+    if ms > protocol.MAX_TTL_MS:
+        raise ValueError(f"ttl is too large: {ttl} seconds (at most {protocol.MAX_TTL_MS // 1000} s)")
     return ms
 
 

@@ -236,8 +236,14 @@ class Migrate(_Op, tag="migrate"):
 class MigrateOut(_Op, tag="migrate_out"):
     """Router → worker: remove and return up to ``limit`` entries that move, scanning at most ``scan`` keys."""
 
-    limit: int = 200
-    scan: int = 1000
+    limit: int | None = 200  # nil on the wire: 200
+    scan: int | None = 1000  # nil on the wire: 1000
+
+    def __post_init__(self) -> None:
+        if self.limit is None:
+            _force_setattr(self, "limit", 200)
+        if self.scan is None:
+            _force_setattr(self, "scan", 1000)
 
 
 class MigrateIn(_Op, tag="migrate_in"):

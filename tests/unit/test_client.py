@@ -330,6 +330,16 @@ def test_ttl_seconds_become_whole_milliseconds_rounded_up(client, server, ttl, m
     assert server.received[-1].op == protocol.Expire(b"k", ms)
 
 
+def test_a_ttl_past_the_protocol_maximum_is_refused_before_sending(client, server) -> None:
+    limit_s = protocol.MAX_TTL_MS // 1000
+    client.expire("k", limit_s)
+    assert server.received[-1].op == protocol.Expire(b"k", limit_s * 1000)
+    sent = len(server.received)
+    with pytest.raises(ValueError, match="ttl is too large"):
+        client.expire("k", limit_s + 1)
+    assert len(server.received) == sent
+
+
 def test_request_ids_count_up_and_wrap_past_zero(client: Client, server: FakeServer) -> None:
     client.ping()
     client.ping()

@@ -205,11 +205,7 @@ def _required_args(cls: type) -> list[Any]:
     return [getattr(example, f.name) for f in msgspec.structs.fields(cls) if f.required]
 
 
-# Router → worker ops that no client sends; their owner keeps their arguments strict.
-_INTERNAL_WITH_DEFAULTS = {p.MigrateOut}
-
-
-@pytest.mark.parametrize("cls", sorted(set(p.Op.__args__) - _INTERNAL_WITH_DEFAULTS, key=lambda c: c.__name__))
+@pytest.mark.parametrize("cls", sorted(p.Op.__args__, key=lambda c: c.__name__))
 def test_every_optional_argument_of_every_op_accepts_nil(cls: type) -> None:
     fields = msgspec.structs.fields(cls)
     optional = [f for f in fields if not f.required]
