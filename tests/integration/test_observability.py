@@ -24,7 +24,7 @@ def cli(endpoint: str, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_stats_per_shard_and_total(daemon):
-    with shardd.Client(daemon.endpoint, timeout=2) as client:
+    with shardd.Client(daemon.endpoint, timeout=30) as client:
         client.flush()
         client.set_many({f"s{i}": b"x" * 10 for i in range(200)})
         client.get_many([f"s{i}" for i in range(300)])
@@ -53,7 +53,7 @@ def test_stats_table_has_totals_and_fits_80_columns(daemon):
 
 
 def test_hotkeys_lists_the_hammered_key_with_its_shard(daemon):
-    with shardd.Client(daemon.endpoint, timeout=2) as client:
+    with shardd.Client(daemon.endpoint, timeout=30) as client:
         client.set("hammered", b"1")
         with client.pipeline() as pipe:
             for _ in range(500):
