@@ -60,7 +60,7 @@ _HEALTH_INTERVAL = 5.0
 # SIGUSR1 comes from the router: a resize needs workers started, or has ended.
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 # Settings a SIGHUP cannot change: they shape processes and sockets made at start-up.
-RESTART_KEYS = frozenset({"bind", "shards", "runtime_dir", "pin_cpus", "enable_debug_ops", "metrics_bind",
+RESTART_KEYS = frozenset({"bind", "shards", "runtime_dir", "pin_cpus", "enable_debug_ops", "metrics_bind", "direct",
                           "state_dir", "allow_remote_without_auth", "auth_dir"})
 
 

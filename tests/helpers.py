@@ -55,3 +55,17 @@ def wait_until_sleeping(pid: int, timeout: float = 60.0) -> None:
         return bool(fields) and fields[0].isdigit() and int(fields[0]) in numbers
 
     wait_until(sleeping, timeout, interval=0.002, what=f"process {pid} sleeping")
+
+
+def assert_one_message(err: str, *phrases: str) -> None:
+    """A command's error as users see it: one message on stderr, starting with "shardd", wrapped to
+    at most 3 lines of 80 columns (continuation lines indented), containing each of ``phrases``."""
+    assert "Traceback" not in err, err
+    lines = err.rstrip("\n").splitlines()
+    assert 1 <= len(lines) <= 3, err
+    assert all(len(line) <= 80 for line in lines), err
+    assert lines[0].startswith("shardd"), err
+    assert all(line.startswith("  ") for line in lines[1:]), err
+    text = " ".join(line.strip() for line in lines)
+    for phrase in phrases:
+        assert phrase in text, (phrase, err)

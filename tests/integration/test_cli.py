@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 from shardd.client import Client
-from tests.helpers import keys_on_shard
+from tests.helpers import keys_on_shard, wait_until
 
 
 def shardd(daemon, *args: str, env_endpoint: bool = True) -> subprocess.CompletedProcess:
@@ -240,7 +240,7 @@ def test_stats_and_hotkeys_show_healthy_shards_and_name_the_stuck_one(make_daemo
     assert victim in {p.pid for p in d.children()}
     os.kill(victim, signal.SIGSTOP)
     try:
-        assert psutil.Process(victim).status() == psutil.STATUS_STOPPED
+        wait_until(lambda: psutil.Process(victim).status() == psutil.STATUS_STOPPED, what="the worker to stop")
         with Client(d.endpoint, timeout=5.0) as c:
             data = c.stats()
             assert [row["status"] for row in data["shards"]] == ["up", "timeout", "up"]

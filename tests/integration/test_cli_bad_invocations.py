@@ -21,6 +21,7 @@ import pytest
 
 from shardd import cli
 from tests.conftest import free_port
+from tests.helpers import assert_one_message
 
 USAGE, FAILURE = 2, 1
 
@@ -141,11 +142,7 @@ def _check_message(err: str, out: str, code: int, expected_code: int, phrase: st
         assert "Usage" in err + out
         return
     assert out == "", out
-    lines = err.rstrip("\n").splitlines()
-    assert 1 <= len(lines) <= 3, err
-    assert all(len(line) <= 80 for line in lines), err
-    assert lines[0].startswith("shardd"), err
-    assert phrase in " ".join(line.strip() for line in lines), err
+    assert_one_message(err, phrase)
 
 
 @pytest.mark.parametrize(("argv", "expected_code", "phrase"), CASES,

@@ -9,6 +9,7 @@ import sys
 
 from shardd.client import Client
 from tests.conftest import REPO, free_port
+from tests.helpers import assert_one_message
 
 
 def _serve(*args: str) -> subprocess.CompletedProcess:
@@ -20,8 +21,7 @@ def test_remote_bind_without_auth_is_refused_with_exit_2(tmp_path):
     port = free_port()
     r = _serve("--bind", f"tcp://0.0.0.0:{port}", "--shards", "1", "--runtime-dir", str(tmp_path / "run"))
     assert r.returncode == 2, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "allow_remote_without_auth" in lines[0] and "0.0.0.0" in lines[0], r.stderr
+    assert_one_message(r.stderr, "allow_remote_without_auth", "0.0.0.0")
     assert not (tmp_path / "run").exists()  # refused before anything was created or bound
     cfg = tmp_path / "remote.toml"
     cfg.write_text(f'bind = "tcp://0.0.0.0:{port}"\n')

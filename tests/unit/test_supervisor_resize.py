@@ -1,4 +1,4 @@
-"""The supervisor's part in a resize, with an in-process fake of the router's control endpoint."""
+"""The supervisor's part in a resize and a reload, with an in-process fake of the router's control endpoint."""
 
 from __future__ import annotations
 
@@ -15,9 +15,14 @@ class FakeControl:
     def __init__(self, topology: dict[str, Any]) -> None:
         self._topology = topology
         self.resize_started: list[int] = []
+        self.configured: list[dict[str, Any]] = []
 
     def topology(self) -> dict[str, Any]:
         return self._topology
+
+    def configure(self, settings: dict[str, Any]) -> int:
+        self.configured.append(settings)
+        return 1
 
     def resize_start(self, shards: int) -> bool:
         self.resize_started.append(shards)
@@ -55,3 +60,17 @@ def test_workers_started_for_a_resize_join_the_current_layout() -> None:
     arbiter.handle_sigusr1()
     # They own nothing until the router's migrate: started with today's shard count, not 4.
     assert spawned == [(2, 2), (3, 2)]
+
+
+def test_a_reload_applies_live_settings_and_only_logs_restart_only_ones(caplog) -> None:
+    # direct decides whether workers bind an endpoint when they start: no reload can change it.
+    running = Config(shards=2, runtime_dir="/nonexistent")
+    arbiter = Arbiter(running, reload_config=lambda: Config(shards=2, runtime_dir="/nonexistent", direct=False,
+                                                            mailbox_limit=77))
+    control = FakeControl({})
+    arbiter.control = control  # type: ignore[assignment]
+    with caplog.at_level("INFO"):
+        arbiter.reload()
+    assert control.configured == [{"mailbox_limit": 77}]
+    assert "direct changed but only take effect after a restart" in caplog.text
+    assert arbiter.raw_config.direct is True and arbiter.raw_config.mailbox_limit == 77
