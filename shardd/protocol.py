@@ -142,6 +142,27 @@ class Incr(_Op, tag="incr"):
             _force_setattr(self, "delta", 1)
 
 
+class Append(_Op, tag="append"):
+    """Append ``value`` to the value at ``key`` (a missing key is created, as Redis APPEND); the new length."""
+
+    key: bytes
+    value: bytes
+
+
+class GetDel(_Op, tag="getdel"):
+    """The value at ``key`` (nil if missing), deleting it in the same step (Redis GETDEL)."""
+
+    key: bytes
+
+
+class Touch(_Op, tag="touch"):
+    """Whether ``key`` exists; counts as an access (LRU/LFU), and with ``ttl_ms`` also sets its TTL
+    (memcached touch). nil or absent ``ttl_ms``: the TTL is left as it is."""
+
+    key: bytes
+    ttl_ms: int | None = None
+
+
 class Gets(_Op, tag="gets"):
     key: bytes
 
