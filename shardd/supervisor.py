@@ -2,20 +2,45 @@
 
 Theory of operation
 -------------------
-``Arbiter.run`` prepares a private runtime directory for the ipc sockets, spawns one
-worker per shard and then the router (``spawn`` start method: children get a picklable
-Config and a shard id, and build everything else themselves), waits until a ping through
-the router is answered by every shard, reports ready (a log line and ``READY=1`` to
-systemd), then sleeps on its children's sentinels and a signal wake-up pipe.
+``Arbiter.run`` prepares a private runtime directory for the ipc sockets, starts the workers
+(through ``manage_workers``) and then the router, each a :class:`shardd.process.Child`
+(``spawn`` start method: children get a picklable Config and a shard id, and build everything
+else themselves), waits until a ping through the router is answered by every shard, reports
+ready (a log line and ``READY=1`` to systemd), then sleeps on its children's sentinels, a
+signal wake-up pipe and its next timer (restart backoff, health check, snapshot).
+
+``manage_workers`` is the one reconcile step (gunicorn's ``manage_workers``): from the wanted
+shard ids, ``range(max(config.shards, target))``, to the running workers. It reaps workers
+that exited (deciding restart, crash loop or boot failure), starts every wanted shard that is
+neither running nor waiting out its restart backoff (``restart_at``), and stops running shards
+that are no longer wanted. Boot, crash restarts and both ends of a resize all go through it.
+
+SIGUSR1 comes from the router, which cannot start processes, at two moments of a resize
+(shardd.migration). The signal carries no meaning of its own: ``handle_sigusr1`` reads the
+router's topology and the phase it shows decides what happens:
+- ``pending_resize`` set: a client asked for M shards. ``target`` becomes M, the reconcile
+  starts shards N..M-1, and ``resize_start(M)`` tells the router they are there.
+- ``resizing`` set: keys are moving; nothing for the supervisor (a late or repeated signal).
+- neither: no resize (any more). ``config.shards`` becomes the router's shard count,
+  ``target`` is cleared, and the reconcile stops the workers of removed shards.
 
 Invariants:
 1. Signal handlers only record the signal; the main loop dispatches to ``handle_<name>``.
-2. A child that fails during boot stops the daemon (exit BOOT_FAILED); it is not retried.
-3. A worker that dies while serving is respawned at once; its shard answers UNAVAILABLE
-   meanwhile (the router sees the disconnect). Too many deaths of one shard within
-   ``_CRASH_WINDOW`` stop the daemon (exit CHILD_FAILED) instead of looping forever.
-4. If the router dies the daemon exits CHILD_FAILED, so systemd restarts it whole.
-5. Stop order: router first (it stops accepting and drains what is in flight), then the
+2. A child that fails during boot stops the daemon (exit BOOT_FAILED); it is not retried. So
+   does a restarted worker that exits BOOT_FAILED, or exits by itself (code > 0) before the
+   supervisor saw it serve (``Child.ready``, from the health check, polled every
+   ``_READY_POLL`` until then): its start-up failed (e.g. its ipc path became unusable) and a
+   retry would fail the same way. One line names it. A worker killed by a signal is a crash.
+3. A worker that dies while serving is restarted after ``_BACKOFF`` (at once the first time);
+   its shard answers UNAVAILABLE meanwhile (the router sees the disconnect). ``_CRASH_LIMIT``
+   deaths of one shard within ``_CRASH_WINDOW`` stop the daemon (exit CHILD_FAILED).
+4. At most one worker per shard id runs or waits to restart: a second copy would take over
+   the first one's ipc socket.
+5. Every worker starts with ``config.shards`` = the router's current shard count, so a worker
+   started for a resize owns no key until the router's ``migrate`` (and a restarted one joins
+   the layout in force); the router tells each worker the rest.
+6. If the router dies the daemon exits CHILD_FAILED, so systemd restarts it whole.
+7. Stop order: router first (it stops accepting and drains what is in flight), then the
    workers; anything still alive at the deadline is killed. The runtime directory is
    removed if we created it. Exit 0 on a requested stop.
 """
@@ -24,7 +49,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import multiprocessing
 import multiprocessing.connection
 import multiprocessing.resource_tracker
 import os
@@ -35,15 +59,16 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
-from multiprocessing.process import BaseProcess
+from typing import Any
 
 import msgspec
 
 from shardd import metrics, snapshot, systemd, transport
-from shardd.client import Client
-from shardd.config import Config
+from shardd.control import ControlClient
+from shardd.config import RESTART_KEYS, Config  # RESTART_KEYS: settings a SIGHUP cannot change
 from shardd.errors import ExitCode, SharddError
 from shardd.logs import setup_logging
+from shardd.process import Child
 from shardd.router import run_router
 from shardd.worker import run_worker
 
@@ -57,29 +82,36 @@ _BACKOFF = (0.0, 0.1, 0.5, 1.0, 2.0)
 # How often the supervisor checks every shard and refreshes STATUS= when systemd asked for
 # no watchdog; with WatchdogSec it checks twice per watchdog period.
 _HEALTH_INTERVAL = 5.0
-# SIGUSR1 comes from the router: a resize needs workers started, or has ended.
+# How often the health check runs while a restarted worker has not been seen serving yet: the
+# sooner it is marked ready, the smaller the window in which a crash counts as a failed start.
+_READY_POLL = 0.1
+# SIGUSR1 comes from the router: a resize changed phase (see the theory of operation).
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
-# Settings a SIGHUP cannot change: they shape processes and sockets made at start-up.
-RESTART_KEYS = frozenset({"bind", "shards", "runtime_dir", "pin_cpus", "enable_debug_ops", "metrics_bind", "direct",
-                          "state_dir", "allow_remote_without_auth", "auth_dir"})
 
 
 class Arbiter:
-    """Spawns, watches and stops the router and the workers."""
+    """Spawns, watches and stops the router and the workers.
 
-    def __init__(self, config: Config, reload_config: Callable[[], Config] | None = None) -> None:
+    ``process`` makes a child (``Child``'s signature) and ``clock`` is the monotonic clock the
+    restart backoff reads: collaborators, so the reconcile step runs in tests without processes.
+    """
+
+    def __init__(self, config: Config, reload_config: Callable[[], Config] | None = None, *,
+                 process: Callable[..., Child] = Child, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.raw_config = config  # as given, before the runtime dir and shard count are resolved
         self.reload_config = reload_config
-        self.control: Client | None = None
+        self.process = process
+        self.clock = clock
+        self.control: Any = None  # the router's control endpoint (a ControlClient) once serving
+        self.target: int | None = None  # the shard count a resize is going to, while one is under way
         self.restart_at: dict[int, float] = {}
         self.watchdog = systemd.watchdog_interval()
         self.next_health_check = 0.0
         self.next_snapshot = float("inf")
         self.ready = False
-        self.mp = multiprocessing.get_context("spawn")
-        self.workers: dict[int, BaseProcess] = {}
-        self.router: BaseProcess | None = None
+        self.workers: dict[int, Child] = {}
+        self.router: Child | None = None
         self.deaths: dict[int, deque[float]] = {}
         self.signals: deque[int] = deque()
         self.owns_runtime_dir = False
@@ -104,7 +136,7 @@ class Arbiter:
         try:
             code = self.boot()
             if code == ExitCode.OK and not self.signals:
-                self.control = Client(self.config.control_endpoint(), timeout=self._health_timeout())
+                self.control = ControlClient(self.config.control_endpoint(), timeout=self._health_timeout())
                 code = self.loop(wakeup_r)
         finally:
             if self.control is not None:
@@ -137,11 +169,10 @@ class Arbiter:
         cfg = self.config
         # Workers load the current snapshot generation while they start (shardd.snapshot).
         loading = bool(cfg.state_dir) and snapshot.current(cfg.state_dir) is not None
-        for shard in range(cfg.shards):
-            self.spawn_worker(shard)
+        self.manage_workers()  # nothing runs yet: starts one worker per shard
         self.spawn_router()
         deadline = time.monotonic() + cfg.ready_timeout
-        with Client(cfg.control_endpoint(), timeout=0.5) as client:
+        with ControlClient(cfg.control_endpoint(), timeout=0.5) as client:
             while True:
                 failed = self.dead_children()
                 if failed:
@@ -160,6 +191,8 @@ class Arbiter:
                     return ExitCode.BOOT_FAILED
                 time.sleep(0.05)
         self.ready = True
+        for child in self.children():
+            child.ready = True
         if loading:
             snapshot.consume(cfg.state_dir)  # loaded: a later crash must not bring it back
         self.schedule_snapshot()
@@ -168,77 +201,106 @@ class Arbiter:
         systemd.notify("READY=1", f"STATUS=serving {cfg.shards} shards on {cfg.bind}", f"MAINPID={os.getpid()}")
         return ExitCode.OK
 
-    def spawn_worker(self, shard: int, config: Config | None = None) -> None:
-        config = self.config if config is None else config
-        proc = self.mp.Process(target=run_worker, args=(config, shard), name=f"shardd-worker-{shard}")
-        proc.start()
-        self.workers[shard] = proc
+    def spawn_worker(self, shard: int) -> None:
+        child = self.process(f"shardd-worker-{shard}", run_worker, (self.config, shard), shard)
+        child.start()
+        self.workers[shard] = child
+        if self.ready:  # a restart or a resize: watch for it to serve (check_health marks it ready)
+            self.next_health_check = min(self.next_health_check, time.monotonic() + _READY_POLL)
 
     def spawn_router(self) -> None:
-        self.router = self.mp.Process(target=run_router, args=(self.config,), name="shardd-router")
+        self.router = self.process("shardd-router", run_router, (self.config,))
         self.router.start()
 
-    def dead_children(self) -> list[BaseProcess]:
-        procs = [*self.workers.values(), *([self.router] if self.router else [])]
-        return [proc for proc in procs if not proc.is_alive()]
+    def children(self) -> list[Child]:
+        return [*self.workers.values(), *([self.router] if self.router else [])]
+
+    def dead_children(self) -> list[Child]:
+        return [child for child in self.children() if not child.is_alive()]
 
     # --- serving --------------------------------------------------------------------
 
     def loop(self, wakeup_r: int) -> int:
         while True:
-            sentinels = [proc.sentinel for proc in self.workers.values()]
-            if self.router is not None:
-                sentinels.append(self.router.sentinel)
-            now = time.monotonic()
+            sentinels = [child.sentinel for child in self.children()]
             wake_at = min([self.next_health_check, self.next_snapshot, *self.restart_at.values()])
-            multiprocessing.connection.wait([*sentinels, wakeup_r], timeout=max(0.0, min(1.0, wake_at - now)))
+            timeout = max(0.0, min(1.0, wake_at - self.clock()))
+            multiprocessing.connection.wait([*sentinels, wakeup_r], timeout=timeout)
             transport.drain_fd(wakeup_r)
             while self.signals:
                 signum = self.signals.popleft()
                 code = getattr(self, f"handle_{signal.Signals(signum).name.lower()}")()
                 if code is not None:
                     return code
-            code = self.reap_children()
+            code = self.manage_workers()
             if code is not None:
                 return code
-            self.restart_due_workers()
             if time.monotonic() >= self.next_health_check:
                 self.check_health()
             if time.monotonic() >= self.next_snapshot:
                 self.take_snapshot()
                 self.schedule_snapshot()
 
+    def wanted(self) -> range:
+        """The shard ids that should have a worker: the current ones, and a resize's new ones."""
+        return range(max(self.config.shards, self.target or 0))
+
+    def manage_workers(self) -> int | None:
+        """The reconcile step: reap, start what is wanted and missing, stop what is not wanted.
+
+        Returns the exit code if the daemon must stop (see the invariants), else None.
+        """
+        code = self.reap_children()
+        if code is not None:
+            return code
+        now, wanted = self.clock(), self.wanted()
+        for shard in wanted:
+            if shard not in self.workers and self.restart_at.get(shard, now) <= now:
+                self.restart_at.pop(shard, None)
+                self.spawn_worker(shard)
+        for shard in [shard for shard in self.restart_at if shard not in wanted]:
+            del self.restart_at[shard]
+        removed = [self.workers.pop(shard) for shard in sorted(self.workers) if shard not in wanted]
+        if removed:
+            _terminate(removed, time.monotonic() + self.config.stop_timeout)
+            log.info("stopped %d removed worker(s): shard(s) %s", len(removed), [child.shard for child in removed])
+        return None
+
     def reap_children(self) -> int | None:
+        """Forget exited workers and schedule their restart; the exit code if that is a stop."""
         if self.router is not None and not self.router.is_alive():
             log.error("router exited (exit code %s); stopping so the service manager restarts us",
                       self.router.exitcode)
             return ExitCode.CHILD_FAILED
-        for shard, proc in list(self.workers.items()):
-            if proc.is_alive():
+        wanted = self.wanted()
+        for shard, child in list(self.workers.items()):
+            if child.is_alive():
                 continue
-            proc.join()
-            now = time.monotonic()
+            child.join()
+            del self.workers[shard]
+            if shard not in wanted:
+                continue  # a removed shard's worker: it was on its way out
+            code = child.exitcode or 0
+            if code == ExitCode.BOOT_FAILED or (code > 0 and not child.ready):
+                # It ended itself before it served: its start-up failed, and would again.
+                log.error("worker %d could not start (exit code %d; its reason is logged above); stopping, "
+                          "as a restart would fail the same way", shard, code)
+                return ExitCode.BOOT_FAILED
+            now = self.clock()
             recent = self.deaths.setdefault(shard, deque())
             recent.append(now)
             while recent and now - recent[0] > _CRASH_WINDOW:
                 recent.popleft()
             if len(recent) >= _CRASH_LIMIT:
                 log.error("worker %d died %d times in %.0f s (last exit code %s); crash loop, stopping",
-                          shard, len(recent), _CRASH_WINDOW, proc.exitcode)
+                          shard, len(recent), _CRASH_WINDOW, child.exitcode)
                 return ExitCode.CHILD_FAILED
             delay = _BACKOFF[min(len(recent), len(_BACKOFF)) - 1]
-            log.warning("worker %d exited (exit code %s); restarting it%s", shard, proc.exitcode,
+            log.warning("worker %d exited%s (exit code %s); restarting it%s", shard,
+                        "" if child.ready else " before it was ready", child.exitcode,
                         f" in {delay:g} s" if delay else "")
-            del self.workers[shard]
             self.restart_at[shard] = now + delay
         return None
-
-    def restart_due_workers(self) -> None:
-        now = time.monotonic()
-        for shard, due in list(self.restart_at.items()):
-            if due <= now:
-                del self.restart_at[shard]
-                self.spawn_worker(shard)
 
     # --- health and systemd -----------------------------------------------------------
 
@@ -248,7 +310,6 @@ class Arbiter:
     def check_health(self) -> bool:
         """Ask every shard through the router; tell systemd (STATUS=, and WATCHDOG=1 if all answered)."""
         self.next_health_check = time.monotonic() + (self.watchdog or _HEALTH_INTERVAL)
-        assert self.control is not None
         try:
             stats = self.control.stats()
         except SharddError as exc:
@@ -256,6 +317,12 @@ class Arbiter:
             log.warning("health check failed: %s", exc)
             return False
         rows = stats["shards"]
+        for row in rows:  # a restarted worker is ready once the router has it up
+            child = self.workers.get(row["shard"])
+            if child is not None and row.get("status") == "up" and row.get("pid") == child.pid:
+                child.ready = True
+        if not all(child.ready for child in self.workers.values()):
+            self.next_health_check = time.monotonic() + _READY_POLL
         down = [row["shard"] for row in rows if row.get("status") != "up"]
         keys = sum(row.get("keys", 0) for row in rows)
         if down:
@@ -287,41 +354,39 @@ class Arbiter:
         finally:
             systemd.notify("READY=1")
 
-    def handle_sigusr1(self) -> None:
-        """The router asks for a resize's workers, or reports the resize done (shardd.migration)."""
-        assert self.control is not None
+    def handle_sigusr1(self) -> int | None:
+        """The router's resize changed phase: read which from its topology, then reconcile."""
         try:
             topology = self.control.topology()
         except SharddError as exc:
             log.error("resize: cannot read the topology: %s", exc)
-            return
-        wanted = topology["pending_resize"]
-        if wanted is not None:
-            # Reconcile shard ids, not counts: a shard waiting to restart after a crash is still
-            # ours (restart_due_workers brings it back), and a second copy of it would take over
-            # its ipc socket.
-            started = [shard for shard in range(wanted) if shard not in self.workers and shard not in self.restart_at]
-            # A worker started for a resize joins the current layout: it owns no key until the
-            # router's migrate (shardd.migration), and loads nothing from a snapshot.
-            joining = msgspec.structs.replace(self.config, shards=topology["shards"])
-            for shard in started:
-                self.spawn_worker(shard, joining)
-            self.config = msgspec.structs.replace(self.config, shards=max(wanted, self.config.shards))
-            log.info("resize to %d shards: %s", wanted, f"started workers {started}" if started else "no new workers")
+            return None
+        return self.follow_resize(topology)
+
+    def follow_resize(self, topology: dict[str, Any]) -> int | None:
+        """Set the wanted shards from the phase ``topology`` shows (see the theory of operation)."""
+        pending, shards = topology["pending_resize"], topology["shards"]
+        if pending is not None:
+            # New workers join the current layout (invariant 5); shard ids still running or
+            # waiting out a restart are not started again (invariant 4).
+            self.config = msgspec.structs.replace(self.config, shards=shards)
+            self.target = pending
+            before = set(self.workers)
+            code = self.manage_workers()
+            if code is not None:
+                return code
+            started = sorted(set(self.workers) - before)
+            log.info("resize to %d shards: %s", pending, f"started workers {started}" if started else "no new workers")
             try:
-                self.control.resize_start(wanted)
+                self.control.resize_start(pending)
             except SharddError as exc:
                 log.error("resize: the router did not take the new workers: %s", exc)
         elif topology["resizing"] is None:
-            shards = topology["shards"]
+            log.info("resize done: %d shards (epoch %d)", shards, topology["epoch"])
             self.config = msgspec.structs.replace(self.config, shards=shards)
-            removed = [proc for shard, proc in self.workers.items() if shard >= shards]
-            for shard in [s for s in self.workers if s >= shards]:
-                del self.workers[shard]
-                self.restart_at.pop(shard, None)
-            _terminate(removed, time.monotonic() + self.config.stop_timeout)
-            log.info("resize done: %d shards (epoch %d)%s", shards, topology["epoch"],
-                     f"; stopped {len(removed)} removed worker(s)" if removed else "")
+            self.target = None
+            return self.manage_workers()
+        return None
 
     def reload(self) -> None:
         """Re-read the config; apply what can change live, log what needs a restart."""
@@ -345,7 +410,6 @@ class Arbiter:
         if "log_level" in live:
             logging.getLogger().setLevel(live["log_level"].upper())
         try:
-            assert self.control is not None
             self.control.configure(live)
         except SharddError as exc:
             log.error("SIGHUP: could not apply %s to every shard: %s", ", ".join(sorted(live)), exc)
@@ -373,7 +437,7 @@ class Arbiter:
         started = time.monotonic()
         generation = snapshot.new_generation(cfg.state_dir)
         try:
-            with Client(cfg.control_endpoint(), timeout=cfg.snapshot_timeout) as control:
+            with ControlClient(cfg.control_endpoint(), timeout=cfg.snapshot_timeout) as control:
                 if drain:
                     control.drain()
                 results = control.snapshot(generation)
@@ -409,12 +473,13 @@ class Arbiter:
         if self.owns_runtime_dir:
             shutil.rmtree(path, ignore_errors=True)
             return
-        for shard in range(self.config.shards):
-            transport.remove_ipc_file(self.config.worker_endpoint(shard))
-        transport.remove_ipc_file(self.config.control_endpoint())
+        # (suppress: a path someone made unusable, e.g. a directory, must not turn a stop into a crash)
+        for endpoint in [*map(self.config.worker_endpoint, self.wanted()), self.config.control_endpoint()]:
+            with contextlib.suppress(OSError):
+                transport.remove_ipc_file(endpoint)
 
 
-def _terminate(procs: list[BaseProcess], deadline: float) -> None:
+def _terminate(procs: list[Child], deadline: float) -> None:
     for proc in procs:
         if proc.is_alive():
             proc.terminate()

@@ -121,3 +121,18 @@ def test_router_death_stops_the_daemon_non_zero(make_daemon):
     assert d.proc.wait(60) == 4
     assert "router exited" in d.log()
     assert d.children() == []
+
+
+def test_a_worker_that_cannot_start_after_a_restart_stops_the_daemon(make_daemon):
+    """Its ipc path became unusable while it served: the restart fails at bind, and the daemon
+    stops with one line naming the worker instead of retrying it until the crash-loop limit."""
+    d = make_daemon(shards=2)
+    with Client(d.endpoint) as c:
+        pid = c.stats()["shards"][1]["pid"]
+    path = d.runtime_dir / "shard-1.ipc"
+    path.unlink()  # the running worker keeps its bound socket; the router keeps its connection
+    path.mkdir()   # nothing can bind here now, not even root
+    os.kill(pid, signal.SIGKILL)
+    assert d.proc.wait(60) == 3
+    assert "worker 1 could not start" in d.log() and "crash loop" not in d.log()
+    assert d.children() == []
