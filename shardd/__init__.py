@@ -38,6 +38,6 @@ def __getattr__(name: str):  # lazy, so `import shardd` in the daemon does not l
         from shardd.aclient import AsyncClient
         return AsyncClient
     if name == "load_curve":  # CURVE keys for Client(curve=...), from an auth_dir
-        from shardd._ops import load_curve
+        from shardd.transport_client import load_curve
         return load_curve
     raise AttributeError(name)

@@ -86,24 +86,23 @@ def _client(endpoint: str, timeout: float) -> Any:
 
     A malformed endpoint or unusable key directory is a usage error (exit 2).
     """
-    import zmq
-
-    from shardd import _ops
     from shardd.client import Client
+    from shardd.errors import BadEndpoint
+    from shardd.transport_client import load_curve
 
     if not _ENDPOINT.match(endpoint):
         raise _usage(f"bad endpoint {_short(endpoint, 30)!r}: use tcp://HOST:PORT or ipc://PATH")
     keys = os.environ.get("SHARDD_KEYS")
     name = os.environ.get("SHARDD_KEY_NAME", "admin")
     try:
-        curve = _ops.load_curve(keys, name) if keys else None
+        curve = load_curve(keys, name) if keys else None
     except (OSError, ValueError) as exc:
         raise _usage(f"cannot use key {name!r} of SHARDD_KEYS={keys}: {getattr(exc, 'strerror', None) or exc}"
                      ) from None
     try:
         return Client(endpoint, timeout=timeout, curve=curve)
-    except zmq.ZMQError as exc:
-        raise _usage(f"bad endpoint {endpoint!r}: {exc.strerror}") from None
+    except BadEndpoint as exc:
+        raise _usage(f"bad endpoint {endpoint!r}: {exc.reason}") from None
 
 
 @app.command()

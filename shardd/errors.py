@@ -28,6 +28,17 @@ class ConnectionClosed(SharddError):
     """Raised when a client is used after ``close()``."""
 
 
+class BadEndpoint(SharddError, ValueError):
+    """Raised when a client is given an endpoint the transport cannot use (malformed, unknown scheme).
+
+    ``reason`` is the transport's own explanation, without the endpoint.
+    """
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or message
+
+
 class ProtocolError(SharddError):
     """Raised when the peer sent bytes that are not a valid shardd message."""
 

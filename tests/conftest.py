@@ -45,9 +45,9 @@ class Daemon:
         # With authentication on, readiness is checked with the admin key.
         self.curve = None
         if "--auth-dir" in args:
-            from shardd import _ops
+            from shardd import load_curve
 
-            self.curve = _ops.load_curve(args[args.index("--auth-dir") + 1], "admin")
+            self.curve = load_curve(args[args.index("--auth-dir") + 1], "admin")
 
     def start(self, wait: bool = True) -> Daemon:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - held for the daemon's lifetime

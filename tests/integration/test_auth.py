@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from shardd import _ops
+from shardd import load_curve
 from shardd.client import Client
 from shardd.errors import Forbidden, Timeout
 
@@ -29,16 +29,16 @@ def test_only_allowed_keys_get_in_and_only_admins_administer(make_daemon, auth_d
     d = make_daemon("--auth-dir", auth_dir, shards=2)
     with Client(d.endpoint, timeout=0.5) as anonymous, pytest.raises(Timeout):
         anonymous.get("k")  # no CURVE handshake: never answered
-    with Client(d.endpoint, timeout=0.5, curve=_ops.load_curve(auth_dir, "stranger")) as c, pytest.raises(Timeout):
+    with Client(d.endpoint, timeout=0.5, curve=load_curve(auth_dir, "stranger")) as c, pytest.raises(Timeout):
         c.get("k")  # a key the daemon does not list
-    with Client(d.endpoint, timeout=30, curve=_ops.load_curve(auth_dir, "app")) as app:
+    with Client(d.endpoint, timeout=30, curve=load_curve(auth_dir, "app")) as app:
         assert app.set("k", b"v") is True and app.get("k") == b"v"
         assert app.maintenance() is False  # asking is fine
         with pytest.raises(Forbidden, match="admin key"):
             app.flush()
         with pytest.raises(Forbidden):
             app.tune(mailbox_limit=10)
-    with Client(d.endpoint, timeout=30, curve=_ops.load_curve(auth_dir, "admin"), direct=True) as admin:
+    with Client(d.endpoint, timeout=30, curve=load_curve(auth_dir, "admin"), direct=True) as admin:
         assert admin.get("k") == b"v"  # direct mode: the workers' own endpoints are secured too
         assert admin.set_many({f"x{i}": b"1" for i in range(20)}) == 20
         assert admin.flush() == 21

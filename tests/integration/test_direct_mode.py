@@ -53,12 +53,12 @@ def test_stale_topology_is_fixed_transparently_after_a_resize(make_daemon):
     with Client(d.endpoint, timeout=5) as admin, Client(d.endpoint, direct=True) as c:
         data = {f"s{i}": str(i).encode() for i in range(300)}
         assert c.set_many(data) == 300
-        assert c._shards == 2
+        assert c.placement.shards == 2
         assert admin.resize(3)["to"] == 3
-        assert c._shards == 2  # still the old placement: some keys now answer MOVED
+        assert c.placement.shards == 2  # still the old placement: some keys now answer MOVED
         assert all(c.get(k) == v for k, v in data.items())
         assert c.get_many(list(data)) == data
-        assert c._shards == 3
+        assert c.placement.shards == 3
         assert admin.resize(1)["to"] == 1
         assert c.incr("after") == 1 and c.get_many(list(data)) == data
 

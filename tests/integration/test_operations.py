@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from shardd.client import Client
+from shardd.control import ControlClient
 from shardd.errors import BadRequest, Maintenance
 
 
@@ -60,7 +61,8 @@ def test_maintenance_refuses_writes_keeps_reads(make_daemon):
 
 def test_configure_is_refused_on_the_public_endpoint(make_daemon):
     d = make_daemon(shards=1)
-    with Client(d.endpoint) as c, pytest.raises(BadRequest, match="control endpoint"):
+    assert not hasattr(Client, "configure")  # control ops are not on the public client
+    with ControlClient(d.endpoint) as c, pytest.raises(BadRequest, match="control endpoint"):
         c.configure({"mailbox_limit": 1})
 
 
