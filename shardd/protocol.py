@@ -29,10 +29,13 @@ Rule 4: statuses and their meaning never change within a protocol version; new o
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 import msgspec
 
+from shardd.config import TUNABLE, Limits  # noqa: F401  (re-exported: the tune op accepts TUNABLE)
 from shardd.errors import (
     BadRequest,
     Busy,
@@ -327,22 +330,124 @@ class DebugSleep(_Op, tag="debug_sleep"):
 
 
 Op = (
-    Get | Set | Delete | Exists | Expire | Ttl | Persist | Incr | Gets | Cas
+    Get | Set | Delete | Exists | Expire | Ttl | Persist | Incr | Append | GetDel | Touch | Gets | Cas
     | GetMany | SetMany | DeleteMany | Ping | Stats | Flush | DebugSleep | Maintenance | Health | Configure
     | Drain | Snapshot | Hotkeys | Tune | Topology | Resize | ResizeStart | Migrate | MigrateOut | MigrateIn
     | MigrateDone | SetTopology | Describe
 )
-SINGLE_KEY_OPS = (Get, Set, Delete, Exists, Expire, Ttl, Persist, Incr, Gets, Cas)
-MULTI_KEY_OPS = (GetMany, SetMany, DeleteMany)
-ADMIN_OPS = (Ping, Stats, Flush, Health, Maintenance, Configure, Hotkeys, Drain, Snapshot, Tune)
-TUNABLE = ("mailbox_limit", "max_memory", "eviction_policy")
-# With authentication on, only admin keys may send these (see transport.ServerAuth).
-ADMIN_ONLY_OPS = (Flush, Resize, Tune, Maintenance, DebugSleep)
-CONTROL_ONLY_OPS = (Configure, Drain, Snapshot, ResizeStart, Migrate, MigrateOut, MigrateIn, MigrateDone, SetTopology,
-                    Describe)
-# What a direct-mode client may send to a worker's own endpoint; the rest goes to the router.
-DIRECT_OPS = (*SINGLE_KEY_OPS, *MULTI_KEY_OPS, Ping, DebugSleep)
-WRITE_OPS = (Set, Delete, Expire, Persist, Incr, Cas, SetMany, DeleteMany, Flush)
+
+
+# --- the op table: what each op is, in one place ---------------------------------------
+#
+# Router, worker, auth and maintenance mode read only this table; nothing else lists ops by
+# kind. An op missing from it fails at import (see the check below) and in
+# tests/unit/test_op_table.py, which also checks the behaviour each flag promises.
+
+KEYED = "keyed"        # one key: the router sends it to the key's owner; workers apply it
+MULTI = "multi"        # several keys: the router splits it per shard and gathers the replies
+FANOUT = "fanout"      # every shard applies it; the router gathers the replies
+ROUTER = "router"      # the router answers it itself (it may send ops to shards on the way)
+INTERNAL = "internal"  # router → worker only: refused from any client, even on the control endpoint
+
+# What an op does while a resize runs (see shardd.migration).
+SERVE = "serve"    # nothing special
+MOVES = "moves"    # keyed: a shard that no longer holds the key answers MOVED (the router re-routes)
+SPLIT = "split"    # multi-key: the router sends one sub-op per key, so each one can move
+REFUSE = "refuse"  # cannot be made consistent with entries in transit: BUSY
+
+
+@dataclass(frozen=True, slots=True)
+class OpSpec:
+    """What one op is. Checks run in this order, whatever the op: ``internal`` kind,
+    ``control``, ``admin``, ``write``, ``resize`` (Router.route).
+
+    kind:    KEYED, MULTI, FANOUT, ROUTER or INTERNAL (above).
+    write:   changes data: refused with MAINTENANCE while maintenance mode is on.
+    admin:   with authentication on, only admin keys may send it (FORBIDDEN otherwise).
+    direct:  a worker's own endpoint (direct mode) accepts it; elsewhere it is BAD_REQUEST there.
+    control: accepted on the router's control endpoint only (the supervisor's ops).
+    resize:  SERVE, MOVES (every KEYED op), SPLIT (every MULTI op) or REFUSE.
+    query:   for an op whose instances may only ask (``maintenance`` with nil, ``touch`` without a
+             TTL): true when this instance only reads, and then ``write`` and ``admin`` do not apply.
+    """
+
+    kind: str
+    write: bool = False
+    admin: bool = False
+    direct: bool = False
+    control: bool = False
+    resize: str = SERVE
+    query: Callable[[Any], bool] | None = None
+    # Derived: a check other than ``write`` applies. The router checks a request only if its op is
+    # guarded, or is a write while maintenance mode is on; reads and writes skip the checks otherwise.
+    guarded: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        guarded = self.kind == INTERNAL or self.admin or self.control or self.resize == REFUSE
+        object.__setattr__(self, "guarded", guarded)
+        if self.kind not in (KEYED, MULTI, FANOUT, ROUTER, INTERNAL) or self.resize not in (SERVE, MOVES, SPLIT,
+                                                                                           REFUSE):
+            raise ValueError(f"bad op spec {self}")
+        if (self.kind == KEYED) != (self.resize == MOVES) or (self.kind == MULTI) != (self.resize == SPLIT):
+            raise ValueError(f"keyed ops, and only they, answer MOVED mid-resize; multi-key ops, and only they, "
+                             f"split: {self}")
+
+
+_READ = OpSpec(KEYED, direct=True, resize=MOVES)
+_WRITE = OpSpec(KEYED, write=True, direct=True, resize=MOVES)
+
+OPS: dict[type, OpSpec] = {
+    Get: _READ,
+    Exists: _READ,
+    Ttl: _READ,
+    Gets: _READ,
+    Set: _WRITE,
+    Delete: _WRITE,
+    Expire: _WRITE,
+    Persist: _WRITE,
+    Incr: _WRITE,
+    Cas: _WRITE,
+    Append: _WRITE,
+    GetDel: _WRITE,
+    # touch only refreshes the access time without a TTL (a read); with one it is an expire.
+    Touch: OpSpec(KEYED, write=True, direct=True, resize=MOVES, query=lambda op: op.ttl_ms is None),
+    GetMany: OpSpec(MULTI, direct=True, resize=SPLIT),
+    SetMany: OpSpec(MULTI, write=True, direct=True, resize=SPLIT),
+    DeleteMany: OpSpec(MULTI, write=True, direct=True, resize=SPLIT),
+    Ping: OpSpec(FANOUT, direct=True),  # a worker's own endpoint answers 1: the one shard behind it
+    Stats: OpSpec(FANOUT),
+    Health: OpSpec(FANOUT),
+    Hotkeys: OpSpec(FANOUT),
+    Flush: OpSpec(FANOUT, write=True, admin=True, resize=REFUSE),
+    Snapshot: OpSpec(FANOUT, control=True, resize=REFUSE),
+    Maintenance: OpSpec(ROUTER, admin=True, query=lambda op: op.on is None),
+    Topology: OpSpec(ROUTER),
+    Tune: OpSpec(ROUTER, admin=True),
+    Resize: OpSpec(ROUTER, admin=True, resize=REFUSE),
+    # Test-only, and gated by enable_debug_ops: a worker's own endpoint has no notion of admin keys.
+    DebugSleep: OpSpec(ROUTER, admin=True, direct=True),
+    Configure: OpSpec(ROUTER, control=True),
+    Drain: OpSpec(ROUTER, control=True),
+    ResizeStart: OpSpec(ROUTER, control=True),
+    Migrate: OpSpec(INTERNAL),
+    MigrateOut: OpSpec(INTERNAL),
+    MigrateIn: OpSpec(INTERNAL),
+    MigrateDone: OpSpec(INTERNAL),
+    SetTopology: OpSpec(INTERNAL),
+    Describe: OpSpec(INTERNAL),
+}
+if set(OPS) != set(Op.__args__):  # type: ignore[attr-defined]
+    raise ImportError(f"ops without a spec in protocol.OPS: {set(Op.__args__) ^ set(OPS)}")  # type: ignore[attr-defined]
+
+
+def ops_where(**flags: Any) -> frozenset[type]:
+    """The op classes whose spec has every given field value, e.g. ``ops_where(kind=KEYED)``: a view of OPS."""
+    return frozenset(cls for cls, spec in OPS.items() if all(getattr(spec, k) == v for k, v in flags.items()))
+
+
+# Views of the table for the client library, which places ops before sending them.
+SINGLE_KEY_OPS = tuple(cls for cls in OPS if OPS[cls].kind == KEYED)
+MULTI_KEY_OPS = tuple(cls for cls in OPS if OPS[cls].kind == MULTI)
 
 
 RequestId = Annotated[int, msgspec.Meta(ge=0)]  # msgpack ints stop at 2**64-1 anyway
@@ -384,14 +489,6 @@ class BatchReply(msgspec.Struct, array_like=True, frozen=True):
 
     seq: int
     replies: list[msgspec.Raw]
-
-
-class Limits(msgspec.Struct, frozen=True):
-    """Size limits a request must respect; the daemon's config supplies the values."""
-
-    max_key_bytes: int = 1024
-    max_value_bytes: int = 1024 * 1024
-    max_message_bytes: int = 16 * 1024 * 1024
 
 
 # Encoders and decoders are reused: building them is the expensive part.

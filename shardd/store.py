@@ -1,5 +1,11 @@
 """The per-shard key/value store: a dict of compact entries with TTLs, versions and stats.
 
+Why this module is over 500 lines: it is one class whose Rules (below) tie every method to the
+same structures (``_data``, ``_keys``, ``_ttl_keys``, ``used_bytes``, the version counter).
+Eviction and active expiry are the code that reads and repairs all of them at once; moved to
+another module they would reach into Store's private state by convention, which is worse than
+length.
+
 Theory of operation
 -------------------
 One worker owns one :class:`Store` and applies every op on its shard to it, one at a time
@@ -32,9 +38,9 @@ touched in one batch shares one int object instead of owning one. ``hits`` is an
 count halved for every ``LFU_HALF_LIFE_MS`` the key sat idle (Redis's LFU decay, on a
 linear counter).
 
-Every value write (SET, CAS, INCR, SET_MANY items) takes the next value of a per-store
+Every value write (SET, CAS, INCR, APPEND, SET_MANY items) takes the next value of a per-store
 counter as the entry's version, like memcached's CAS unique. TTL-only changes (EXPIRE,
-PERSIST) keep the version, as memcached's TOUCH keeps the CAS unique: a version names a
+PERSIST, TOUCH) keep the version, as memcached's TOUCH keeps the CAS unique: a version names a
 value, and CAS compares values.
 
 Rules
@@ -72,7 +78,7 @@ import sys
 from collections.abc import Callable, Container, Iterable, Iterator
 from typing import Any
 
-from shardd.errors import NotInteger, OutOfMemory
+from shardd.errors import NotInteger, OutOfMemory, TooLarge
 from shardd.protocol import ALWAYS, IF_ABSENT, IF_PRESENT
 
 _I64_MIN = -(1 << 63)
@@ -151,8 +157,8 @@ class Store:
     """One shard's keys. Not thread-safe: exactly one worker loop may call it.
 
     Counters (plain ints, read them for stats): ``hits`` and ``misses`` count key lookups
-    by get/gets/get_many; ``sets`` counts values written (set, set_many items, a CAS that
-    stored, INCR); ``deletes`` counts live keys removed by delete/delete_many; ``expired``
+    by get/gets/get_many/getdel; ``sets`` counts values written (set, set_many items, a CAS that
+    stored, INCR, APPEND); ``deletes`` counts live keys removed by delete/delete_many/getdel; ``expired``
     counts keys reclaimed because their TTL had passed (lazily, actively or by flush);
     ``used_bytes`` is the accounted size (Rule 4); ``evictions`` counts keys evicted, by the
     policy that chose them; ``oom_rejected`` counts writes refused with OutOfMemory.
@@ -418,19 +424,62 @@ class Store:
             result = current + delta
         if not _I64_MIN <= result <= _I64_MAX:
             raise NotInteger("increment would overflow")
-        value = b"%d" % result
+        self._update(key, entry, b"%d" % result)
+        return result
+
+    def append(self, key: bytes, value: bytes, max_len: int | None = None) -> int:
+        """Append ``value`` to the value at ``key`` (missing: created without TTL); returns the new length.
+
+        The key keeps its TTL and gets a new version (Redis APPEND). Raises TooLarge, changing
+        nothing, if the result would be longer than ``max_len`` (the daemon's max_value_bytes:
+        no append can grow a value past what one SET may store), and OutOfMemory as SET does.
+        The value is copied whole: appending is O(length), not amortised O(appended).
+        """
+        entry = self._live(key)
+        old = b"" if entry is None else entry.value
+        length = len(old) + len(value)
+        if max_len is not None and length > max_len:
+            raise TooLarge(f"append would make the value {length} bytes; the limit is {max_len} (max_value_bytes)")
+        self._update(key, entry, old + value)
+        return length
+
+    def _update(self, key: bytes, entry: _Entry | None, value: bytes) -> None:
+        """Write a new value that keeps the key's TTL (INCR, APPEND): a missing key is created without one."""
         self._reserve(key, entry, value)
         if entry is None:
             self._write(key, None, value, None)
-        else:
-            # Not _write: that would clear the TTL, and INCR keeps it.
-            self._version += 1
-            self.used_bytes += len(value) - len(entry.value)
-            entry.value = value
-            entry.version = self._version
-            self._use(entry)
-            self.sets += 1
-        return result
+            return
+        # Not _write: that would clear the TTL.
+        self._version += 1
+        self.used_bytes += len(value) - len(entry.value)
+        entry.value = value
+        entry.version = self._version
+        self._use(entry)
+        self.sets += 1
+
+    def getdel(self, key: bytes) -> bytes | None:
+        """The value at ``key``, removing the key in the same step; None if it was missing."""
+        entry = self._live(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        self._remove(key, entry)
+        self.hits += 1
+        self.deletes += 1
+        return entry.value
+
+    def touch(self, key: bytes, ttl_ms: int | None = None) -> bool:
+        """Whether ``key`` is live. A live key counts as accessed (LRU/LFU) and, with ``ttl_ms``, gets
+        that TTL from now, as EXPIRE gives it (the version is kept). Nothing is created."""
+        if ttl_ms is not None and ttl_ms <= 0:
+            raise ValueError(f"ttl_ms must be a positive number of milliseconds, got {ttl_ms}")
+        entry = self._live(key)
+        if entry is None:
+            return False
+        self._use(entry)
+        if ttl_ms is not None:
+            self._track(key, entry, self._clock() + ttl_ms)
+        return True
 
     def expire(self, key: bytes, ttl_ms: int) -> bool:
         """Give a live key a TTL of ``ttl_ms`` from now (replacing any); False if missing."""

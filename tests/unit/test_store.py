@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from shardd.errors import NotInteger
+from shardd.errors import NotInteger, OutOfMemory, TooLarge
 from shardd.protocol import ALWAYS, IF_ABSENT, IF_PRESENT
 from shardd.store import ENTRY_OVERHEAD, EXPIRE_SAMPLE, Store
 
@@ -176,6 +176,10 @@ def test_ttl_boundary_key_is_gone_at_deadline() -> None:
         lambda s: s.set(b"k", b"x", cond=IF_PRESENT) is False,
         lambda s: s.set(b"k", b"x", cond=IF_ABSENT) is True,
         lambda s: s.incr(b"k", 5) == 5,  # starts from 0, not from the expired b"7"
+        lambda s: s.append(b"k", b"ab") == 2,  # starts from b"", not from the expired b"7"
+        lambda s: s.getdel(b"k") is None,
+        lambda s: s.touch(b"k") is False,
+        lambda s: s.touch(b"k", 50) is False,
     ],
 )
 def test_every_path_sees_expired_key_as_absent_and_reclaims_it(probe) -> None:
@@ -686,6 +690,28 @@ class StoreModel(RuleBasedStateMachine):
             self.write(key, value, ttl)
         assert self.store.cas(key, value, version, ttl) is (not stale)
 
+    @rule(key=KEYS, value=VALUES)
+    def append(self, key, value) -> None:
+        item = self.live(key)
+        new = (item[0] if item else b"") + value
+        self.write(key, new, None, keep_ttl=True)
+        assert self.store.append(key, value) == len(new)
+
+    @rule(key=KEYS)
+    def getdel(self, key) -> None:
+        item = self.live(key)
+        self.hits += item is not None
+        self.misses += item is None
+        self.model.pop(key, None)
+        assert self.store.getdel(key) == (item[0] if item else None)
+
+    @rule(key=KEYS, ttl=st.none() | st.integers(1, 120))
+    def touch(self, key, ttl) -> None:
+        item = self.live(key)
+        if item and ttl:
+            item[1] = self.clock.now + ttl
+        assert self.store.touch(key, ttl) is (item is not None)
+
     @rule(budget=st.integers(0, 3))
     def active_expire(self, budget) -> None:
         self.store.active_expire(budget)  # reclaims only what the model already treats as gone
@@ -717,6 +743,73 @@ TestStoreModel.settings = settings(
     max_examples=300, stateful_step_count=60, deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+
+
+def test_append_creates_extends_keeps_ttl_and_bumps_version(clock: FakeClock, store: Store) -> None:
+    assert store.append(b"k", b"ab") == 2  # a missing key is created (Redis APPEND)
+    assert store.ttl(b"k") == -1
+    v1 = store.gets(b"k")[1]
+    assert store.append(b"k", b"") == 2
+    store.expire(b"k", 500)
+    assert store.append(b"k", b"cd") == 4
+    value, v2 = store.gets(b"k")
+    assert value == b"abcd" and v2 > v1
+    assert store.ttl(b"k") == 500  # kept, as INCR keeps it
+    assert store.sets == 3
+    check_invariants(store)
+
+
+def test_append_past_max_len_is_too_large_and_changes_nothing(store: Store) -> None:
+    store.set(b"k", b"12345")
+    before = (store.gets(b"k"), store.used_bytes, store.sets, store._version)
+    with pytest.raises(TooLarge, match="8 bytes; the limit is 7"):
+        store.append(b"k", b"678", max_len=7)
+    with pytest.raises(TooLarge):
+        store.append(b"new", b"12345678", max_len=7)
+    assert (store.gets(b"k"), store.used_bytes, store.sets, store._version) == before
+    assert not store.exists(b"new")
+    assert store.append(b"k", b"67", max_len=7) == 7  # exactly the limit is fine
+    check_invariants(store)
+
+
+def test_append_respects_the_memory_bound(clock: FakeClock) -> None:
+    s = Store(clock, random.Random(1), max_bytes=ENTRY_OVERHEAD + 20, policy="noeviction")
+    s.set(b"k", b"x" * 10)
+    with pytest.raises(OutOfMemory):
+        s.append(b"k", b"y" * 20)
+    assert s.get(b"k") == b"x" * 10
+    s2 = Store(clock, random.Random(1), max_bytes=2 * ENTRY_OVERHEAD + 60)  # both fit before, not after
+    s2.set(b"old", b"o" * 30)
+    s2.set(b"k", b"x" * 10)
+    s2.append(b"k", b"y" * 30)  # evicts the other key, never the one being appended to
+    assert s2.get(b"k") == b"x" * 10 + b"y" * 30 and not s2.exists(b"old")
+    assert s2.used_bytes <= s2.max_bytes
+    check_invariants(s2)
+
+
+def test_getdel_returns_and_removes(store: Store) -> None:
+    store.set(b"k", b"v", ttl_ms=100)
+    assert store.getdel(b"k") == b"v"
+    assert not store.exists(b"k") and store.getdel(b"k") is None
+    assert (store.hits, store.misses, store.deletes, store.used_bytes, store.expiring) == (1, 1, 1, 0, 0)
+    check_invariants(store)
+
+
+def test_touch_counts_an_access_and_sets_the_ttl_keeping_the_version(clock: FakeClock, store: Store) -> None:
+    store.set(b"k", b"v")
+    entry = store._data[b"k"]
+    hits, version = entry.hits, entry.version
+    assert store.touch(b"k") is True
+    assert entry.hits == hits + 1 and store.ttl(b"k") == -1
+    assert store.touch(b"k", 250) is True
+    assert store.ttl(b"k") == 250 and entry.version == version
+    assert store.touch(b"missing", 250) is False and not store.exists(b"missing")
+    assert (store.hits, store.misses, store.sets) == (0, 0, 1)  # an access, not a lookup
+    with pytest.raises(ValueError):
+        store.touch(b"k", 0)
+    clock.now += 250
+    assert store.touch(b"k") is False
+    check_invariants(store)
 
 
 def test_take_and_restore_carry_value_deadline_and_version():
