@@ -10,6 +10,7 @@ import pytest
 from shardd.aclient import AsyncClient
 from shardd.client import Client
 from shardd.errors import NotInteger, TooLarge
+from shardd.serde import MsgpackSerde
 from tests.helpers import wait_until
 
 
@@ -172,3 +173,55 @@ def test_async_client_all_methods(daemon):
             assert await c.flush() >= 2
 
     asyncio.run(main())
+
+
+def _new_ops_script(prefix: str) -> list[tuple[str, tuple, object]]:
+    """(command, args, expected) for append, getdel and touch, in order, on fresh keys."""
+    k, gone = f"{prefix}-k", f"{prefix}-gone"
+    return [
+        ("append", (k, b"ab"), 2), ("append", (k, b"cd"), 4), ("get", (k,), b"abcd"),
+        ("touch", (k,), True), ("touch", (gone,), False), ("ttl", (k,), math.inf),
+        ("touch", (k, 60), True), ("touch", (gone, 60), False), ("exists", (gone,), False),
+        ("getdel", (k,), b"abcd"), ("getdel", (k,), None), ("exists", (k,), False),
+    ]
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["router", "direct"])
+def test_append_getdel_touch_in_both_clients_and_pipelines(daemon, direct):
+    def check(results, script):
+        for (name, args, expected), got in zip(script, results, strict=True):
+            assert got == expected, (name, args, got)
+
+    with Client(daemon.endpoint, timeout=30, direct=direct) as c:
+        script = _new_ops_script(f"sync-{direct}")
+        check([getattr(c, name)(*args) for name, args, _ in script], script)
+        c.set("t", b"v")
+        assert c.touch("t", 100) is True and 50 < c.ttl("t") <= 100
+        script = _new_ops_script(f"pipe-{direct}")
+        pipe = c.pipeline()
+        for name, args, _ in script:
+            getattr(pipe, name)(*args)
+        check(pipe.execute(), script)
+
+    async def main() -> None:
+        async with AsyncClient(daemon.endpoint, timeout=30, direct=direct) as ac:
+            script = _new_ops_script(f"async-{direct}")
+            check([await getattr(ac, name)(*args) for name, args, _ in script], script)
+            script = _new_ops_script(f"apipe-{direct}")
+            pipe = ac.pipeline()
+            for name, args, _ in script:
+                getattr(pipe, name)(*args)
+            check(await pipe.execute(), script)
+
+    asyncio.run(main())
+
+
+def test_a_serde_against_the_daemon(daemon):
+    with Client(daemon.endpoint, timeout=30, serde=MsgpackSerde()) as c, Client(daemon.endpoint, timeout=30) as raw:
+        value = {"user": "ada", "tags": ["x", "y"], "score": 1.5}
+        assert c.set("obj", value) is True
+        assert c.get("obj") == value
+        assert raw.get("obj") == MsgpackSerde().dumps(value)  # the daemon stores the bytes
+        assert c.set_many({f"o{i}": [i] for i in range(20)}) == 20
+        assert c.get_many([f"o{i}" for i in range(20)]) == {f"o{i}": [i] for i in range(20)}
+        assert c.getdel("obj") == value and c.get("obj") is None
