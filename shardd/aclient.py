@@ -40,82 +40,48 @@ from typing import Any
 
 from shardd import protocol
 from shardd.client_common import (
-    DEFAULT_ENDPOINT,
-    DEFAULT_TIMEOUT,
     U64,
     UNANSWERED,
     Call,
+    ClientBase,
     PipelineBase,
-    check_endpoint,
-    check_timeout,
     decode,
     finish,
     outcome,
     result,
     timeout_error,
 )
-from shardd.commands import Codec, Commands, Convert, to_dict
+from shardd.commands import Convert, to_dict
 from shardd.errors import ConnectionClosed, ProtocolError, Timeout
 from shardd.placement import REDIRECTS, REFRESH, ROUTER, Placement, Plan
 from shardd.protocol import Reply, encode_request
-from shardd.serde import Serde
-from shardd.transport_client import AsyncDealer, Curve
+from shardd.transport_client import AsyncDealer
 
 __all__ = ["AsyncClient", "AsyncPipeline"]
 
+_getpid = os.getpid
 
-class AsyncClient(Commands):
+
+class AsyncClient(ClientBase):
     """An asyncio shardd client; safe to share between the coroutines of one loop.
 
-    The constructor takes what :class:`shardd.client.Client`'s does (``context``: a
-    ``zmq.asyncio.Context``).
+    Arguments: see :class:`shardd.client_common.ClientBase` (``context``: a ``zmq.asyncio.Context``).
     """
 
-    def __init__(
-        self,
-        endpoint: str = DEFAULT_ENDPOINT,
-        timeout: float = DEFAULT_TIMEOUT,
-        context: Any = None,
-        direct: bool = False,
-        curve: Curve | None = None,
-        *,
-        serde: Serde | None = None,
-        placement: Placement | None = None,
-    ) -> None:
-        self.endpoint = check_endpoint(endpoint)
-        self.timeout = check_timeout(timeout)
-        self._codec = Codec(serde)
-        self.serde = serde
-        if placement is None and direct:
-            placement = Placement()
-        self.placement = placement
-        self.direct = placement is not None
-        self._context = context
-        self._curve = curve
-        self._link: AsyncDealer | None = AsyncDealer(endpoint, curve, context)
-        self._pid = os.getpid()
-        self._last_id = 0
+    _dealer = AsyncDealer
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._pending: dict[int, asyncio.Future[Reply]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader: asyncio.Task[None] | None = None
-        self._workers: list[AsyncDealer | None] = []
-        self._worker_links: dict[str, AsyncDealer] = {}
         self._worker_readers: dict[str, asyncio.Task[None]] = {}
-
-    def __repr__(self) -> str:
-        state = "closed" if self._link is None else "open"
-        return f"<shardd.AsyncClient {self.endpoint} timeout={self.timeout:g} {state}>"
 
     async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
-
-    @property
-    def closed(self) -> bool:
-        """True once aclose() has been called."""
-        return self._link is None
 
     async def aclose(self) -> None:
         """Stop the readers, fail waiting calls and close the connections; calling it again does nothing."""
@@ -131,12 +97,7 @@ class AsyncClient(Commands):
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._fail_pending(lambda: ConnectionClosed(f"this AsyncClient for {self.endpoint} was closed"))
-        if self._pid == os.getpid():  # a socket inherited through fork belongs to the parent
-            link.close()
-            for worker in self._worker_links.values():
-                worker.close()
-        self._worker_links.clear()
-        self._workers = []
+        self._close_links(link)
 
     def pipeline(self) -> AsyncPipeline:
         """An AsyncPipeline that queues commands and sends them together on ``await execute()``."""
@@ -156,11 +117,9 @@ class AsyncClient(Commands):
         """The router connection, checked for use after close, after fork and from another loop."""
         link = self._link
         if link is None:
-            raise ConnectionClosed(f"this AsyncClient for {self.endpoint} is closed")
-        if self._pid != os.getpid():
-            raise RuntimeError(
-                f"this AsyncClient was created in process {self._pid}; create a new one in each process"
-            )
+            raise self._closed_error()
+        if self._pid != _getpid():
+            self._check_process()
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             self._bind(loop)
@@ -265,12 +224,6 @@ class AsyncClient(Commands):
         except StopIteration as stop:
             return stop.value
 
-    def _to(self, shard: int) -> AsyncDealer:
-        link = self._link if shard < 0 else self._workers[shard]
-        if link is None:
-            raise ConnectionClosed(f"this AsyncClient for {self.endpoint} is closed")
-        return link
-
     async def _scatter(self, steps: list[tuple[int, protocol.Op]]) -> list[Any]:
         """Every (shard, op) in flight at once; a Reply or Timeout each (other failures raise)."""
         outcomes = await asyncio.gather(
@@ -282,23 +235,13 @@ class AsyncClient(Commands):
 
     async def _refresh_topology(self) -> None:
         """Fetch the topology through the router, learn it, connect to and read every worker it names."""
-        topology = result(await self._exchange(self._live(), protocol.Topology(), self.endpoint), to_dict)
-        placement = self.placement
-        assert placement is not None
-        placement.learn(topology)
-        links, readers = self._worker_links, self._worker_readers
-        workers: list[AsyncDealer | None] = []
-        for endpoint in placement.endpoints:
-            link = links.get(endpoint) if endpoint else None
-            if endpoint and link is None:
-                link = links[endpoint] = AsyncDealer(endpoint, self._curve, self._context)
-            if endpoint and link is not None:
-                reader = readers.get(endpoint)
-                if reader is None or reader.done():
-                    readers[endpoint] = self._loop.create_task(  # type: ignore[union-attr]
-                        self._read_replies(link), name=f"shardd reader {endpoint}")
-            workers.append(link)
-        self._workers = workers
+        self._learn(result(await self._exchange(self._live(), protocol.Topology(), self.endpoint), to_dict))
+        readers = self._worker_readers
+        for endpoint, link in self._worker_links.items():
+            reader = readers.get(endpoint)
+            if reader is None or reader.done():
+                readers[endpoint] = self._loop.create_task(  # type: ignore[union-attr]
+                    self._read_replies(link), name=f"shardd reader {endpoint}")
 
     # --- pipelines -------------------------------------------------------------------------
 

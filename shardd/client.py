@@ -48,66 +48,33 @@ from shardd.client_common import (
     U64,
     UNANSWERED,
     Call,
+    ClientBase,
     PipelineBase,
-    check_endpoint,
-    check_timeout,
     decode,
     finish,
     outcome,
     result,
     timeout_error,
 )
-from shardd.commands import Codec, Commands, Convert, to_dict
-from shardd.errors import ConnectionClosed, Timeout
+from shardd.commands import Convert, to_dict
+from shardd.errors import Timeout
 from shardd.placement import REDIRECTS, REFRESH, ROUTER, Placement, Plan
 from shardd.protocol import Reply, encode_request
-from shardd.serde import Serde
-from shardd.transport_client import Curve, Dealer
+from shardd.transport_client import Dealer
 
 __all__ = ["DEFAULT_ENDPOINT", "DEFAULT_TIMEOUT", "Client", "Pipeline"]
 
 _monotonic = time.monotonic
+_getpid = os.getpid
 
 
-class Client(Commands):
+class Client(ClientBase):
     """A blocking shardd client; one per thread (see the module docstring).
 
-    ``context``: a ``zmq.Context`` to create sockets in (default: the shared instance).
-    ``curve``: keys from :func:`shardd.load_curve` for a daemon with authentication on.
-    ``serde``: converts values to and from bytes (default: values are bytes, as stored).
-    ``placement``: the direct-mode policy; ``direct=True`` is ``placement=Placement()``.
+    Arguments: see :class:`shardd.client_common.ClientBase` (``context``: a ``zmq.Context``).
     """
 
-    def __init__(
-        self,
-        endpoint: str = DEFAULT_ENDPOINT,
-        timeout: float = DEFAULT_TIMEOUT,
-        context: Any = None,
-        direct: bool = False,
-        curve: Curve | None = None,
-        *,
-        serde: Serde | None = None,
-        placement: Placement | None = None,
-    ) -> None:
-        self.endpoint = check_endpoint(endpoint)
-        self.timeout = check_timeout(timeout)
-        self._codec = Codec(serde)
-        self.serde = serde
-        if placement is None and direct:
-            placement = Placement()
-        self.placement = placement
-        self.direct = placement is not None
-        self._context = context
-        self._curve = curve
-        self._link: Dealer | None = Dealer(endpoint, curve, context)
-        self._pid = os.getpid()
-        self._last_id = 0
-        self._workers: list[Dealer | None] = []       # by shard id, as placement.endpoints
-        self._worker_links: dict[str, Dealer] = {}    # endpoint → connection, kept across epochs
-
-    def __repr__(self) -> str:
-        state = "closed" if self._link is None else "open"
-        return f"<shardd.{type(self).__name__} {self.endpoint} timeout={self.timeout:g} {state}>"
+    _dealer = Dealer
 
     def __enter__(self) -> Client:
         return self
@@ -115,21 +82,11 @@ class Client(Commands):
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    @property
-    def closed(self) -> bool:
-        """True once close() has been called."""
-        return self._link is None
-
     def close(self) -> None:
         """Close the connections; calling it again does nothing."""
         link, self._link = self._link, None
-        # A socket inherited through fork belongs to the parent: leave it alone.
-        if link is not None and self._pid == os.getpid():
-            link.close()
-            for worker in self._worker_links.values():
-                worker.close()
-        self._worker_links.clear()
-        self._workers = []
+        if link is not None:
+            self._close_links(link)
 
     def pipeline(self) -> Pipeline:
         """A Pipeline that queues commands and sends them together on ``execute()``."""
@@ -140,11 +97,9 @@ class Client(Commands):
     def _live(self) -> Dealer:
         link = self._link
         if link is None:
-            raise ConnectionClosed(f"this {type(self).__name__} for {self.endpoint} is closed")
-        if self._pid != os.getpid():
-            raise RuntimeError(
-                f"this Client was created in process {self._pid}; create a new Client in each process"
-            )
+            raise self._closed_error()
+        if self._pid != _getpid():
+            self._check_process()
         return link
 
     def _call(self, op: protocol.Op, convert: Convert) -> Any:
@@ -211,12 +166,6 @@ class Client(Commands):
         except StopIteration as stop:
             return stop.value
 
-    def _to(self, shard: int) -> Dealer:
-        link = self._link if shard < 0 else self._workers[shard]
-        if link is None:
-            raise ConnectionClosed(f"this {type(self).__name__} for {self.endpoint} is closed")
-        return link
-
     def _scatter(self, steps: list[tuple[int, protocol.Op]]) -> list[Any]:
         """Send every (shard, op) before awaiting any; a Reply, Timeout or None (not sent) each."""
         deadline = _monotonic() + self.timeout
@@ -235,18 +184,7 @@ class Client(Commands):
 
     def _refresh_topology(self) -> None:
         """Fetch the topology through the router, learn it, connect to every worker it names."""
-        topology = result(self._exchange(self._live(), protocol.Topology(), self.endpoint), to_dict)
-        placement = self.placement
-        assert placement is not None
-        placement.learn(topology)
-        links = self._worker_links
-        workers: list[Dealer | None] = []
-        for endpoint in placement.endpoints:
-            link = links.get(endpoint) if endpoint else None
-            if endpoint and link is None:
-                link = links[endpoint] = Dealer(endpoint, self._curve, self._context)
-            workers.append(link)
-        self._workers = workers
+        self._learn(result(self._exchange(self._live(), protocol.Topology(), self.endpoint), to_dict))
 
     # --- pipelines -------------------------------------------------------------------------
 

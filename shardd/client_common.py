@@ -1,8 +1,9 @@
-"""What Client and AsyncClient share besides the commands: ids, replies, pipelines.
+"""What Client and AsyncClient share besides the commands: settings, ids, replies, pipelines.
 
 The commands themselves are :mod:`shardd.commands`; the direct-mode policy is
 :mod:`shardd.placement`; the socket is :mod:`shardd.transport_client`. What is left here is
-the bookkeeping both clients do identically around their I/O.
+the state and bookkeeping both clients keep identically around their I/O (:class:`ClientBase`);
+what differs is only how they wait (blocking, or awaiting).
 
 Rules
 -----
@@ -20,13 +21,17 @@ No I/O here.
 from __future__ import annotations
 
 import math
-from typing import Any, Self
+import os
+from collections.abc import Callable
+from typing import Any, ClassVar, Self
 
 import msgspec
 
 from shardd import protocol
 from shardd.commands import Codec, Commands, Convert
-from shardd.errors import ProtocolError, ServerError, SharddError, Timeout, error_for_status
+from shardd.errors import ConnectionClosed, ProtocolError, ServerError, SharddError, Timeout, error_for_status
+from shardd.placement import Placement
+from shardd.serde import Serde
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:7400"
 DEFAULT_TIMEOUT = 1.0  # seconds; a local round trip is ~0.2 ms, so this only trips on trouble
@@ -108,6 +113,94 @@ def finish(results: list[Any], raise_on_error: bool, endpoint: str, timeout: flo
             if isinstance(item, SharddError):
                 raise item
     return results
+
+
+class ClientBase(Commands):
+    """What Client and AsyncClient hold alike: settings, collaborators and connections.
+
+    ``context``: the ZeroMQ Context to create sockets in (``zmq.Context`` for Client,
+    ``zmq.asyncio.Context`` for AsyncClient; default: the shared instance).
+    ``curve``: keys from :func:`shardd.load_curve` for a daemon with authentication on.
+    ``serde``: converts values to and from bytes (:mod:`shardd.serde`; default: values are bytes).
+    ``placement``: the direct-mode policy (:mod:`shardd.placement`); ``direct=True`` is
+    ``placement=Placement()``. Subclasses name their connection class as ``_dealer``.
+    """
+
+    _dealer: ClassVar[Callable[..., Any]]
+
+    def __init__(
+        self,
+        endpoint: str = DEFAULT_ENDPOINT,
+        timeout: float = DEFAULT_TIMEOUT,
+        context: Any = None,
+        direct: bool = False,
+        curve: Any = None,
+        *,
+        serde: Serde | None = None,
+        placement: Placement | None = None,
+    ) -> None:
+        self.endpoint = check_endpoint(endpoint)
+        self.timeout = check_timeout(timeout)
+        self._codec = Codec(serde)
+        self.serde = serde
+        if placement is None and direct:
+            placement = Placement()
+        self.placement = placement
+        self.direct = placement is not None
+        self._context = context
+        self._curve = curve
+        self._link: Any = self._dealer(endpoint, curve, context)
+        self._pid = os.getpid()
+        self._last_id = 0
+        self._workers: list[Any] = []          # a connection per shard id, as placement.endpoints
+        self._worker_links: dict[str, Any] = {}  # endpoint → connection, kept across epochs
+
+    def __repr__(self) -> str:
+        state = "closed" if self._link is None else "open"
+        return f"<shardd.{type(self).__name__} {self.endpoint} timeout={self.timeout:g} {state}>"
+
+    @property
+    def closed(self) -> bool:
+        """True once the client has been closed."""
+        return self._link is None
+
+    def _closed_error(self) -> ConnectionClosed:
+        return ConnectionClosed(f"this {type(self).__name__} for {self.endpoint} is closed")
+
+    def _check_process(self) -> None:
+        if self._pid != os.getpid():
+            raise RuntimeError(f"this {type(self).__name__} was created in process {self._pid};"
+                               f" create a new one in each process")
+
+    def _to(self, shard: int) -> Any:
+        """The connection to ``shard`` (ROUTER, or below 0: the router)."""
+        link = self._link if shard < 0 else self._workers[shard]
+        if link is None:
+            raise self._closed_error()
+        return link
+
+    def _learn(self, topology: dict[str, Any]) -> None:
+        """Take a topology as the placement and connect to every worker it names."""
+        placement = self.placement
+        assert placement is not None
+        placement.learn(topology)
+        links = self._worker_links
+        workers: list[Any] = []
+        for endpoint in placement.endpoints:
+            link = links.get(endpoint) if endpoint else None
+            if endpoint and link is None:
+                link = links[endpoint] = self._dealer(endpoint, self._curve, self._context)
+            workers.append(link)
+        self._workers = workers
+
+    def _close_links(self, link: Any) -> None:
+        """Close ``link`` and every worker connection, unless inherited through fork (the parent's)."""
+        if self._pid == os.getpid():
+            link.close()
+            for worker in self._worker_links.values():
+                worker.close()
+        self._worker_links.clear()
+        self._workers = []
 
 
 class PipelineBase(Commands):
