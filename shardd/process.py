@@ -2,7 +2,8 @@
 
 Owns: starting a role's entry function in a fresh ``spawn`` interpreter, and the verbs the
 supervisor uses on it (``start``, ``is_alive``, ``terminate``, ``kill``, ``join``) with what
-it reads back (``pid``, ``exitcode``, ``sentinel``, ``ready``).
+it reads back (``pid``, ``exitcode``, ``sentinel``, ``ready``); and the reaping of the helper
+process the ``spawn`` start method leaves behind.
 
 Invariants:
 1. The child is handed only what ``spawn`` pickles: the entry function (by reference) and its
@@ -17,7 +18,9 @@ This module imports nothing of shardd, so a child started here imports no more t
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
+import multiprocessing.resource_tracker
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -68,3 +71,16 @@ class Child:
     def sentinel(self) -> int:
         """A fd that becomes readable when the child exits (for ``multiprocessing.connection.wait``)."""
         return self._process.sentinel
+
+
+def stop_resource_tracker() -> None:
+    """Reap the helper process the ``spawn`` start method starts, so none outlives us.
+
+    Left alone it notices our exit only a second or so later; under systemd that is a
+    process still in the unit's cgroup after the main one exited.
+    """
+    tracker = multiprocessing.resource_tracker._resource_tracker
+    stop = getattr(tracker, "_stop", None)
+    if stop is not None:
+        with contextlib.suppress(Exception):
+            stop()

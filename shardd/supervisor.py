@@ -50,7 +50,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing.connection
-import multiprocessing.resource_tracker
 import os
 import shutil
 import signal
@@ -64,11 +63,11 @@ from typing import Any
 import msgspec
 
 from shardd import metrics, snapshot, systemd, transport
-from shardd.control import ControlClient
 from shardd.config import RESTART_KEYS, Config  # RESTART_KEYS: settings a SIGHUP cannot change
+from shardd.control import ControlClient
 from shardd.errors import ExitCode, SharddError
 from shardd.logs import setup_logging
-from shardd.process import Child
+from shardd.process import Child, stop_resource_tracker
 from shardd.router import run_router
 from shardd.worker import run_worker
 
@@ -143,7 +142,7 @@ class Arbiter:
                 self.control.close()
             self.stop()
             self.cleanup_runtime_dir()
-            _stop_resource_tracker()
+            stop_resource_tracker()
         return code
 
     # --- boot ---------------------------------------------------------------------
@@ -489,19 +488,6 @@ def _terminate(procs: list[Child], deadline: float) -> None:
             log.warning("%s did not stop in time; killing it", proc.name)
             proc.kill()
             proc.join(5)
-
-
-def _stop_resource_tracker() -> None:
-    """Reap the helper process the ``spawn`` start method starts, so none outlives us.
-
-    Left alone it notices our exit only a second or so later; under systemd that is a
-    process still in the unit's cgroup after the main one exited.
-    """
-    tracker = multiprocessing.resource_tracker._resource_tracker
-    stop = getattr(tracker, "_stop", None)
-    if stop is not None:
-        with contextlib.suppress(Exception):
-            stop()
 
 
 def serve(config: Config, reload_config: Callable[[], Config] | None = None) -> int:

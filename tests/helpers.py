@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
+
 from shardd.hashing import shard_for
 
 
@@ -69,3 +74,17 @@ def assert_one_message(err: str, *phrases: str) -> None:
     text = " ".join(line.strip() for line in lines)
     for phrase in phrases:
         assert phrase in text, (phrase, err)
+
+
+def run_cli(endpoint: str | None, *args: str, input: str | bytes | None = None, text: bool = True,
+            env: Mapping[str, str] | None = None, cwd: str | os.PathLike | None = None,
+            timeout: float = 60) -> subprocess.CompletedProcess:
+    """``shardd ARGS`` as a user runs it: a new interpreter, the real entry point (``python -m
+    shardd``), output captured. ``endpoint`` goes in $SHARDD_ENDPOINT (None: the environment's);
+    ``env`` is the whole environment (default: this process's). Standard input is ``input``, or
+    empty, so no command can wait on a terminal. ``timeout`` is a deadline against a hang."""
+    environ = dict(os.environ if env is None else env)
+    if endpoint is not None:
+        environ["SHARDD_ENDPOINT"] = endpoint
+    return subprocess.run([sys.executable, "-m", "shardd", *args], capture_output=True, text=text, timeout=timeout,
+                          env=environ, cwd=cwd, input=input, stdin=subprocess.DEVNULL if input is None else None)

@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 
 from shardd import load_curve
 from shardd.client import Client
 from shardd.errors import Forbidden, Timeout
+from tests.helpers import run_cli
 
 
 @pytest.fixture
 def auth_dir(tmp_path):
     d = str(tmp_path / "keys")
     for args in (["--name", "admin"], ["--name", "app", "--client"], ["--name", "stranger", "--client"]):
-        r = subprocess.run([sys.executable, "-m", "shardd", "keys", "generate", d, *args], capture_output=True,
-                           text=True, timeout=30)
+        r = run_cli(None, "keys", "generate", d, *args)
         assert r.returncode == 0, r.stderr
     # "stranger" has a key pair but is not allowed in: remove it from clients/
     os.unlink(os.path.join(d, "clients", "stranger.key"))
@@ -48,18 +46,14 @@ def test_only_allowed_keys_get_in_and_only_admins_administer(make_daemon, auth_d
 
 def test_auth_allows_remote_binds_and_the_cli_uses_shardd_keys(make_daemon, auth_dir):
     d = make_daemon("--auth-dir", auth_dir, shards=1)
-    env = {**os.environ, "SHARDD_ENDPOINT": d.endpoint, "SHARDD_KEYS": auth_dir}
-    r = subprocess.run([sys.executable, "-m", "shardd", "set", "a", "b"], capture_output=True, text=True,
-                       timeout=30, env=env)
+    r = run_cli(d.endpoint, "set", "a", "b", env={**os.environ, "SHARDD_KEYS": auth_dir})
     assert r.returncode == 0, r.stderr
-    r = subprocess.run([sys.executable, "-m", "shardd", "check-config", "/dev/stdin"], input=(
-        f'bind = "tcp://0.0.0.0:7499"\nauth_dir = "{auth_dir}"\n'), capture_output=True, text=True, timeout=30)
+    r = run_cli(None, "check-config", "/dev/stdin", input=f'bind = "tcp://0.0.0.0:7499"\nauth_dir = "{auth_dir}"\n')
     assert r.returncode == 0, r.stderr  # protected mode is satisfied by authentication
 
 
 def test_a_missing_auth_dir_is_a_clear_start_up_error(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "shardd", "serve", "--auth-dir", str(tmp_path / "nope"),
-                        "--bind", "tcp://127.0.0.1:7498", "--runtime-dir", str(tmp_path / "run")],
-                       capture_output=True, text=True, timeout=60)
+    r = run_cli(None, "serve", "--auth-dir", str(tmp_path / "nope"), "--bind", "tcp://127.0.0.1:7498",
+                "--runtime-dir", str(tmp_path / "run"))
     assert r.returncode == 2
     assert "auth_dir" in r.stderr and "shardd keys generate" in r.stderr

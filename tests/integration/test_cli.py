@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -9,37 +10,29 @@ import subprocess
 import sys
 
 from shardd.client import Client
-from tests.helpers import keys_on_shard, wait_until
-
-
-def shardd(daemon, *args: str, env_endpoint: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    if env_endpoint:
-        env["SHARDD_ENDPOINT"] = daemon.endpoint
-    return subprocess.run([sys.executable, "-m", "shardd", *args], capture_output=True, text=True,
-                          timeout=30, env=env)
+from tests.helpers import keys_on_shard, run_cli, wait_until
 
 
 def test_set_get_del_with_ttl(daemon):
-    r = shardd(daemon, "set", "greeting", "hello", "--ttl", "60")
+    r = run_cli(daemon.endpoint, "set", "greeting", "hello", "--ttl", "60")
     assert r.returncode == 0 and r.stdout.strip() == "OK", r.stderr
-    r = shardd(daemon, "get", "greeting")
+    r = run_cli(daemon.endpoint, "get", "greeting")
     assert r.returncode == 0 and r.stdout == "hello\n"
-    r = shardd(daemon, "set", "greeting", "again", "--nx")
+    r = run_cli(daemon.endpoint, "set", "greeting", "again", "--nx")
     assert r.returncode == 1 and "not stored" in r.stderr
-    r = shardd(daemon, "del", "greeting", "missing")
+    r = run_cli(daemon.endpoint, "del", "greeting", "missing")
     assert r.returncode == 0 and r.stdout.strip() == "1"
-    r = shardd(daemon, "get", "greeting")
+    r = run_cli(daemon.endpoint, "get", "greeting")
     assert r.returncode == 1 and "not found" in r.stderr
 
 
 def test_ping_and_endpoint_flag(daemon):
-    r = shardd(daemon, "ping", "--endpoint", daemon.endpoint, env_endpoint=False)
+    r = run_cli(None, "ping", "--endpoint", daemon.endpoint)
     assert r.returncode == 0 and r.stdout.strip() == f"PONG ({daemon.shards} shards)"
 
 
 def test_stats_table_one_row_per_shard_fits_80_columns(daemon):
-    r = shardd(daemon, "stats")
+    r = run_cli(daemon.endpoint, "stats")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert max(len(line) for line in lines) <= 80
@@ -49,7 +42,7 @@ def test_stats_table_one_row_per_shard_fits_80_columns(daemon):
 
 
 def test_stats_json(daemon):
-    r = shardd(daemon, "stats", "--json")
+    r = run_cli(daemon.endpoint, "stats", "--json")
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
     assert len(data["shards"]) == daemon.shards
@@ -57,82 +50,76 @@ def test_stats_json(daemon):
 
 
 def test_unreachable_daemon_is_a_clear_error(daemon):
-    r = subprocess.run([sys.executable, "-m", "shardd", "ping", "--timeout", "0.2"], capture_output=True,
-                       text=True, timeout=30, env={**os.environ, "SHARDD_ENDPOINT": "tcp://127.0.0.1:9"})
+    r = run_cli("tcp://127.0.0.1:9", "ping", "--timeout", "0.2")
     assert r.returncode == 1
     assert "no reply" in r.stderr and "Traceback" not in r.stderr
 
 
-def run(endpoint: str, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
-    """`shardd ARGS` against ``endpoint``; bytes in and out (for binary values)."""
-    return subprocess.run([sys.executable, "-m", "shardd", *args], capture_output=True, timeout=60, input=stdin,
-                          env={**os.environ, "SHARDD_ENDPOINT": endpoint})
-
-
 def test_incr_decr_ttl_expire_persist(daemon):
-    shardd(daemon, "del", "n", "t")
-    assert shardd(daemon, "incr", "n").stdout == "1\n"
-    assert shardd(daemon, "incr", "n", "41").stdout == "42\n"
-    assert shardd(daemon, "decr", "n").stdout == "41\n"
-    assert shardd(daemon, "decr", "n", "50").stdout == "-9\n"
-    r = shardd(daemon, "set", "t", "word")
+    run_cli(daemon.endpoint, "del", "n", "t")
+    assert run_cli(daemon.endpoint, "incr", "n").stdout == "1\n"
+    assert run_cli(daemon.endpoint, "incr", "n", "41").stdout == "42\n"
+    assert run_cli(daemon.endpoint, "decr", "n").stdout == "41\n"
+    assert run_cli(daemon.endpoint, "decr", "n", "50").stdout == "-9\n"
+    r = run_cli(daemon.endpoint, "set", "t", "word")
     assert r.returncode == 0, r.stderr
-    r = shardd(daemon, "incr", "t")
+    r = run_cli(daemon.endpoint, "incr", "t")
     assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
-    assert shardd(daemon, "ttl", "t").stdout == "inf\n"
-    r = shardd(daemon, "expire", "t", "100.5")  # seconds, fractions allowed
+    assert run_cli(daemon.endpoint, "ttl", "t").stdout == "inf\n"
+    r = run_cli(daemon.endpoint, "expire", "t", "100.5")  # seconds, fractions allowed
     assert r.returncode == 0 and r.stdout == "OK\n", r.stderr
-    left = float(shardd(daemon, "ttl", "t").stdout)
+    left = float(run_cli(daemon.endpoint, "ttl", "t").stdout)
     assert 0 < left <= 100.5
-    assert shardd(daemon, "persist", "t").stdout == "OK\n"
-    assert shardd(daemon, "ttl", "t").stdout == "inf\n"
+    assert run_cli(daemon.endpoint, "persist", "t").stdout == "OK\n"
+    assert run_cli(daemon.endpoint, "ttl", "t").stdout == "inf\n"
     for command in (["ttl", "missing"], ["expire", "missing", "5"], ["persist", "missing"]):
-        r = shardd(daemon, *command)
+        r = run_cli(daemon.endpoint, *command)
         assert r.returncode == 1 and r.stderr == "shardd: missing: not found\n", (command, r.stderr)
 
 
 def test_set_ttl_is_in_seconds(daemon):
-    r = shardd(daemon, "set", "s", "v", "--ttl", "30")
+    r = run_cli(daemon.endpoint, "set", "s", "v", "--ttl", "30")
     assert r.returncode == 0, r.stderr
-    assert 1 < float(shardd(daemon, "ttl", "s").stdout) <= 30  # seconds: not 30 ms, not 30000 s
+    assert 1 < float(run_cli(daemon.endpoint, "ttl", "s").stdout) <= 30  # seconds: not 30 ms, not 30000 s
 
 
 def test_set_from_a_file_and_from_stdin_binary_and_large(daemon, tmp_path):
     blob = bytes(range(256)) * 2048 + b"\x00\xff\n"  # 512 KiB + 3, every byte value, not UTF-8
     path = tmp_path / "blob.bin"
     path.write_bytes(blob)
-    r = run(daemon.endpoint, "set", "blob", "--file", str(path))
+
+    run = functools.partial(run_cli, daemon.endpoint, text=False)  # bytes in and out (binary values)
+
+    r = run("set", "blob", "--file", str(path))
     assert r.returncode == 0 and r.stdout == b"OK\n", r.stderr
-    r = run(daemon.endpoint, "get", "blob", "--raw")
+    r = run("get", "blob", "--raw")
     assert r.returncode == 0 and r.stdout == blob
-    r = run(daemon.endpoint, "set", "piped", "-f", "-", "--ttl", "60", stdin=blob[::-1])
+    r = run("set", "piped", "-f", "-", "--ttl", "60", input=blob[::-1])
     assert r.returncode == 0, r.stderr
-    assert run(daemon.endpoint, "get", "piped", "--raw").stdout == blob[::-1]
-    assert run(daemon.endpoint, "get", "piped").stdout == blob[::-1] + b"\n"  # without --raw: a newline
-    r = run(daemon.endpoint, "set", "huge", "--file", "-", stdin=b"x" * (2 << 20))  # past the 1 MiB limit
+    assert run("get", "piped", "--raw").stdout == blob[::-1]
+    assert run("get", "piped").stdout == blob[::-1] + b"\n"  # without --raw: a newline
+    r = run("set", "huge", "--file", "-", input=b"x" * (2 << 20))  # past the 1 MiB limit
     assert r.returncode == 1 and b"Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
 
 
 def test_flush_needs_yes_when_not_interactive(daemon):
-    assert shardd(daemon, "set", "f1", "v").returncode == 0
-    r = shardd(daemon, "flush")
+    assert run_cli(daemon.endpoint, "set", "f1", "v").returncode == 0
+    r = run_cli(daemon.endpoint, "flush")
     assert r.returncode == 2 and "--yes" in r.stderr
-    assert shardd(daemon, "get", "f1").returncode == 0  # nothing removed
-    r = shardd(daemon, "flush", "--yes")
+    assert run_cli(daemon.endpoint, "get", "f1").returncode == 0  # nothing removed
+    r = run_cli(daemon.endpoint, "flush", "--yes")
     assert r.returncode == 0 and r.stdout.startswith("flushed: "), r.stderr
-    assert shardd(daemon, "get", "f1").returncode == 1
+    assert run_cli(daemon.endpoint, "get", "f1").returncode == 1
 
 
 def test_keys_generate_refuses_names_that_leave_the_directory_or_hide(tmp_path):
     keys = tmp_path / "auth"
     for name in ("../evil", "", "a/b", "/tmp/abs", ".hidden", "a..b", "..", "server", "x" * 65):
-        r = subprocess.run([sys.executable, "-m", "shardd", "keys", "generate", str(keys), "--name", name],
-                           capture_output=True, text=True, timeout=60)
+        r = run_cli(None, "keys", "generate", str(keys), "--name", name)
         assert r.returncode == 2 and "Traceback" not in r.stderr, (name, r.stderr)
     # nothing was written anywhere: not in the directory, not beside it
     assert sorted(p.name for p in tmp_path.iterdir()) == []
-    r = subprocess.run([sys.executable, "-m", "shardd", "keys", "generate", str(keys), "--name", "app-1.v2",
-                        "--client"], capture_output=True, text=True, timeout=60)
+    r = run_cli(None, "keys", "generate", str(keys), "--name", "app-1.v2", "--client")
     assert r.returncode == 0, r.stderr
     assert max(len(line) for line in r.stdout.splitlines()) <= 80 or len(str(keys)) > 40
     assert (keys / "clients" / "app-1.v2.key").exists() and not (keys / "admins" / "app-1.v2.key").exists()
@@ -145,8 +132,7 @@ def test_resize_against_an_unreachable_daemon_fails_at_once():
     from tests.conftest import free_port
 
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    r = subprocess.run([sys.executable, "-m", "shardd", "shards", "resize", "3", "-e", endpoint],
-                       capture_output=True, text=True, timeout=120)
+    r = run_cli(None, "shards", "resize", "3", "-e", endpoint, timeout=120)
     assert r.returncode == 1
     assert r.stderr == f"shardd: no reply from {endpoint} within 2 s to topology\n"
 
@@ -155,8 +141,7 @@ def test_resize_shows_progress_then_the_result(make_daemon):
     d = make_daemon(shards=2)
     with Client(d.endpoint) as c:
         c.set_many({f"k{i}": b"v" for i in range(200)})
-    r = subprocess.run([sys.executable, "-m", "shardd", "shards", "resize", "3", "-e", d.endpoint],
-                       capture_output=True, text=True, timeout=300)
+    r = run_cli(None, "shards", "resize", "3", "-e", d.endpoint, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stderr.splitlines()[0] == "resizing 2 → 3 shards (epoch 1)..."
     assert all(len(line) <= 80 for line in r.stderr.splitlines())
@@ -167,7 +152,7 @@ def test_resize_shows_progress_then_the_result(make_daemon):
 
 def test_top_off_a_terminal_prints_plain_snapshots(daemon):
     """Before: with stdout a pipe `shardd top` printed nothing at all."""
-    r = shardd(daemon, "top", "--iterations", "2", "--interval", "0.1")
+    r = run_cli(daemon.endpoint, "top", "--iterations", "2", "--interval", "0.1")
     assert r.returncode == 0, r.stderr
     assert "\x1b" not in r.stdout  # no cursor movement, no colour: plain text
     titles = [line for line in r.stdout.splitlines() if line.strip().startswith("shardd:")]
@@ -220,7 +205,7 @@ def test_top_restores_the_cursor_and_terminal_on_sigterm(daemon):
 
 def test_health_deadline_error_names_the_option_and_value(daemon):
     """Before: `--deadline -1` said "timeout must be ... > 0, got 0.0"."""
-    r = shardd(daemon, "health", "--deadline", "-1")
+    r = run_cli(daemon.endpoint, "health", "--deadline", "-1")
     assert r.returncode == 2
     assert "'--deadline'" in r.stderr and "got -1" in r.stderr and "timeout" not in r.stderr
 
@@ -249,15 +234,15 @@ def test_stats_and_hotkeys_show_healthy_shards_and_name_the_stuck_one(make_daemo
             hot = c.hotkeys(100)
             assert hot["missing"] == [{"shard": 1, "status": "timeout"}] and hot["down"] == [1]
             assert {bytes(row[0]) for row in hot["keys"]} == set(keys[0]) | set(keys[2])
-        r = shardd_at(d.endpoint, "stats")
+        r = run_cli(d.endpoint, "stats")
         assert r.returncode == 0, r.stderr
         rows = [line.split() for line in r.stdout.splitlines() if line.split() and line.split()[0].isdigit()]
         assert [row[:2] for row in rows] == [["0", "up"], ["1", "timeout"], ["2", "up"]]
         assert "shard 1 timeout" in r.stderr and "shard 0" not in r.stderr
         assert max(len(line) for line in r.stdout.splitlines() + r.stderr.splitlines()) <= 80
-        r = shardd_at(d.endpoint, "stats", "--json")
+        r = run_cli(d.endpoint, "stats", "--json")
         assert r.returncode == 0 and json.loads(r.stdout)["missing"] == [{"shard": 1, "status": "timeout"}]
-        r = shardd_at(d.endpoint, "hotkeys", "--top", "100")
+        r = run_cli(d.endpoint, "hotkeys", "--top", "100")
         assert r.returncode == 0, r.stderr
         rows = [line.split() for line in r.stdout.splitlines() if line.split() and line.split()[0].isdigit()]
         assert {row[1] for row in rows} == {k.decode() for k in keys[0] + keys[2]}
@@ -268,8 +253,3 @@ def test_stats_and_hotkeys_show_healthy_shards_and_name_the_stuck_one(make_daemo
     with Client(d.endpoint, timeout=5.0) as c:
         assert c.health(5.0)["ok"] is True
         assert c.stats()["missing"] == []
-
-
-def shardd_at(endpoint: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "shardd", *args], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "SHARDD_ENDPOINT": endpoint})

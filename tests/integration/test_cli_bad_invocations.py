@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import io
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from shardd import cli
+from shardd.cli import common
 from tests.conftest import free_port
-from tests.helpers import assert_one_message
+from tests.helpers import assert_one_message, run_cli
 
 USAGE, FAILURE = 2, 1
 
@@ -201,9 +201,8 @@ def test_the_table_covers_every_command():
         "keys-on-a-file", "keys-under-a-file", "keys-name-slash"])
 def test_the_reported_tracebacks_are_one_line_from_the_real_command(argv, env, expected_code, phrase, scratch):
     """The issue's reproductions, exactly as a user runs them (a new interpreter, the real entry point)."""
-    r = subprocess.run([sys.executable, "-m", "shardd", *(a.replace("{tmp}/", "") for a in argv)],
-                       capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, cwd=scratch,
-                       env={**{k: v for k, v in os.environ.items() if not k.startswith("SHARDD_")}, **env})
+    r = run_cli(None, *(a.replace("{tmp}/", "") for a in argv), cwd=scratch,
+                env={**{k: v for k, v in os.environ.items() if not k.startswith("SHARDD_")}, **env})
     _check_message(r.stderr, r.stdout, r.returncode, expected_code, phrase)
     assert len(r.stderr.splitlines()) == 1, r.stderr
 
@@ -213,7 +212,7 @@ def test_a_bug_is_one_line_unless_debugging(capfd, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(cli, "_client", broken)
+    monkeypatch.setattr(common, "connect", broken)  # what every command reaches the daemon through
     monkeypatch.delenv("SHARDD_DEBUG", raising=False)
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["ping"])

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 
 import psutil
 import pytest
@@ -14,7 +12,8 @@ import zmq
 from shardd import protocol as proto
 from shardd.client import Client
 from shardd.errors import Unavailable
-from tests.helpers import assert_one_message, keys_on_shard, wait_until
+from tests.conftest import REPO
+from tests.helpers import assert_one_message, keys_on_shard, run_cli, wait_until
 
 
 def test_workers_are_pinned_one_per_cpu(make_daemon):
@@ -67,8 +66,7 @@ def test_in_flight_requests_are_answered_on_stop(make_daemon):
 def test_bad_config_file_exits_2_with_one_line(tmp_path):
     cfg = tmp_path / "bad.toml"
     cfg.write_text('shards = "many"\n')
-    r = subprocess.run([sys.executable, "-m", "shardd", "serve", "--config", str(cfg)],
-                       capture_output=True, text=True, timeout=30)
+    r = run_cli(None, "serve", "--config", str(cfg))
     assert r.returncode == 2
     assert_one_message(r.stderr, "shards")
 
@@ -76,20 +74,16 @@ def test_bad_config_file_exits_2_with_one_line(tmp_path):
 def test_unknown_config_key_and_bad_flag_exit_2(tmp_path):
     cfg = tmp_path / "bad.toml"
     cfg.write_text('mailbox_limt = 3\n')
-    r = subprocess.run([sys.executable, "-m", "shardd", "check-config", str(cfg)],
-                       capture_output=True, text=True, timeout=30)
+    r = run_cli(None, "check-config", str(cfg))
     assert r.returncode == 2 and "mailbox_limt" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run([sys.executable, "-m", "shardd", "serve", "--bind", "http://0.0.0.0"],
-                       capture_output=True, text=True, timeout=30)
+    r = run_cli(None, "serve", "--bind", "http://0.0.0.0")
     assert r.returncode == 2 and "bind" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run([sys.executable, "-m", "shardd", "serve", "--shards", "lots"],
-                       capture_output=True, text=True, timeout=30)
+    r = run_cli(None, "serve", "--shards", "lots")
     assert r.returncode == 2 and "shards" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_check_config_accepts_the_shipped_file():
-    r = subprocess.run([sys.executable, "-m", "shardd", "check-config", "configs/shardd.toml"],
-                       capture_output=True, text=True, timeout=30)
+    r = run_cli(None, "check-config", "configs/shardd.toml", cwd=REPO)
     assert r.returncode == 0, r.stderr
     assert "mailbox_limit = 1024" in r.stdout
 

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 import urllib.request
 
@@ -14,13 +11,8 @@ from prometheus_client.parser import text_string_to_metric_families
 import shardd
 from shardd.hashing import shard_for
 from tests.conftest import free_port
-from tests.helpers import keys_on_shard
+from tests.helpers import keys_on_shard, run_cli
 from tests.integration.test_memory_bound import write_config
-
-
-def cli(endpoint: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "shardd", *args], capture_output=True, text=True, timeout=30,
-                          env={**os.environ, "SHARDD_ENDPOINT": endpoint})
 
 
 def test_stats_per_shard_and_total(daemon):
@@ -45,7 +37,7 @@ def test_stats_per_shard_and_total(daemon):
 
 
 def test_stats_table_has_totals_and_fits_80_columns(daemon):
-    r = cli(daemon.endpoint, "stats")
+    r = run_cli(daemon.endpoint, "stats")
     assert r.returncode == 0, r.stderr
     assert max(len(line) for line in r.stdout.splitlines()) <= 80
     assert any(line.split()[:1] == ["total"] for line in r.stdout.splitlines() if line.strip())
@@ -65,16 +57,16 @@ def test_hotkeys_lists_the_hammered_key_with_its_shard(daemon):
     key, shard, rate, count, error = top["keys"][0]
     assert (key, shard) == (b"hammered", shard_for(b"hammered", daemon.shards))
     assert count - error <= 501 <= count and rate > 0
-    r = cli(daemon.endpoint, "hotkeys", "--top", "3")
+    r = run_cli(daemon.endpoint, "hotkeys", "--top", "3")
     assert r.returncode == 0, r.stderr
     first = next(line.split() for line in r.stdout.splitlines() if line.strip().startswith("1 "))
     assert first[1:3] == ["hammered", str(shard)]
-    data = json.loads(cli(daemon.endpoint, "hotkeys", "--json", "-n", "2").stdout)
+    data = json.loads(run_cli(daemon.endpoint, "hotkeys", "--json", "-n", "2").stdout)
     assert data["keys"][0]["key"] == "hammered" and len(data["keys"]) == 2
 
 
 def test_top_refreshes_and_stops(daemon):
-    r = cli(daemon.endpoint, "top", "--iterations", "2", "--interval", "0.2")
+    r = run_cli(daemon.endpoint, "top", "--iterations", "2", "--interval", "0.2")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert max(len(line) for line in lines) <= 80

@@ -4,30 +4,24 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 
 from shardd.client import Client
 from shardd.control import ControlClient
 from shardd.errors import BadRequest, Maintenance
-
-
-def cli(endpoint: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "shardd", *args], capture_output=True, text=True, timeout=30,
-                          env={**os.environ, "SHARDD_ENDPOINT": endpoint})
+from tests.helpers import run_cli
 
 
 def test_health_ok_then_names_the_hung_shard(make_daemon):
     d = make_daemon(shards=2)
-    r = cli(d.endpoint, "health")
+    r = run_cli(d.endpoint, "health")
     assert r.returncode == 0 and "OK: 2 shards" in r.stdout, r.stderr
     with Client(d.endpoint) as c:
         victim = c.stats()["shards"][1]["pid"]
     os.kill(victim, signal.SIGSTOP)
     try:
-        r = cli(d.endpoint, "health", "--deadline", "0.3")
+        r = run_cli(d.endpoint, "health", "--deadline", "0.3")
         assert r.returncode == 1
         assert "shard 1 timeout" in r.stderr and "shard 0" not in r.stderr
         with Client(d.endpoint) as c:
@@ -36,14 +30,14 @@ def test_health_ok_then_names_the_hung_shard(make_daemon):
             assert [row["status"] for row in report["shards"]] == ["ok", "timeout"]
     finally:
         os.kill(victim, signal.SIGCONT)
-    assert cli(d.endpoint, "health").returncode == 0
+    assert run_cli(d.endpoint, "health").returncode == 0
 
 
 def test_maintenance_refuses_writes_keeps_reads(make_daemon):
     d = make_daemon(shards=2)
     with Client(d.endpoint) as c:
         c.set("k", b"v")
-        assert cli(d.endpoint, "maintenance", "on").stdout.strip() == "maintenance on"
+        assert run_cli(d.endpoint, "maintenance", "on").stdout.strip() == "maintenance on"
         assert c.get("k") == b"v"
         assert c.get_many(["k", "x"]) == {"k": b"v"}
         for write in (lambda: c.set("k", b"w"), lambda: c.delete("k"), lambda: c.incr("n"),
@@ -52,11 +46,11 @@ def test_maintenance_refuses_writes_keeps_reads(make_daemon):
                 write()
         assert c.stats()["router"]["maintenance"] is True
         assert c.health()["maintenance"] is True
-        assert "maintenance mode" in cli(d.endpoint, "health").stdout
-        assert cli(d.endpoint, "maintenance").stdout.strip() == "maintenance on"
+        assert "maintenance mode" in run_cli(d.endpoint, "health").stdout
+        assert run_cli(d.endpoint, "maintenance").stdout.strip() == "maintenance on"
         assert c.maintenance(False) is False
         assert c.set("k", b"w") is True
-    assert cli(d.endpoint, "maintenance", "sideways").returncode == 2
+    assert run_cli(d.endpoint, "maintenance", "sideways").returncode == 2
 
 
 def test_configure_is_refused_on_the_public_endpoint(make_daemon):
@@ -90,21 +84,21 @@ def test_sighup_applies_live_settings_and_names_restart_only_ones(make_daemon, t
 
 def test_tune_applies_to_every_shard_at_once(make_daemon):
     d = make_daemon(shards=2)
-    r = cli(d.endpoint, "tune", "mailbox-limit", "64")
+    r = run_cli(d.endpoint, "tune", "mailbox-limit", "64")
     assert r.returncode == 0 and "on 2 shards" in r.stdout, r.stderr
-    assert cli(d.endpoint, "tune", "max-memory", "64MiB").returncode == 0
-    assert cli(d.endpoint, "tune", "eviction-policy", "allkeys-lfu").returncode == 0
+    assert run_cli(d.endpoint, "tune", "max-memory", "64MiB").returncode == 0
+    assert run_cli(d.endpoint, "tune", "eviction-policy", "allkeys-lfu").returncode == 0
     with Client(d.endpoint) as c:
         stats = c.stats()
     assert stats["router"]["mailbox_limit"] == 64
     assert [row["max_bytes"] for row in stats["shards"]] == [32 * 1024 * 1024] * 2
     assert [row["policy"] for row in stats["shards"]] == ["allkeys-lfu"] * 2
     assert "tuned mailbox_limit=64" in d.log()
-    r = cli(d.endpoint, "tune", "eviction-policy", "lucky-dip")
+    r = run_cli(d.endpoint, "tune", "eviction-policy", "lucky-dip")
     assert r.returncode == 1 and "eviction_policy" in r.stderr
-    r = cli(d.endpoint, "tune", "mailbox-limit", "0")
+    r = run_cli(d.endpoint, "tune", "mailbox-limit", "0")
     assert r.returncode == 1 and "mailbox_limit" in r.stderr
-    assert cli(d.endpoint, "tune", "shards", "3").returncode == 2
+    assert run_cli(d.endpoint, "tune", "shards", "3").returncode == 2
 
 
 def test_sighup_settings_are_live_where_they_are_read(make_daemon, tmp_path):

@@ -5,16 +5,14 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
-import sys
 
 from shardd.client import Client
 from tests.conftest import REPO, free_port
-from tests.helpers import assert_one_message
+from tests.helpers import assert_one_message, run_cli
 
 
 def _serve(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "shardd", "serve", *args], capture_output=True, text=True,
-                          timeout=30, cwd=REPO)
+    return run_cli(None, "serve", *args, cwd=REPO)
 
 
 def test_remote_bind_without_auth_is_refused_with_exit_2(tmp_path):
@@ -25,8 +23,7 @@ def test_remote_bind_without_auth_is_refused_with_exit_2(tmp_path):
     assert not (tmp_path / "run").exists()  # refused before anything was created or bound
     cfg = tmp_path / "remote.toml"
     cfg.write_text(f'bind = "tcp://0.0.0.0:{port}"\n')
-    r = subprocess.run([sys.executable, "-m", "shardd", "check-config", str(cfg)], capture_output=True,
-                       text=True, timeout=30, cwd=REPO)
+    r = run_cli(None, "check-config", str(cfg), cwd=REPO)
     assert r.returncode == 2 and "allow_remote_without_auth" in r.stderr and "Traceback" not in r.stderr
 
 

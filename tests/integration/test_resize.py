@@ -14,6 +14,7 @@ import pytest
 
 from shardd.client import Client
 from shardd.errors import SharddError
+from tests.helpers import run_cli
 
 COUNTERS = [f"ctr:{i}" for i in range(4)]
 
@@ -137,19 +138,12 @@ def test_grow_and_shrink_under_load_keep_every_guarantee(make_daemon, direct):
 
 
 def test_resize_cli_and_refusals(make_daemon):
-    import os
-    import subprocess
-    import sys
-
     d = make_daemon(shards=1)
-    env = {**os.environ, "SHARDD_ENDPOINT": d.endpoint}
-    r = subprocess.run([sys.executable, "-m", "shardd", "shards", "resize", "2"], capture_output=True, text=True,
-                       timeout=60, env=env)
+    r = run_cli(d.endpoint, "shards", "resize", "2")
     assert r.returncode == 0 and "resized 1 → 2 shards" in r.stdout, r.stderr
-    r = subprocess.run([sys.executable, "-m", "shardd", "shards"], capture_output=True, text=True, timeout=30, env=env)
+    r = run_cli(d.endpoint, "shards")
     assert "epoch 2: 2 shards" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "shardd", "shards", "resize", "0"], capture_output=True, text=True,
-                       timeout=30, env=env)
+    r = run_cli(d.endpoint, "shards", "resize", "0")
     assert r.returncode == 2 and "between 1 and 1024" in r.stderr
     with Client(d.endpoint) as c:
         assert c.ping() == 2
