@@ -2,48 +2,57 @@
 
 Theory of operation
 -------------------
-Clients talk to one ROUTER socket. Each request frame is decoded once (to validate it and
-find its key), then:
+Clients talk to one inbox (transport.ClientInbox). Each request frame is decoded once (to
+validate it and find its op's entry in the op table, protocol.OPS), then:
 
-* a single-key op goes to the shard ``shard_for(key, N)``: its raw bytes are appended to
-  that shard's outbox, untouched, and the worker's reply bytes come back to the client
-  untouched;
+* a keyed op goes to the shard ``shard_for(key, N)``: its raw bytes are queued on that
+  shard's link, untouched, and the worker's reply bytes go back to the client untouched;
 * a multi-key op (get_many, set_many, delete_many) is split into one sub-op per shard
-  involved and gathered into one reply;
-* an admin op (ping, stats, flush) fans out to every shard and is gathered.
+  involved and gathered into one reply (router_types);
+* a fan-out op (ping, stats, flush, …) goes to every shard and is gathered;
+* the router's own ops (maintenance, configure, topology, resize, drain, …) are answered here.
 
-All requests read in one pass over the client socket are grouped per shard and sent as one
-Batch per shard: per-message overhead dominates on this machine (docs/design.md), so batching is
-the main lever on throughput.
+All requests read in one pass over the inbox are grouped per shard and sent as one Batch per
+shard: per-message overhead dominates on this machine (docs/design.md, "Where the time goes"),
+so batching is the main lever on throughput.
 
-Two duties live in their own modules as mixins of Router: ``router_resize`` (topology and
-online resizing, see ``migration``) and ``router_stats`` (stats, imbalance, hot keys, health);
-``router_types`` holds the plain state (peers, shard links, gathers).
+The router is made of parts, each owning its state: ``ShardLink`` (shard_link: one shard's
+channel, mailbox and sequence accounting), ``Migration`` (migration: the whole resize state
+machine, sans-IO), ``router_stats`` (pure functions combining stats, health and hot keys) and
+``router_types`` (gathers and multi-key splitting). The transport (transport.Hub and its
+channels) is the only thing that knows about sockets; the process wiring is router_main.
+
+Size: ~660 lines, over the ~500 aim: route() and its op-table gate/dispatch (~100 lines) and
+the resize glue (links added, moved_until, retiring: ~140) both need the router's links. The
+next cut is a ``Topology`` part owning links, n, epoch and retiring, with the resize glue.
 
 Rules
 -----
-Rule 1: ``inflight`` of a shard is exact: +1 for each op put in its outbox, -1 for each reply
-        received or each op failed because the shard went down. Past ``mailbox_limit`` an op
-        is answered BUSY at once and never queued. A multi-key op is checked against every
-        shard it touches before any part is queued, so BUSY never half-applies a write.
+Rule 1: the mailbox of a shard is its link's ``inflight``, kept exact by ShardLink (its Rule 1).
+        Past ``mailbox_limit`` an op is answered BUSY at once and never queued. A multi-key op
+        is checked against every shard it touches before any part is queued, so BUSY never
+        half-applies a write.
 Rule 2: a shard is "up" only between a completed handshake and a disconnect of its worker
-        (socket monitor). When it goes down, everything in flight to it is answered
+        (the channel's events). When it goes down, everything in flight to it is answered
         UNAVAILABLE; other shards are untouched.
-Rule 3: every Batch carries a seq; replies are matched by seq, so a reply from before a
-        restart, or one for a request already failed, is recognised and dropped.
+Rule 3: replies are matched to batches by seq (ShardLink, Rule 2), so a reply from before a
+        restart, or one for a request already failed, is dropped.
 Rule 4: nothing a client sends raises out of the loop, and a client that vanished or stopped
-        reading costs us a dropped reply, never a blocked send (all sends are non-blocking).
-Rule 5: one flooding client cannot turn everyone else's requests into BUSY. The socket reads
+        reading costs us a dropped reply, never a blocked send (transport, Rule 1).
+Rule 5: one flooding client cannot turn everyone else's requests into BUSY. The inbox reads
         peers round-robin (libzmq fair-queues a ROUTER's input), and a peer with more than
         mailbox_limit/8 requests in flight (received, not yet answered) may fill only 7/8 of a
         shard's mailbox: the last eighth stays for clients with a few requests in flight.
         Every request gets exactly one reply, through ``send_to``, which is where a peer's
         count goes down; a peer with nothing in flight has no entry.
+Rule 6: during a resize the old placement routes; a reply MOVED to a batch sent before
+        ``moved_until`` is not passed on but re-queued to the key's new owner (``_rerouted``).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -52,36 +61,48 @@ from typing import Any
 import msgspec
 
 from shardd import protocol as p
-from shardd import transport
-from shardd.config import Config, build_config
-from shardd.errors import ConfigError, ExitCode
+from shardd.config import RESTART_KEYS, Config, build_config
+from shardd.errors import ConfigError
 from shardd.hashing import shard_for
-from shardd.logs import setup_logging
-from shardd.migration import Migration, MigrationStep
-from shardd.router_resize import ResizeDuty
-from shardd.router_stats import StatsDuty
-from shardd.router_types import ControlPeer, Gather, ReqPeer, ShardLink
+from shardd.migration import Migration, MigrationStep, Phase, Send, StepKind
+from shardd.router_stats import (
+    GATHER_DEADLINE_S,
+    combine_health,
+    combine_hotkeys,
+    combine_stats,
+    gather_deadline,
+    imbalance_news,
+)
+from shardd.router_types import ControlPeer, Gather, by_shard, count_parts, split_multi, sum_parts
+from shardd.shard_link import ShardLink
 
 log = logging.getLogger("shardd.router")
 
-# Messages taken from the client socket per pass before outboxes are flushed: bounds the
-# latency batching adds, while a burst still becomes one Batch per shard.
+# Messages taken from the inbox per pass before outboxes are flushed: bounds the latency
+# batching adds, while a burst still becomes one Batch per shard.
 _DRAIN_LIMIT = 512
 
+# moved_until of every link while a resize runs: any reply may say MOVED.
+NO_LIMIT = float("inf")
 
 
-class Router(ResizeDuty, StatsDuty):
-    """The routing state machine; ``run_router`` drives it with sockets."""
+class Router:
+    """The routing state machine over its parts; ``run_router`` drives it with the transport.
 
-    def __init__(self, config: Config, frontend: transport.Socket, links: list[ShardLink],
-                 control: transport.Socket | None = None) -> None:
+    ``frontend`` and ``control`` are inboxes (``receive(limit)``, ``send(peer, frame)``), each
+    link's channel has ``send(frame) -> bool`` and ``receive()``; ``connect(shard)`` opens the
+    channel of a shard added by a resize. Unit tests pass fakes (tests/unit/test_router.py).
+    """
+
+    def __init__(self, config: Config, frontend: Any, links: list[ShardLink], control: Any = None,
+                 connect: Callable[[int], Any] | None = None) -> None:
         # Authentication (auth_dir): the z85 public keys allowed admin ops, or None when off.
         self.admin_ids: frozenset[str] | None = None
         self.caller_is_admin = False
-        self.authenticator: Any = None
         self.config = config
         self.frontend = frontend
         self.control = control
+        self.connect = connect
         self.links = links
         self.n = len(links)
         self.limits = config.limits
@@ -98,50 +119,47 @@ class Router(ResizeDuty, StatsDuty):
         self.next_balance_check = self.started + config.imbalance_check_s
         self.imbalanced: dict[str, float] = {}  # dimension → when we last warned about it
         self._admin: dict[type, tuple[Callable, bool]] = {
-            p.Ping: (_count_parts, False),
-            p.Flush: (_sum_parts, False),
+            p.Ping: (count_parts, False),
+            p.Flush: (sum_parts, False),
             p.Stats: (self._combine_stats, True),
-            p.Health: (self._combine_health, True),
-            p.Configure: (_count_parts, False),
-            p.Hotkeys: (self._combine_hotkeys, True),
-            p.Snapshot: (_by_shard, False),
+            p.Health: (lambda parts: combine_health(parts, len(self.links), self.maintenance), True),
+            p.Configure: (count_parts, False),
+            p.Hotkeys: (combine_hotkeys, True),
+            p.Snapshot: (by_shard, False),
         }
         self.drain_waiters: list[tuple[Any, int]] = []
         # Placement: ``n`` shards at ``epoch``. During a resize ``n`` stays the old count (requests
         # go to the old owner first; see shardd.migration) until the resize ends.
         self.epoch = 1
-        self.pending_resize: tuple[int, Any, int] | None = None  # (shards, peer, request id)
-        self.migration: Migration | None = None
+        self.resize: Migration | None = None  # from the request until set_topology is sent
         # Shards removed by a shrink, still answering what was sent to them (MOVED, mostly);
         # closed, and their workers stopped, once nothing is in flight to them.
         self.retiring: list[ShardLink] = []
-        self.ctx: Any = None  # the zmq Context, to connect new shards (set by run_router)
+
+    # Hooks for the transport loop: start / stop watching a shard added / removed by a resize.
+    def on_new_link(self, link: ShardLink) -> None:
+        pass
+
+    def on_removed_link(self, link: ShardLink) -> None:
+        pass
+
+    def notify_supervisor(self) -> None:
+        """A resize needs workers started, or has ended: the supervisor reads the topology."""
+        os.kill(os.getppid(), signal.SIGUSR1)
 
     # --- replies to clients -------------------------------------------------------
 
     def send_to(self, peer: Any, frame: bytes) -> None:
         """Send one reply frame; a peer that left or stopped reading loses it (Rule 4)."""
-        identity = peer if type(peer) is bytes else peer.identity if type(peer) is ReqPeer else None
-        if identity is not None:  # Rule 5: one reply per request
-            n = self.peer_inflight.get(identity, 0)
-            if n > 1:
-                self.peer_inflight[identity] = n - 1
-            elif n:
-                del self.peer_inflight[identity]
-        try:
-            if type(peer) is bytes:
-                send = self.frontend.send
-                send(peer, transport.SNDMORE | transport.NOBLOCK)
-            elif type(peer) is ReqPeer:
-                send = self.frontend.send
-                send(peer.identity, transport.SNDMORE | transport.NOBLOCK)
-                send(b"", transport.SNDMORE)
-            else:
-                send = self.control.send
-                send(peer.identity, transport.SNDMORE | transport.NOBLOCK)
-            send(frame, transport.NOBLOCK)
-        except transport.ZMQError:
-            pass
+        if type(peer) is ControlPeer:
+            self.control.send(peer.identity, frame)
+            return
+        n = self.peer_inflight.get(peer, 0)  # Rule 5: one reply per request
+        if n > 1:
+            self.peer_inflight[peer] = n - 1
+        elif n:
+            del self.peer_inflight[peer]
+        self.frontend.send(peer, frame)
 
     def reply(self, peer: Any, request_id: int, status: int, value: Any = None) -> None:
         if peer is None:  # the router's own request (balance check): nobody to answer
@@ -151,42 +169,24 @@ class Router(ResizeDuty, StatsDuty):
     # --- client requests ----------------------------------------------------------
 
     def on_frontend(self) -> None:
-        """Read what the client socket has ready (bounded), route it, flush the outboxes."""
+        """Read what the inbox has ready (bounded), route it, flush the outboxes."""
         self._read_clients(self.frontend, privileged=False)
 
     def on_control(self) -> None:
         """The control endpoint: same protocol, plus ops only the supervisor may send."""
         self._read_clients(self.control, privileged=True)
 
-    def _read_clients(self, sock: transport.Socket, privileged: bool) -> None:
-        recv, getsockopt = sock.recv, sock.getsockopt
-        EVENTS, POLLIN, RCVMORE = transport.EVENTS, transport.POLLIN, transport.RCVMORE
+    def _read_clients(self, inbox: Any, privileged: bool) -> None:
         fair_share = self.mailbox_limit >> 3
         peer_inflight = self.peer_inflight
-        for _ in range(_DRAIN_LIMIT):
-            if not getsockopt(EVENTS) & POLLIN:
-                break
-            peer: Any = recv()
-            if self.admin_ids is not None and not privileged:
-                # Authenticated: the body frame carries the client's key as its User-Id.
-                message = recv(copy=False)
-                frame = message.bytes
-                self.caller_is_admin = message.get("User-Id") in self.admin_ids
-            else:
-                frame = recv()
-            if not privileged:  # Rule 5
-                n = peer_inflight[peer] = peer_inflight.get(peer, 0) + 1
-                self.heavy = n > fair_share
-            extra = 0
+        route = self.route
+        for peer, frame, extra, admin in inbox.receive(_DRAIN_LIMIT):
             if privileged:
                 peer = ControlPeer(peer)
-            if getsockopt(RCVMORE):
-                if not frame and not privileged:  # REQ socket: empty delimiter, then the body
-                    peer = ReqPeer(peer)
-                    frame = recv()
-                while getsockopt(RCVMORE):
-                    recv()
-                    extra += 1
+            else:  # Rule 5
+                n = peer_inflight[peer] = peer_inflight.get(peer, 0) + 1
+                self.heavy = n > fair_share
+                self.caller_is_admin = admin
             self.requests += 1
             if extra:
                 self.reply(peer, p.salvage_id(frame), p.BAD_REQUEST,
@@ -195,7 +195,7 @@ class Router(ResizeDuty, StatsDuty):
                 self.reply(peer, p.salvage_id(frame), p.UNAVAILABLE, "the daemon is shutting down; retry shortly")
             else:
                 try:
-                    self.route(peer, frame, privileged)
+                    route(peer, frame, privileged)
                 except Exception as exc:  # Rule 4: a bug in one request must not stop the router
                     log.exception("internal error routing a request")
                     self.reply(peer, 0, p.INTERNAL_ERROR, f"internal error: {exc!r}")
@@ -203,18 +203,25 @@ class Router(ResizeDuty, StatsDuty):
         self.flush_outboxes()
 
     def route(self, peer: Any, frame: bytes, privileged: bool = False) -> None:
+        """Check one request against its op's entry in the op table (protocol.OPS), then dispatch it by kind.
+
+        Every check is made in one order for every op (``_gate``), so whether an op is allowed never
+        depends on where its handler sits; a keyed op whose spec has no check (reads, and writes
+        while maintenance is off) goes straight to its shard's outbox.
+        """
         env = p.decode_envelope(frame, self.limits)
         if type(env) is bytes:
             self.send_to(peer, env)
             return
         op = env.op
-        if self.maintenance and type(op) in _WRITES:
-            self.reply(peer, env.id, p.MAINTENANCE,
-                       "the daemon is in maintenance mode: writes are refused, reads work; retry later")
-            return
-        key = getattr(op, "key", None)
-        if key is not None:
-            link = self.links[shard_for(key, self.n)]
+        spec = _OPS[type(op)]
+        if spec.guarded or (spec.write and self.maintenance):
+            problem = _gate(self, spec, op, privileged)
+            if problem is not None:
+                self.reply(peer, env.id, *problem)
+                return
+        if spec.kind == _KEYED:
+            link = self.links[shard_for(op.key, self.n)]
             problem = self._refusal(link)
             if problem is not None:
                 self.reply(peer, env.id, *problem)
@@ -223,111 +230,46 @@ class Router(ResizeDuty, StatsDuty):
             link.out_frames.append(frame)
             link.out_targets.append(peer)
             return
-        cls = type(op)
-        if (self.admin_ids is not None and not privileged and not self.caller_is_admin and cls in _ADMIN_ONLY
-                and not (cls is p.Maintenance and op.on is None)):
-            self.reply(peer, env.id, p.FORBIDDEN,
-                       f"{cls.__struct_config__.tag} needs an admin key (auth_dir/admins); this key is a client key")
-            return
-        if self.migration is not None and cls in _REFUSED_WHILE_RESIZING:
-            self.reply(peer, env.id, p.BUSY, f"{cls.__struct_config__.tag} is refused while a resize runs; retry")
-            return
-        if self.migration is not None and cls in _MULTI:
-            self._split_per_key(peer, env.id, op, cls)
-        elif cls is p.GetMany or cls is p.DeleteMany:
-            self._split_keys(peer, env.id, op, cls)
-        elif cls is p.SetMany:
-            self._split_set_many(peer, env.id, op)
-        elif cls is p.DebugSleep:
-            self._debug_sleep(peer, env.id, op)
-        elif cls is p.Maintenance:
-            self._set_maintenance(peer, env.id, op)
-        elif cls in _CONTROL_ONLY and not privileged:
-            self.reply(peer, env.id, p.BAD_REQUEST,
-                       f"{cls.__struct_config__.tag} is accepted on the control endpoint only")
-        elif cls is p.Configure:
-            self._configure(peer, env.id, op)
-        elif cls is p.Tune:
-            self._tune(peer, env.id, op)
-        elif cls is p.Topology:
-            self.reply(peer, env.id, p.OK, self.topology())
-        elif cls is p.Resize:
-            self._request_resize(peer, env.id, op)
-        elif cls is p.ResizeStart:
-            self._start_resize(peer, env.id, op)
-        elif cls is p.Drain:
-            if not self.draining:
-                self.draining = True
-                log.info("draining: refusing new client requests; answering what is in flight")
-            self.drain_waiters.append((peer, env.id))
-        else:
-            self._fan_out(peer, env.id, op)
+        _DISPATCH[type(op)](self, peer, env.id, op)
 
     def _refusal(self, link: ShardLink) -> tuple[int, str] | None:
-        if not link.up:
-            return p.UNAVAILABLE, f"shard {link.shard} is down (being restarted); retry shortly"
-        limit = self.mailbox_limit
-        if link.inflight >= limit or (self.heavy and link.inflight >= limit - (limit >> 3)):
-            link.busy += 1
-            share = "" if link.inflight >= limit else ", 7/8 of it for a connection sending this much"
-            return p.BUSY, (f"shard {link.shard} has {link.inflight} requests in flight "
-                            f"(mailbox_limit {limit}{share}); back off and retry")
-        return None
+        return link.refusal(self.mailbox_limit, self.heavy)
 
     def _queue(self, link: ShardLink, op: p.Op, target: Any) -> None:
-        link.inflight += 1
-        link.out_frames.append(p.encode_request(0, op))
-        link.out_targets.append(target)
+        link.queue(p.encode_request(0, op), target)
 
-    def _start_gather(self, peer: Any, request_id: int, groups: dict[int, Any],
-                      make_op: Callable[[Any], p.Op], combine: Callable) -> None:
-        """Check every shard involved (Rule 1), then queue one sub-op per shard."""
-        for shard in groups:
+    def _start_gather(self, peer: Any, request_id: int, parts: list[tuple[int, p.Op, Any]],
+                      combine: Callable, empty: Any) -> None:
+        """Check every shard involved (Rule 1), then queue every part."""
+        if not parts:
+            self.reply(peer, request_id, p.OK, empty)
+            return
+        for shard in {shard for shard, _, _ in parts}:
             problem = self._refusal(self.links[shard])
             if problem is not None:
                 self.reply(peer, request_id, *problem)
                 return
-        gather = Gather(peer, request_id, len(groups), combine)
-        for shard, context in groups.items():
-            self._queue(self.links[shard], make_op(context), (gather, context))
+        gather = Gather(peer, request_id, len(parts), combine)
+        links = self.links
+        for shard, op, context in parts:
+            self._queue(links[shard], op, (gather, context))
 
     def _split_keys(self, peer: Any, request_id: int, op: Any, cls: type) -> None:
-        groups: dict[int, list[int]] = {}
-        keys = op.keys
-        n = self.n
-        for i, key in enumerate(keys):
-            groups.setdefault(shard_for(key, n), []).append(i)
-        if not groups:
-            self.reply(peer, request_id, p.OK, [] if cls is p.GetMany else 0)
-            return
-        if cls is p.GetMany:
-            size = len(keys)
-
-            def combine(parts: list[tuple[int, Any, Any]]) -> list[Any]:
-                out: list[Any] = [None] * size
-                for _, positions, values in parts:
-                    for pos, value in zip(positions, values, strict=True):
-                        out[pos] = value
-                return out
-        else:
-            combine = _sum_parts
-        self._start_gather(peer, request_id, groups, lambda pos: cls([keys[i] for i in pos]), combine)
+        self._start_gather(peer, request_id, *split_multi(op, self.n, per_key=False))
 
     def _split_set_many(self, peer: Any, request_id: int, op: p.SetMany) -> None:
-        groups: dict[int, list[tuple[bytes, bytes]]] = {}
-        n = self.n
-        for item in op.items:
-            groups.setdefault(shard_for(item[0], n), []).append(item)
-        if not groups:
-            self.reply(peer, request_id, p.OK, 0)
-            return
-        self._start_gather(peer, request_id, groups, lambda items: p.SetMany(items, op.ttl_ms), _sum_parts)
+        self._start_gather(peer, request_id, *split_multi(op, self.n, per_key=False))
+
+    def _split_per_key(self, peer: Any, request_id: int, op: Any, cls: type) -> None:
+        """During a resize a multi-key op becomes one single-key op per key, each routed (and
+        re-routed on MOVED, Rule 6) on its own; the gather puts the answers back together."""
+        self._start_gather(peer, request_id, *split_multi(op, self.n, per_key=True))
 
     def _fan_out(self, peer: Any, request_id: int, op: p.Op) -> None:
         """Admin ops go to every shard; a down shard is an error part, not a refusal."""
         combine, tolerant = self._admin[type(op)]
         gather = Gather(peer, request_id, len(self.links), combine, tolerant)
-        deadline_s = self.gather_deadline(op)  # router_stats: health, stats and hotkeys never wait on a stuck shard
+        deadline_s = gather_deadline(op)  # health, stats and hotkeys never wait on a stuck shard
         if deadline_s is not None:
             gather.deadline = time.monotonic() + deadline_s
             self.timed.append(gather)
@@ -337,8 +279,7 @@ class Router(ResizeDuty, StatsDuty):
             if link.up:
                 self._queue(link, op, (gather, None))
             else:
-                self._complete_part(gather, link.shard, None,
-                                    (p.UNAVAILABLE, f"shard {link.shard} is down"), None)
+                self._complete_part(gather, link.shard, None, (p.UNAVAILABLE, f"shard {link.shard} is down"), None)
 
     def _set_maintenance(self, peer: Any, request_id: int, op: p.Maintenance) -> None:
         if op.on is not None and op.on != self.maintenance:
@@ -350,6 +291,11 @@ class Router(ResizeDuty, StatsDuty):
         """Apply live settings (SIGHUP, tune): validated like the config file, kept in ``self.config``
         (what stats and the balance check read), the router's own taken from it, then sent to every shard."""
         settings = dict(op.settings)
+        restart = sorted(k for k in settings if k in RESTART_KEYS)  # config.SETTINGS says which
+        if restart:
+            self.reply(peer, request_id, p.BAD_REQUEST,
+                       f"configure: {', '.join(restart)} only take effect after a restart")
+            return
         try:
             checked = build_config({**msgspec.structs.asdict(self.config),
                                     **{k: v for k, v in settings.items() if k in Config.__struct_fields__}})
@@ -380,6 +326,12 @@ class Router(ResizeDuty, StatsDuty):
         log.warning("tuned %s", ", ".join(f"{k}={v!r}" for k, v in sorted(settings.items())))
         self._configure(peer, request_id, p.Configure(settings))
 
+    def _debug_sleep(self, peer: Any, request_id: int, op: p.DebugSleep) -> None:
+        if not 0 <= op.shard < self.n:
+            self.reply(peer, request_id, p.BAD_REQUEST, f"no shard {op.shard}; there are {self.n}")
+            return
+        self._start_gather(peer, request_id, [(op.shard, op, None)], lambda parts: parts[0][2], None)
+
     def answer_drained(self) -> None:
         """Answer Drain requests once nothing is in flight to any shard."""
         if self.drain_waiters and self.idle():
@@ -402,48 +354,64 @@ class Router(ResizeDuty, StatsDuty):
                     self._complete_part(gather, shard, None, (p.UNAVAILABLE, "timeout"), None)
         self.timed = keep
 
-    def _debug_sleep(self, peer: Any, request_id: int, op: p.DebugSleep) -> None:
-        if not 0 <= op.shard < self.n:
-            self.reply(peer, request_id, p.BAD_REQUEST, f"no shard {op.shard}; there are {self.n}")
+    # --- stats (router_stats combines) ---------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "uptime_s": round(time.monotonic() - self.started, 3),
+            "shards": self.n,
+            "mailbox_limit": self.mailbox_limit,
+            "requests": self.requests,
+            "maintenance": self.maintenance,
+            "clients_in_flight": len(self.peer_inflight),  # connections with requests unanswered (Rule 5)
+        }
+
+    def _combine_stats(self, parts: list[tuple[int, Any, Any]]) -> dict[str, Any]:
+        return combine_stats(parts, self.links, self.stats(), self.config.imbalance_threshold)
+
+    def check_balance(self, now: float) -> None:
+        """Every imbalance_check_s, gather stats from the shards and warn about a hot one."""
+        if now < self.next_balance_check or self.draining:
             return
-        self._start_gather(peer, request_id, {op.shard: None}, lambda _: op, lambda parts: parts[0][2])
+        self.next_balance_check = now + self.config.imbalance_check_s
+        up = [link for link in self.links if link.up]
+        if not up:
+            return
+        gather = Gather(None, 0, len(up), self._warn_imbalance, True)
+        gather.deadline = now + GATHER_DEADLINE_S  # a stuck shard must not keep this gather forever
+        self.timed.append(gather)
+        for link in up:
+            self._queue(link, p.Stats(), (gather, None))
+        self.flush_outboxes()
+
+    def _warn_imbalance(self, parts: list[tuple[int, Any, Any]]) -> None:
+        news = imbalance_news(self._combine_stats(parts), self.imbalanced, time.monotonic(),
+                              self.config.imbalance_threshold)
+        for warning, message in news:
+            log.log(logging.WARNING if warning else logging.INFO, "%s", message)
 
     # --- shard traffic --------------------------------------------------------------
 
     def flush_outboxes(self) -> None:
         for link in self.links:
-            if not link.out_frames:
-                continue
-            frames, targets = link.out_frames, link.out_targets
-            link.out_frames, link.out_targets = [], []
-            seq = link.next_seq
-            link.next_seq += 1
-            try:
-                link.sock.send(p.encode_batch(seq, frames), transport.NOBLOCK)
-            except transport.ZMQError:  # no live connection (IMMEDIATE): the worker just died
-                self._fail(link, targets, frames, "went down")
-                continue
-            link.pending[seq] = (targets, frames)
-            if link.inflight > link.high:
-                link.high = link.inflight
+            if link.out_frames:
+                failed = link.flush()
+                if failed is not None:  # no live connection: the worker just died
+                    self._fail(link, *failed, "went down")
 
     def on_shard(self, link: ShardLink) -> None:
-        sock = link.sock
-        recv, getsockopt = sock.recv, sock.getsockopt
-        EVENTS, POLLIN = transport.EVENTS, transport.POLLIN
         send_to = self.send_to
-        while getsockopt(EVENTS) & POLLIN:
-            frame = recv()
+        for frame in link.channel.receive():
             try:
                 batch = p.decode_batch_reply(frame)
             except Exception:
                 log.error("shard %d sent an undecodable reply (%d bytes); dropped", link.shard, len(frame))
                 continue
-            entry = link.pending.pop(batch.seq, None)
+            entry = link.take(batch.seq)
             if entry is None:
                 continue  # Rule 3: a reply to something already failed
             targets, frames = entry
-            link.inflight -= len(targets)
             # Only an old shard during (or just after) a resize can answer MOVED: peek then.
             check_moved = batch.seq < link.moved_until
             for target, raw, frame in zip(targets, batch.replies, frames, strict=False):
@@ -452,53 +420,37 @@ class Router(ResizeDuty, StatsDuty):
                 if type(target) is tuple:
                     self._on_part(target, link.shard, raw)
                 elif type(target) is MigrationStep:
-                    self._on_migration_step(target, raw)
+                    try:
+                        reply = p.decode_reply(raw)
+                    except Exception:
+                        self._on_step(target, p.INTERNAL_ERROR, f"shard {link.shard} sent garbage")
+                    else:
+                        self._on_step(target, reply.status, reply.value)
                 else:
                     send_to(target, raw)
         # Replies can queue work: a re-routed MOVED request, a resize step, nothing otherwise.
         self.flush_outboxes()
 
     def _on_part(self, target: tuple[Gather, Any], shard: int, raw: Any) -> None:
-        gather, context = target
-        try:
-            reply = p.decode_reply(raw)
-        except Exception:
-            self._complete_part(gather, shard, context, (p.INTERNAL_ERROR, f"shard {shard} sent garbage"), None)
-            return
-        error = None if reply.status == p.OK else (reply.status, f"shard {shard}: {reply.value}")
-        self._complete_part(gather, shard, context, error, reply.value)
+        gather = target[0]
+        answer = gather.add_reply(shard, target[1], raw)
+        if answer is not None:
+            self.reply(gather.peer, gather.request_id, *answer)
 
     def _complete_part(self, gather: Gather, shard: int, context: Any,
                        error: tuple[int, str] | None, value: Any) -> None:
-        if gather.done:
-            return  # completed by its deadline; a late part changes nothing
-        if error is not None and gather.error is None:
-            gather.error = error
-        gather.parts.append((shard, context, value if error is None else error))
-        gather.remaining -= 1
-        if gather.remaining:
-            return
-        gather.done = True
-        if gather.error is not None and not gather.tolerant:
-            self.reply(gather.peer, gather.request_id, *gather.error)
-            return
-        try:
-            value = gather.combine(gather.parts)
-        except Exception as exc:
-            log.exception("gather failed")
-            self.reply(gather.peer, gather.request_id, p.INTERNAL_ERROR, f"internal error: {exc!r}")
-            return
-        self.reply(gather.peer, gather.request_id, p.OK, value)
+        answer = gather.add(shard, context, error, value)
+        if answer is not None:
+            self.reply(gather.peer, gather.request_id, *answer)
 
     def _fail(self, link: ShardLink, targets: list[Any], frames: list[bytes], why: str) -> None:
-        """Answer UNAVAILABLE for ops that were queued to a shard that went down (Rule 2)."""
+        """Answer UNAVAILABLE for ops the link handed back: their shard went down (Rule 2)."""
         message = f"shard {link.shard} {why}; retry shortly"
-        link.inflight -= len(targets)
         for target, frame in zip(targets, frames, strict=True):
             if type(target) is tuple:
                 self._complete_part(target[0], link.shard, target[1], (p.UNAVAILABLE, message), None)
             elif type(target) is MigrationStep:
-                self._on_migration_step(target, p.encode_reply(0, p.UNAVAILABLE, message))
+                self._on_step(target, p.UNAVAILABLE, message)
             else:
                 env = p.decode_envelope(frame, self.limits)
                 request_id = env.id if isinstance(env, p.Envelope) else 0
@@ -509,143 +461,210 @@ class Router(ResizeDuty, StatsDuty):
             link.up = True
             log.info("shard %d is up", link.shard)
             # Learn the worker's own endpoint (it changes when a worker restarts).
-            self._queue(link, p.Describe(), MigrationStep("describe", link.shard))
+            self._queue(link, p.Describe(), MigrationStep(StepKind.DESCRIBE, link.shard))
             self.flush_outboxes()
         elif event == "down" and link.up:
-            link.up = False
-            link.direct = None
             log.warning("shard %d is down; answering UNAVAILABLE for it", link.shard)
-            pending, link.pending = link.pending, {}
-            for targets, frames in pending.values():
+            for targets, frames in link.go_down():
                 self._fail(link, targets, frames, "went down")
 
     def idle(self) -> bool:
         return all(not link.pending for link in self.links)
 
+    # --- topology and resizing (the state machine is shardd.migration) ---------------
 
-_WRITES = frozenset(p.WRITE_OPS)
-_ADMIN_ONLY = frozenset(p.ADMIN_ONLY_OPS)
-_MULTI = frozenset(p.MULTI_KEY_OPS)
-# Ops that cannot be made consistent with entries in transit between shards.
-_REFUSED_WHILE_RESIZING = frozenset({p.Flush, p.Resize, p.Snapshot})
-_CONTROL_ONLY = frozenset(p.CONTROL_ONLY_OPS)
+    @property
+    def migration(self) -> Migration | None:
+        """The resize once its workers are started: multi-key ops are split per key, some ops refused."""
+        mig = self.resize
+        return mig if mig is not None and mig.phase is not Phase.REQUESTED else None
+
+    def topology(self) -> dict[str, Any]:
+        mig = self.resize
+        return {
+            "epoch": self.epoch,
+            "shards": self.n,
+            "hash": "jump_hash(xxh3_64(key, seed=0), shards)",
+            # Every connected worker's own endpoint, new shards of a running resize included
+            # (MOVED names them); None until the worker has told us.
+            "endpoints": [link.direct for link in self.links],
+            **(mig.topology_fields() if mig is not None else {"resizing": None, "pending_resize": None}),
+        }
+
+    def _request_resize(self, peer: Any, request_id: int, op: p.Resize) -> None:
+        """A client asks for M shards (protocol checked the bound): wake the supervisor, which starts
+        workers and calls back with resize_start."""
+        if self.resize is not None:
+            self.reply(peer, request_id, p.BUSY, "a resize is already running; wait for it to finish")
+        elif op.shards == self.n:
+            self.reply(peer, request_id, p.OK, {"from": self.n, "to": self.n, "moved": 0, "total": 0, "lost": 0,
+                                                "epoch": self.epoch, "seconds": 0.0})
+        elif down := [link.shard for link in self.links if not link.up]:
+            self.reply(peer, request_id, p.UNAVAILABLE, f"shard(s) {down} are down; resize when all are up")
+        else:
+            self.resize = Migration(self.n, op.shards, self.epoch + 1, (peer, request_id))
+            log.info("resize %d → %d requested", self.n, op.shards)
+            self.notify_supervisor()
+
+    def _start_resize(self, peer: Any, request_id: int, op: p.ResizeStart) -> None:
+        """The supervisor has started the workers: connect to them; moving starts once all are up."""
+        mig = self.resize
+        if mig is None or mig.phase is not Phase.REQUESTED or mig.new != op.shards:
+            self.reply(peer, request_id, p.BAD_REQUEST, "no such resize pending")
+            return
+        for shard in mig.start():
+            link = ShardLink(shard, self.connect(shard))
+            self.links.append(link)
+            self.on_new_link(link)
+        for link in self.links:
+            link.moved_until = NO_LIMIT
+        self.reply(peer, request_id, p.OK, True)
+        self.advance_resize()
+
+    def advance_resize(self) -> None:
+        """Start moving once every shard is connected; finish once everything has moved."""
+        mig = self.resize
+        if mig is None:
+            return
+        if mig.phase is Phase.CONNECTING:
+            if all(link.up for link in self.links):
+                self._drive(mig, mig.links_up())
+                self.flush_outboxes()
+        elif mig.finished():
+            self._finish_resize(mig)
+
+    def _on_step(self, step: MigrationStep, status: int, value: Any) -> None:
+        if step.kind is StepKind.DESCRIBE:
+            if status == p.OK and step.shard < len(self.links):
+                self.links[step.shard].direct = value.get("direct")
+        elif self.resize is not None:
+            self._drive(self.resize, self.resize.on_reply(step, status, value))
+
+    def _drive(self, mig: Migration, sends: list[Send]) -> None:
+        links = self.links
+        for shard, op, step in sends:
+            self._queue(links[shard], op, step)
+        if mig.finished():
+            self._finish_resize(mig)
+
+    def _finish_resize(self, mig: Migration) -> None:
+        for link in self.links:
+            link.moved_until = link.next_seq  # replies to what was sent until now may still say MOVED
+        self._drive(mig, mig.finish())  # set_topology
+        self.resize = None
+        self.epoch, self.n = mig.epoch, mig.new
+        removed, self.links = self.links[mig.new:], self.links[: mig.new]
+        self.retiring.extend(removed)
+        result = mig.result()
+        if mig.failed:
+            log.error("resize %d → %d finished with errors: %s", mig.old, mig.new, mig.failed)
+        log.info("resize %d → %d done: %d of %d keys moved in %.3f s (epoch %d)", mig.old, mig.new,
+                 mig.moved, mig.total, result["seconds"], mig.epoch)
+        if mig.waiter is not None:
+            self.reply(*mig.waiter, *mig.outcome())
+        self.flush_outboxes()
+        for link in removed:  # flush_outboxes sees only self.links; a removed shard may still have queued ops
+            failed = link.flush()
+            if failed is not None:
+                self._fail(link, *failed, "went down")
+        self.retire_links()
+
+    def retire_links(self) -> None:
+        """Close removed shards that have nothing in flight; then let the supervisor stop them."""
+        for link in [link for link in self.retiring if link.idle()]:
+            self.retiring.remove(link)
+            self.on_removed_link(link)
+        if not self.retiring and self.resize is None:
+            self.notify_supervisor()  # resize over: the supervisor stops removed workers
+
+    def _rerouted(self, target: Any, raw: Any, frame: bytes) -> bool:
+        """If this reply is MOVED, queue the request to the key's new owner instead; True if so (Rule 6)."""
+        if type(target) is MigrationStep:
+            return False
+        try:
+            reply = p.decode_reply(raw)
+        except Exception:
+            return False
+        if reply.status != p.MOVED:
+            return False
+        owner = reply.value.get("shard") if isinstance(reply.value, dict) else None
+        if not isinstance(owner, int) or not 0 <= owner < len(self.links):
+            return False
+        self.links[owner].queue(frame, target)
+        return True
 
 
-def _by_shard(parts: list[tuple[int, Any, Any]]) -> list[Any]:
-    return [value for _, _, value in sorted(parts, key=lambda part: part[0])]
+# --- route()'s checks and dispatch, read from the op table ------------------------------------
+
+_OPS = p.OPS
+_KEYED = p.KEYED
 
 
-def _sum_parts(parts: list[tuple[int, Any, Any]]) -> int:
-    return sum(value for _, _, value in parts)
+def _gate(router: Router, spec: p.OpSpec, op: p.Op, privileged: bool) -> tuple[int, str] | None:
+    """The refusal the op table asks for, if any: the same checks in the same order for every op."""
+    tag = type(op).__struct_config__.tag
+    if spec.kind == p.INTERNAL:
+        return p.BAD_REQUEST, f"{tag} is sent by the router to its workers, never by a client"
+    if spec.control and not privileged:
+        return p.BAD_REQUEST, f"{tag} is accepted on the control endpoint only"
+    asks = spec.query is not None and spec.query(op)  # this instance only reads
+    if (spec.admin and not asks and not privileged and router.admin_ids is not None
+            and not router.caller_is_admin):
+        return p.FORBIDDEN, f"{tag} needs an admin key (auth_dir/admins); this key is a client key"
+    if spec.write and not asks and router.maintenance:
+        return p.MAINTENANCE, "the daemon is in maintenance mode: writes are refused, reads work; retry later"
+    if spec.resize == p.REFUSE and router.migration is not None:
+        return p.BUSY, f"{tag} is refused while a resize runs; retry"
+    return None
 
 
-def _count_parts(parts: list[tuple[int, Any, Any]]) -> int:
-    return len(parts)
+def _multi(router: Router, peer: Any, request_id: int, op: Any) -> None:
+    cls = type(op)
+    if router.migration is not None:  # resize = SPLIT: one sub-op per key, each may move
+        router._split_per_key(peer, request_id, op, cls)
+    elif cls is p.SetMany:
+        router._split_set_many(peer, request_id, op)
+    else:
+        router._split_keys(peer, request_id, op, cls)
+
+
+def _topology(router: Router, peer: Any, request_id: int, op: p.Topology) -> None:
+    router.reply(peer, request_id, p.OK, router.topology())
+
+
+def _drain(router: Router, peer: Any, request_id: int, op: p.Drain) -> None:
+    if not router.draining:
+        router.draining = True
+        log.info("draining: refusing new client requests; answering what is in flight")
+    router.drain_waiters.append((peer, request_id))
+
+
+def _internal(router: Router, peer: Any, request_id: int, op: p.Op) -> None:
+    raise AssertionError("_gate refuses internal ops")  # pragma: no cover
+
+
+# The router's own handler of each ROUTER op; the other kinds are handled by kind. A ROUTER op missing
+# here fails at import.
+_ROUTER_LOCAL: dict[type, Callable[[Router, Any, int, Any], None]] = {
+    p.Maintenance: Router._set_maintenance,
+    p.Configure: Router._configure,
+    p.Tune: Router._tune,
+    p.Topology: _topology,
+    p.Resize: Router._request_resize,
+    p.ResizeStart: Router._start_resize,
+    p.Drain: _drain,
+    p.DebugSleep: Router._debug_sleep,
+}
+_BY_KIND: dict[str, Callable[[Router, Any, int, Any], None]] = {
+    p.MULTI: _multi, p.FANOUT: Router._fan_out, p.INTERNAL: _internal,
+}
+# type(op) → handler, for every op but the keyed ones (route() forwards those itself).
+_DISPATCH = {cls: _ROUTER_LOCAL[cls] if spec.kind == p.ROUTER else _BY_KIND[spec.kind]
+             for cls, spec in _OPS.items() if spec.kind != _KEYED}
 
 
 def run_router(config: Config) -> int:
-    """Serve the public endpoint until SIGTERM; the entry point of the router process.
+    """Serve until SIGTERM: the router process's entry point (its wiring is shardd.router_main)."""
+    from shardd.router_main import serve
 
-    On SIGTERM the router answers requests that still arrive with UNAVAILABLE, waits until every shard has answered what
-    was in flight (bounded by ``stop_timeout``), and exits 0.
-    """
-    setup_logging(config.log_level, "router")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor orders the stop
-    stopping = False
-
-    def on_term(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    wakeup = transport.signal_wakeup_pipe([signal.SIGTERM], on_term)
-    ctx = transport.new_context()
-    public = [config.bind]
-    links: list[ShardLink] = []
-    try:
-        for shard in range(config.shards):
-            sock, monitor = transport.connect_shard_dealer(ctx, config.worker_endpoint(shard))
-            links.append(ShardLink(shard, sock, monitor))
-        auth = transport.ServerAuth(config.auth_dir) if config.auth_dir else None
-        authenticator = transport.start_authenticator(ctx, auth) if auth else None
-        try:
-            frontend = transport.bind_public_router(ctx, public, config.max_message_bytes, auth=auth)
-            control = transport.bind_public_router(ctx, [config.control_endpoint()], config.max_message_bytes,
-                                                   transport.PRIVATE_IPC_MODE)
-        except transport.ZMQError as exc:
-            log.error("cannot bind %s: %s", config.bind, exc)
-            return ExitCode.BOOT_FAILED
-        router = Router(config, frontend, links, control)
-        router.ctx = ctx
-        if auth is not None:
-            router.admin_ids = auth.admin_ids
-            router.authenticator = authenticator
-        log.info("listening on %s for %d shards", config.bind, config.shards)
-        _serve(router, wakeup, lambda: stopping)
-    finally:
-        for endpoint in [*public, config.control_endpoint()]:
-            transport.remove_ipc_file(endpoint)
-        # Closes every socket of the context, including shards added or removed by a resize.
-        ctx.destroy(linger=0)
-    log.info("stopped")
-    return ExitCode.OK
-
-
-def _serve(router: Router, wakeup: int, should_stop: Callable[[], bool]) -> None:
-    poller = transport.Poller()
-    frontend = router.frontend
-    poller.register(frontend, transport.POLLIN)
-    poller.register(router.control, transport.POLLIN)
-    poller.register(wakeup, transport.POLLIN)
-    authenticator = router.authenticator
-    if authenticator is not None:  # CURVE handshakes ask it over inproc; answered in this loop
-        poller.register(authenticator.zap_socket, transport.POLLIN)
-    by_socket: dict[Any, Callable[[], None]] = {
-        frontend: router.on_frontend,
-        router.control: router.on_control,
-        **({authenticator.zap_socket: lambda: transport.answer_zap(authenticator)} if authenticator else {}),
-        wakeup: lambda: transport.drain_fd(wakeup),
-    }
-    def watch(link: ShardLink) -> None:
-        poller.register(link.sock, transport.POLLIN)
-        poller.register(link.monitor, transport.POLLIN)
-        by_socket[link.sock] = lambda: router.on_shard(link)
-        by_socket[link.monitor] = lambda: router.on_shard_event(link, transport.read_monitor_event(link.monitor))
-
-    def unwatch(link: ShardLink) -> None:
-        for sock in (link.sock, link.monitor):
-            poller.unregister(sock)
-            del by_socket[sock]
-            sock.close(linger=0)
-
-    for link in router.links:
-        watch(link)
-    router.on_new_link, router.on_removed_link = watch, unwatch
-    deadline = None
-    while True:
-        if deadline is None and should_stop():
-            router.draining = True
-            deadline = time.monotonic() + router.config.stop_timeout * 0.6
-            # Unbinding would also drop the connections accepted on the endpoint, and with them the
-            # replies we still owe; so connections stay, and new requests get UNAVAILABLE.
-            log.info("stopping: refusing new requests; answering what is in flight")
-        if deadline is not None and (router.idle() or time.monotonic() >= deadline):
-            if not router.idle():
-                log.warning("stop timeout: %d shard(s) still had requests in flight",
-                            sum(1 for link in router.links if link.pending))
-            return
-        timeout = 100 if deadline is not None else 1000
-        if router.timed:
-            timeout = 20  # a health gather's deadline needs a clock, not only socket events
-        for sock, _ in poller.poll(timeout):
-            handler = by_socket.get(sock)  # None: a shard removed by a resize earlier in this pass
-            if handler is not None:
-                handler()
-        router.check_balance(time.monotonic())
-        if router.timed:
-            router.expire_gathers(time.monotonic())
-            router.flush_outboxes()
-        router.answer_drained()
-        if router.migration is not None:
-            router.advance_migration()
-        if router.retiring:
-            router.retire_links()
+    return serve(config)

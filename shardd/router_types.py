@@ -1,26 +1,29 @@
-"""Plain state the router keeps: who asked (peers), what is in flight per shard (links), and
-requests answered from several shards (gathers). No sockets are created here.
+"""Requests the router answers from several shard replies: gathers, and how multi-key ops are
+split into parts and their answers put back together. No I/O: a gather returns the answer,
+the router sends it.
+
+A part is (shard, context, value): ``context`` is what the split remembered about the part
+(the key positions it carries), ``value`` the shard's answer or, for a failed part,
+(status, message).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
-from shardd import transport
+from shardd import protocol as p
+from shardd.hashing import shard_for
 
+log = logging.getLogger("shardd.router")
 
-class ReqPeer:
-    """A client on a REQ socket: its replies need the empty delimiter frame echoed."""
-
-    __slots__ = ("identity",)
-
-    def __init__(self, identity: bytes) -> None:
-        self.identity = identity
+Part = tuple[int, Any, Any]
+Combine = Callable[[list[Part]], Any]
 
 
 class ControlPeer:
-    """A client of the control endpoint (the supervisor): replies go out on the control socket."""
+    """A client of the control endpoint (the supervisor): replies go out on the control inbox."""
 
     __slots__ = ("identity",)
 
@@ -34,43 +37,112 @@ class Gather:
     __slots__ = ("combine", "deadline", "done", "error", "parts", "peer", "remaining", "request_id",
                  "tolerant")
 
-    def __init__(self, peer: Any, request_id: int, parts: int,
-                 combine: Callable[[list[tuple[int, Any, Any]]], Any], tolerant: bool = False) -> None:
+    def __init__(self, peer: Any, request_id: int, parts: int, combine: Combine, tolerant: bool = False) -> None:
         self.peer = peer
         self.request_id = request_id
         self.remaining = parts
-        self.parts: list[tuple[int, Any, Any]] = []  # (shard, context, value or (status, message))
+        self.parts: list[Part] = []
         self.error: tuple[int, str] | None = None
         self.combine = combine
         # A tolerant gather (stats) still combines when some shards failed; others answer
         # the first error.
         self.tolerant = tolerant
-        # A gather with a deadline (health) is completed by the router's clock if some shard
-        # has not answered by then; later parts are ignored.
+        # A gather with a deadline (health, stats, hotkeys) is completed by the router's clock
+        # if some shard has not answered by then; later parts are ignored.
         self.deadline: float | None = None
         self.done = False
 
+    def add(self, shard: int, context: Any, error: tuple[int, str] | None, value: Any) -> tuple[int, Any] | None:
+        """Record one part; once it was the last, the (status, value) to answer the client with."""
+        if self.done:
+            return None  # completed by its deadline; a late part changes nothing
+        if error is not None and self.error is None:
+            self.error = error
+        self.parts.append((shard, context, value if error is None else error))
+        self.remaining -= 1
+        if self.remaining:
+            return None
+        self.done = True
+        if self.error is not None and not self.tolerant:
+            return self.error
+        try:
+            return p.OK, self.combine(self.parts)
+        except Exception as exc:
+            log.exception("gather failed")
+            return p.INTERNAL_ERROR, f"internal error: {exc!r}"
 
-class ShardLink:
-    """The router's view of one shard: its socket, health, mailbox and what is in flight."""
+    def add_reply(self, shard: int, context: Any, raw: Any) -> tuple[int, Any] | None:
+        """Record a shard's encoded reply as a part (see ``add``)."""
+        try:
+            reply = p.decode_reply(raw)
+        except Exception:
+            return self.add(shard, context, (p.INTERNAL_ERROR, f"shard {shard} sent garbage"), None)
+        error = None if reply.status == p.OK else (reply.status, f"shard {shard}: {reply.value}")
+        return self.add(shard, context, error, reply.value)
 
-    __slots__ = ("busy", "direct", "high", "inflight", "monitor", "moved_until", "next_seq", "out_frames",
-                 "out_targets", "pending", "shard", "sock", "up")
 
-    def __init__(self, shard: int, sock: transport.Socket, monitor: transport.Socket) -> None:
-        self.shard = shard
-        self.sock = sock
-        self.monitor = monitor
-        self.up = False
-        self.inflight = 0
-        self.high = 0
-        self.busy = 0
-        self.next_seq = 1
-        # seq → (targets, frames): the frames are kept (not copied) so a request failed
-        # because its shard went down can be answered with its own request id.
-        self.pending: dict[int, tuple[list[Any], list[bytes]]] = {}
-        self.out_frames: list[bytes] = []
-        self.out_targets: list[Any] = []
-        # Replies to batches with a seq below this may carry MOVED (a resize is or was running).
-        self.moved_until = 0
-        self.direct: str | None = None  # the worker's own endpoint, for direct-mode clients
+def split_multi(op: Any, n: int, per_key: bool) -> tuple[list[tuple[int, p.Op, Any]], Combine, Any]:
+    """A get_many / set_many / delete_many as (shard, sub-op, context) parts, how to combine the
+    answers, and the answer when there are no keys.
+
+    Normally one sub-op per shard involved. ``per_key`` (while a resize runs): one single-key op
+    per key, so each can be re-routed on MOVED on its own.
+    """
+    cls = type(op)
+    pairs = op.items if cls is p.SetMany else op.keys
+    empty = [] if cls is p.GetMany else 0
+    if per_key:
+        if cls is p.SetMany:
+            subs = [(item[0], p.Set(item[0], item[1], op.ttl_ms)) for item in op.items]
+        elif cls is p.GetMany:
+            subs = [(key, p.Get(key)) for key in pairs]
+        else:
+            subs = [(key, p.Delete(key)) for key in pairs]
+        parts = [(shard_for(key, n), sub, pos) for pos, (key, sub) in enumerate(subs)]
+        return parts, (_scatter_one(len(subs)) if cls is p.GetMany else count_truthy), empty
+    groups: dict[int, list[int]] = {}
+    if cls is p.SetMany:
+        for pos, item in enumerate(pairs):
+            groups.setdefault(shard_for(item[0], n), []).append(pos)
+        parts = [(shard, p.SetMany([pairs[i] for i in positions], op.ttl_ms), positions)
+                 for shard, positions in groups.items()]
+    else:
+        for pos, key in enumerate(pairs):
+            groups.setdefault(shard_for(key, n), []).append(pos)
+        parts = [(shard, cls([pairs[i] for i in positions]), positions) for shard, positions in groups.items()]
+    return parts, (_scatter_many(len(pairs)) if cls is p.GetMany else sum_parts), empty
+
+
+def _scatter_many(size: int) -> Combine:
+    def combine(parts: list[Part]) -> list[Any]:
+        out: list[Any] = [None] * size
+        for _, positions, values in parts:
+            for pos, value in zip(positions, values, strict=True):
+                out[pos] = value
+        return out
+    return combine
+
+
+def _scatter_one(size: int) -> Combine:
+    def combine(parts: list[Part]) -> list[Any]:
+        out: list[Any] = [None] * size
+        for _, position, value in parts:
+            out[position] = value
+        return out
+    return combine
+
+
+def by_shard(parts: list[Part]) -> list[Any]:
+    return [value for _, _, value in sorted(parts, key=lambda part: part[0])]
+
+
+def sum_parts(parts: list[Part]) -> int:
+    return sum(value for _, _, value in parts)
+
+
+def count_parts(parts: list[Part]) -> int:
+    return len(parts)
+
+
+def count_truthy(parts: list[Part]) -> int:
+    return sum(1 for _, _, value in parts if value)

@@ -1,9 +1,13 @@
-"""Server-side ZeroMQ plumbing: the only daemon module that imports zmq.
+"""ZeroMQ plumbing: the only module of the daemon that imports zmq.
 
-Roles call these helpers so socket options live in one place, each with its reason.
+Owns socket options (each with its reason), framing, monitor events, reconnects, CURVE/ZAP and
+what a failed send means. The router and the worker see only the server-side channels at the
+bottom of this file (``Hub``, ``ClientInbox``, ``ShardChannel``); they never see a socket,
+a flag or a zmq exception.
+
 Frames are sent and received one at a time with plain-int flags: on this machine
 ``send_multipart`` costs ~5 µs against ~1 µs frame by frame, and ``zmq.SNDMORE | flags``
-enum arithmetic ~0.5 µs (see docs/design.md, "Where the time goes").
+enum arithmetic ~0.5 µs (docs/design.md, "Where the time goes").
 """
 
 from __future__ import annotations
@@ -11,7 +15,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import zmq
 
@@ -22,22 +27,15 @@ POLLIN = int(zmq.POLLIN)
 EVENTS = int(zmq.EVENTS)
 RCVMORE = int(zmq.RCVMORE)
 
-Again = zmq.Again
-ZMQError = zmq.ZMQError
-Poller = zmq.Poller
-Socket = zmq.Socket
-
 
 def new_context() -> zmq.Context:
     """A fresh Context for this process (never inherited: docs/design.md, decision 3)."""
     return zmq.Context(io_threads=1)
 
 
-def client_facing_router(ctx: zmq.Context, max_message_bytes: int, auth: ServerAuth | None) -> zmq.Socket:
+def client_facing_router(ctx: zmq.Context, max_message_bytes: int) -> zmq.Socket:
     """A ROUTER socket that clients connect to (the router's public one, a worker's own)."""
     sock = ctx.socket(zmq.ROUTER)
-    if auth is not None:
-        secure(sock, auth)
     # Linger bounds close(); replies to departed clients are worthless.
     sock.setsockopt(zmq.LINGER, 0)
     # A peer sending more than twice the message limit is cut off by libzmq before the bytes
@@ -51,19 +49,10 @@ def client_facing_router(ctx: zmq.Context, max_message_bytes: int, auth: ServerA
     return sock
 
 
-def bind_public_router(ctx: zmq.Context, endpoints: Iterable[str], max_message_bytes: int,
-                       ipc_mode: int | None = None, auth: ServerAuth | None = None) -> zmq.Socket:
-    """The router's client-facing ROUTER socket, bound to every endpoint given."""
-    sock = client_facing_router(ctx, max_message_bytes, auth)
-    for endpoint in endpoints:
-        bind(sock, endpoint, PUBLIC_IPC_MODE if ipc_mode is None else ipc_mode)
-    return sock
-
-
 # ipc socket files: a local process that may write to one may talk to it. The internal
 # sockets (workers, control) are the daemon user's alone; a public ipc endpoint also admits
 # the daemon's group, the usual way to grant local clients access (Docker's socket, Redis's
-# unixsocketperm). Never others: there is no authentication yet.
+# unixsocketperm). Never others: CURVE (below) is optional and covers tcp clients.
 PRIVATE_IPC_MODE = 0o600
 PUBLIC_IPC_MODE = 0o660
 
@@ -137,17 +126,6 @@ def bind_worker_router(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
     remove_ipc_file(endpoint)  # a crashed predecessor's socket file
     bind(sock, endpoint)
     return sock
-
-
-def bind_direct_router(ctx: zmq.Context, host: str, max_message_bytes: int,
-                       auth: ServerAuth | None = None) -> tuple[zmq.Socket, str]:
-    """A worker's client-facing ROUTER socket for direct mode, on a free port of ``host``.
-
-    Same options as the router's (MAXMSGSIZE above all: one client must not make a worker
-    buffer an arbitrarily large frame)."""
-    sock = client_facing_router(ctx, max_message_bytes, auth)
-    port = sock.bind_to_random_port(f"tcp://{host}")
-    return sock, f"tcp://{host}:{port}"
 
 
 def remove_ipc_file(endpoint: str) -> None:
@@ -253,3 +231,218 @@ def generate_keys(auth_dir: str, name: str, admin: bool) -> tuple[str, str]:
     for path in (secret, os.path.join(auth_dir, "server.key_secret")):
         os.chmod(path, 0o600)
     return public, secret
+
+
+# ==========================================================================================
+# Server side: the channels the router and the worker use instead of sockets.
+#
+# Rule 1: a send never blocks and never raises. ``ShardChannel.send`` returns False when no
+#         worker is connected (the DEALER has IMMEDIATE set, so libzmq refuses instead of
+#         queueing): the caller answers UNAVAILABLE. ``ClientInbox.send`` drops a reply to a
+#         client that left or stopped reading (ROUTER_MANDATORY / HWM), and says so.
+# Rule 2: a request is exactly one body frame. A REQ client's empty delimiter is stripped on
+#         the way in and put back on the way out (its peer is a ``ReqPeer``); any other extra
+#         frames are read, dropped and counted, so the caller can answer BAD_REQUEST.
+# Rule 3: "up" means a completed handshake with the worker, "down" a disconnect (monitor
+#         events); reconnecting is libzmq's, every SHARD_RECONNECT_MS.
+# Rule 4: CURVE handshakes are answered by the Hub's own poll loop (ZAP over inproc, no
+#         thread), so a secure inbox needs nothing from its owner but ``Hub.poll``.
+# Hot paths read frame by frame with plain-int flags: no poll, exception or multipart call
+# per message (docs/design.md, "Where the time goes").
+# ==========================================================================================
+
+_SNDMORE_NOBLOCK = SNDMORE | NOBLOCK
+
+
+class BindError(Exception):
+    """Raised when an endpoint cannot be bound (in use, bad address, no permission)."""
+
+
+class ReqPeer(bytes):
+    """The identity of a client on a REQ socket: equal to (and hashed as) its identity bytes,
+    so callers may count per peer without unwrapping it; its replies get the empty delimiter."""
+
+    __slots__ = ()
+
+
+class ClientInbox:
+    """A ROUTER socket clients connect to: requests in, replies out (Rules 1 and 2)."""
+
+    __slots__ = ("_admin_ids", "_sock", "endpoint")
+
+    def __init__(self, sock: zmq.Socket, admin_ids: frozenset[str] | None, endpoint: str = "") -> None:
+        self._sock = sock
+        self._admin_ids = admin_ids
+        self.endpoint = endpoint
+
+    def receive(self, limit: int) -> Iterator[tuple[bytes, bytes, int, bool]]:
+        """Up to ``limit`` waiting requests as (peer, body frame, extra frames dropped, admin).
+
+        ``admin`` is True when the sender authenticated with an admin key (always False
+        without CURVE). The peer is bytes, or a ReqPeer; pass it back to ``send`` unchanged.
+        """
+        recv, getsockopt = self._sock.recv, self._sock.getsockopt
+        admin_ids = self._admin_ids
+        admin = False
+        for _ in range(limit):
+            if not getsockopt(EVENTS) & POLLIN:
+                return
+            peer = recv()
+            if admin_ids is not None:  # the body frame carries the client's key as its User-Id
+                message = recv(copy=False)
+                frame = message.bytes
+                admin = message.get("User-Id") in admin_ids
+            else:
+                frame = recv()
+            extra = 0
+            if getsockopt(RCVMORE):
+                if not frame:  # REQ socket: empty delimiter, then the body
+                    peer = ReqPeer(peer)
+                    frame = recv()
+                while getsockopt(RCVMORE):
+                    recv()
+                    extra += 1
+            yield peer, frame, extra, admin
+
+    def send(self, peer: bytes, frame: bytes) -> bool:
+        """Send one reply without blocking; False if the peer left or is not reading."""
+        send = self._sock.send
+        try:
+            send(peer, _SNDMORE_NOBLOCK)
+            if type(peer) is not bytes:
+                send(b"", _SNDMORE_NOBLOCK)
+            send(frame, NOBLOCK)
+        except zmq.ZMQError:
+            return False
+        return True
+
+
+class ShardChannel:
+    """The router's connection to one worker: batches out, batch replies in, up/down events."""
+
+    __slots__ = ("_monitor", "_sock", "endpoint")
+
+    def __init__(self, sock: zmq.Socket, monitor: zmq.Socket, endpoint: str) -> None:
+        self._sock = sock
+        self._monitor = monitor
+        self.endpoint = endpoint
+
+    def send(self, frame: bytes) -> bool:
+        """Queue one frame to the worker; False if no worker is connected (Rule 1)."""
+        try:
+            self._sock.send(frame, NOBLOCK)
+        except zmq.ZMQError:
+            return False
+        return True
+
+    def receive(self) -> Iterator[bytes]:
+        """Every frame the worker has sent that is waiting now."""
+        recv, getsockopt = self._sock.recv, self._sock.getsockopt
+        while getsockopt(EVENTS) & POLLIN:
+            yield recv()
+
+    def event(self) -> str | None:
+        """The connection's news: "up", "down" or None (Rule 3)."""
+        return read_monitor_event(self._monitor)
+
+    def close(self) -> None:
+        self._sock.close(linger=0)
+        self._monitor.close(linger=0)
+
+
+class Hub:
+    """One process's server-side transport: its Context, its CURVE authenticator (Rule 4) and
+    the poll set of every inbox, channel and fd it waits on. Create it after the process has
+    started (and pinned itself): the Context's I/O thread inherits the CPU mask."""
+
+    def __init__(self, auth: ServerAuth | None = None) -> None:
+        self._ctx = new_context()
+        self._auth = auth
+        self._authenticator: Any = None
+        self._poller = zmq.Poller()
+        self._handlers: dict[Any, Callable[[], None]] = {}
+        self.admin_ids = auth.admin_ids if auth is not None else None
+
+    def _secure(self, sock: zmq.Socket) -> frozenset[str] | None:
+        if self._auth is None:
+            return None
+        if self._authenticator is None:
+            self._authenticator = authenticator = start_authenticator(self._ctx, self._auth)
+            self._watch(authenticator.zap_socket, lambda: answer_zap(authenticator))
+        secure(sock, self._auth)
+        return self.admin_ids
+
+    def public_inbox(self, endpoints: Iterable[str], max_message_bytes: int, ipc_mode: int = PUBLIC_IPC_MODE,
+                     secure: bool = True) -> ClientInbox:
+        """Clients' inbox bound to every endpoint given (CURVE when auth is on and ``secure``)."""
+        sock = client_facing_router(self._ctx, max_message_bytes)
+        admin_ids = self._secure(sock) if secure else None
+        try:
+            for endpoint in endpoints:
+                bind(sock, endpoint, ipc_mode)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise BindError(f"cannot bind {endpoint}: {exc}") from None
+        return ClientInbox(sock, admin_ids)
+
+    def direct_inbox(self, host: str, max_message_bytes: int) -> ClientInbox:
+        """A worker's inbox for direct-mode clients on a free tcp port of ``host`` (``.endpoint``).
+
+        Same options as the router's (MAXMSGSIZE above all: one client must not make a worker
+        buffer an arbitrarily large frame)."""
+        sock = client_facing_router(self._ctx, max_message_bytes)
+        admin_ids = self._secure(sock)
+        try:
+            port = sock.bind_to_random_port(f"tcp://{host}")
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise BindError(f"cannot bind tcp://{host}: {exc}") from None
+        return ClientInbox(sock, admin_ids, f"tcp://{host}:{port}")
+
+    def worker_inbox(self, endpoint: str) -> ClientInbox:
+        """A worker's inbox for the router's batches, on its ipc endpoint in the runtime directory."""
+        try:
+            sock = bind_worker_router(self._ctx, endpoint)
+        except zmq.ZMQError as exc:
+            raise BindError(f"cannot bind {endpoint}: {exc}") from None
+        return ClientInbox(sock, None, endpoint)
+
+    def shard_channel(self, endpoint: str) -> ShardChannel:
+        sock, monitor = connect_shard_dealer(self._ctx, endpoint)
+        return ShardChannel(sock, monitor, endpoint)
+
+    def _watch(self, handle: Any, handler: Callable[[], None]) -> None:
+        self._poller.register(handle, POLLIN)
+        self._handlers[handle] = handler
+
+    def watch(self, source: ClientInbox | ShardChannel, on_readable: Callable[[], None],
+              on_event: Callable[[str | None], None] | None = None) -> None:
+        """Call ``on_readable`` when ``source`` has input, ``on_event`` with a channel's up/down news."""
+        self._watch(source._sock, on_readable)
+        if on_event is not None and type(source) is ShardChannel:
+            monitor = source._monitor
+            self._watch(monitor, lambda: on_event(read_monitor_event(monitor)))
+
+    def unwatch(self, source: ShardChannel) -> None:
+        """Stop waiting on a channel and close it."""
+        for handle in (source._sock, source._monitor):
+            self._poller.unregister(handle)
+            del self._handlers[handle]
+        source.close()
+
+    def watch_fd(self, fd: int, handler: Callable[[], None]) -> None:
+        self._watch(fd, handler)
+
+    def poll(self, timeout_ms: int) -> int:
+        """Wait up to ``timeout_ms`` for input, then run the handler of each source that has some."""
+        ready = self._poller.poll(timeout_ms)
+        handlers = self._handlers
+        for handle, _ in ready:
+            handler = handlers.get(handle)  # None: unwatched by a handler earlier in this pass
+            if handler is not None:
+                handler()
+        return len(ready)
+
+    def close(self) -> None:
+        """Close every socket of this process's Context at once (linger 0)."""
+        self._ctx.destroy(linger=0)

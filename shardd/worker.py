@@ -1,8 +1,8 @@
 """A shard worker: the serialized actor that owns one shard's store.
 
 Entered through ``run_worker(config, shard_id)`` in a spawned process. The worker pins
-itself to one CPU *before* it creates its ZeroMQ Context, so the Context's I/O thread
-shares that core (docs/design.md, decision 3), binds a ROUTER socket on its ipc endpoint,
+itself to one CPU *before* it creates its transport (transport.Hub), so the ZeroMQ I/O
+thread shares that core (docs/design.md, decision 3), listens on its ipc endpoint (an inbox),
 and applies each Batch it receives op by op, in arrival order, answering with one
 BatchReply. Between batches it runs the store's active expiry on a timer.
 
@@ -11,7 +11,7 @@ Invariants:
    router matches replies by seq and position.
 2. Nothing a peer sends can raise out of the loop: decoding errors and store errors become
    error replies; an unexpected exception becomes INTERNAL_ERROR and is logged.
-3. SIGTERM finishes the batch in hand, then closes the socket (which removes its ipc file).
+3. SIGTERM finishes the batch in hand, then closes the transport and removes its ipc file.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import psutil
 
 from shardd import histogram, snapshot, transport
 from shardd import protocol as p
-from shardd.config import Config, allowed_cpus, build_config
+from shardd.config import RESTART_KEYS, Config, allowed_cpus, build_config
 from shardd.errors import BadRequest, ConfigError, ExitCode, InternalError, ServerError
 from shardd.hashing import shard_for
 from shardd.hotkeys import HotKeys
@@ -45,8 +45,10 @@ _DRAIN_LIMIT = 256
 # Rates (ops/s, service-time quantiles, hot keys) cover the last one to two windows.
 WINDOW_S = 10.0
 
-_KEYED = frozenset(p.SINGLE_KEY_OPS)
-_DIRECT = frozenset(p.DIRECT_OPS)
+# Views of the op table (protocol.OPS).
+_KEYED = p.ops_where(kind=p.KEYED)
+_MOVES = p.ops_where(resize=p.MOVES)  # mid-resize, a key this shard does not hold is MOVED
+_DIRECT = p.ops_where(direct=True)  # what a worker's own endpoint accepts
 _CONFIG_KEYS = frozenset(Config.__struct_fields__)
 _MULTI_KEYS = frozenset((p.GetMany, p.DeleteMany))
 
@@ -110,8 +112,9 @@ class Shard:
         self._track: Callable[[bytes], None] | None = None  # self.hot.add, bound once (hotkeys Rule 4)
         self._set_hotkeys_capacity(config.hotkeys_capacity)
         s = store
-        # type(op) → function(op) → reply value. Built once: the dispatch is a dict lookup.
-        # Ops not listed (maintenance, health, topology, resize, …) are the router's to answer.
+        # type(op) → function(op) → reply value. Built once: the dispatch is a dict lookup. Every
+        # keyed, multi-key, fan-out and internal op of the op table (protocol.OPS) is here, and of
+        # the router's own ops those it sends on (configure, debug_sleep); tests/unit/test_op_table.py.
         self._handlers: dict[type, Callable[[Any], Any]] = {
             p.Get: lambda op: s.get(op.key),
             p.Set: lambda op: s.set(op.key, op.value, op.ttl_ms, op.cond),
@@ -121,6 +124,9 @@ class Shard:
             p.Ttl: lambda op: s.ttl(op.key),
             p.Persist: lambda op: s.persist(op.key),
             p.Incr: lambda op: s.incr(op.key, op.delta),
+            p.Append: lambda op: s.append(op.key, op.value, self.limits.max_value_bytes),
+            p.GetDel: lambda op: s.getdel(op.key),
+            p.Touch: lambda op: s.touch(op.key, op.ttl_ms),
             p.Gets: lambda op: s.gets(op.key),
             p.Cas: lambda op: s.cas(op.key, op.value, op.version, op.ttl_ms),
             p.GetMany: lambda op: s.get_many(op.keys),
@@ -128,6 +134,7 @@ class Shard:
             p.DeleteMany: lambda op: s.delete_many(op.keys),
             p.Flush: lambda op: s.flush(),
             p.Ping: lambda op: 1,  # the number of shards that answered, as through the router: this one
+            p.Health: lambda op: 1,  # the router fans health out as ping; the same answer if it is not
             p.Stats: lambda op: self.stats(),
             p.Hotkeys: self.hotkeys,
             p.Snapshot: self.snapshot,
@@ -168,7 +175,7 @@ class Shard:
             elif cls is p.SetMany:
                 for key, _ in op.items:
                     track(key)
-        if self.new_shards is not None and cls in _KEYED:
+        if self.new_shards is not None and cls in _MOVES:
             key = op.key
             if shard_for(key, self.new_shards) != self.shard_id and not self.store.exists(key):
                 # Moved out already, or never here: either way its new owner answers.
@@ -380,11 +387,16 @@ class Shard:
         return {"shard": self.shard_id, "keys": len(entries), "bytes": len(data), "seconds": round(seconds, 3)}
 
     def configure(self, op: p.Configure) -> list[str]:
-        """Apply the live settings this shard knows (SIGHUP reload); returns the keys applied.
+        """Apply live settings (SIGHUP reload, tune); returns the keys applied here.
 
-        Values are validated like the config file's first (BAD_REQUEST and nothing changed if
-        one is wrong): the sender is trusted, but a bad value must not poison the shard.
+        config.SETTINGS says which keys a worker applies (WORKER_LIVE, every one handled below);
+        other live keys are only kept in ``config``, and a restart-only key is BAD_REQUEST. Values
+        are validated like the config file's first (BAD_REQUEST and nothing changed if one is
+        wrong): the sender is trusted, but a bad value must not poison the shard.
         """
+        restart = sorted(k for k in op.settings if k in RESTART_KEYS)
+        if restart:
+            raise BadRequest(f"configure: {', '.join(restart)} only take effect after a restart")
         known = {k: v for k, v in op.settings.items() if k in _CONFIG_KEYS}
         try:
             checked = build_config({**msgspec.structs.asdict(self.config), **known})
@@ -444,77 +456,54 @@ def run_worker(config: Config, shard_id: int) -> int:
         stopping = True
 
     wakeup = transport.signal_wakeup_pipe([signal.SIGTERM], on_term)
-    cpu = pin_to_cpu(shard_id, config.pin_cpus)  # before the Context: its I/O thread inherits the mask
-    ctx = transport.new_context()
+    cpu = pin_to_cpu(shard_id, config.pin_cpus)  # before the Hub: its Context's I/O thread inherits the mask
+    hub = transport.Hub(transport.ServerAuth(config.auth_dir) if config.auth_dir and config.direct else None)
     try:
-        sock = transport.bind_worker_router(ctx, config.worker_endpoint(shard_id))
-    except transport.ZMQError as exc:
-        log.error("cannot bind %s: %s", config.worker_endpoint(shard_id), exc)
-        return ExitCode.BOOT_FAILED
-    auth = transport.ServerAuth(config.auth_dir) if config.auth_dir else None
-    authenticator = transport.start_authenticator(ctx, auth) if auth and config.direct else None
-    direct = None
-    if config.direct:
         try:
-            direct, direct_endpoint = transport.bind_direct_router(ctx, config.direct_host(),
-                                                                   config.max_message_bytes, auth)
-        except transport.ZMQError as exc:
-            log.error("cannot bind a direct-mode endpoint on %s (%s); direct clients will use the router",
-                      config.direct_host(), exc)
-    tune_allocator()
-    store = Store(monotonic_ms, max_bytes=config.shard_max_bytes(config.shards), policy=config.eviction_policy)
-    if config.state_dir:
-        load_snapshot(store, config, shard_id)
-    shard = Shard(store, config, shard_id, cpu)
-    if direct is not None:
-        shard.direct_endpoint = direct_endpoint
-    log.info("serving shard %d on %s (cpu %s)", shard_id, config.worker_endpoint(shard_id), cpu)
-    try:
-        _serve(sock, shard, config, wakeup, lambda: stopping, direct, authenticator)
+            inbox = hub.worker_inbox(config.worker_endpoint(shard_id))
+        except transport.BindError as exc:
+            log.error("%s", exc)
+            return ExitCode.BOOT_FAILED
+        direct = None
+        if config.direct:
+            try:
+                direct = hub.direct_inbox(config.direct_host(), config.max_message_bytes)
+            except transport.BindError as exc:
+                log.error("%s; direct clients will use the router", exc)
+        tune_allocator()
+        store = Store(monotonic_ms, max_bytes=config.shard_max_bytes(config.shards), policy=config.eviction_policy)
+        if config.state_dir:
+            load_snapshot(store, config, shard_id)
+        shard = Shard(store, config, shard_id, cpu)
+        if direct is not None:
+            shard.direct_endpoint = direct.endpoint
+        log.info("serving shard %d on %s (cpu %s)", shard_id, config.worker_endpoint(shard_id), cpu)
+        _serve(hub, inbox, shard, wakeup, lambda: stopping, direct)
     finally:
         transport.remove_ipc_file(config.worker_endpoint(shard_id))
-        ctx.destroy(linger=0)
+        hub.close()
     log.info("stopped")
     return ExitCode.OK
 
 
-def _serve(sock: transport.Socket, shard: Shard, config: Config, wakeup: int,
-           should_stop: Callable[[], bool], direct: transport.Socket | None = None,
-           authenticator: Any = None) -> None:
-    poller = transport.Poller()
-    poller.register(sock, transport.POLLIN)
-    poller.register(wakeup, transport.POLLIN)
+def _serve(hub: transport.Hub, inbox: transport.ClientInbox, shard: Shard, wakeup: int,
+           should_stop: Callable[[], bool], direct: transport.ClientInbox | None = None) -> None:
+    apply_batch, send = shard.apply_batch, inbox.send
+
+    def on_batches() -> None:
+        for peer, frame, _, _ in inbox.receive(_DRAIN_LIMIT):  # extra frames are dropped
+            reply = apply_batch(frame)
+            if reply is not None:
+                send(peer, reply)
+
+    hub.watch(inbox, on_batches)
+    hub.watch_fd(wakeup, lambda: transport.drain_fd(wakeup))
     if direct is not None:
-        poller.register(direct, transport.POLLIN)
-    zap = authenticator.zap_socket if authenticator is not None else None
-    if zap is not None:  # CURVE handshakes on the direct endpoint ask here (see transport)
-        poller.register(zap, transport.POLLIN)
-    recv, send, getsockopt = sock.recv, sock.send, sock.getsockopt
-    SNDMORE, POLLIN, EVENTS, RCVMORE = transport.SNDMORE, transport.POLLIN, transport.EVENTS, transport.RCVMORE
-    apply_batch = shard.apply_batch
+        hub.watch(direct, lambda: _serve_direct(direct, shard))
     active_expire = shard.store.active_expire
     next_expiry = monotonic_ms() + shard.expiry_interval_ms
     while not should_stop():
-        timeout = max(0, next_expiry - monotonic_ms())
-        ready = poller.poll(timeout)
-        if ready:
-            for _ in range(_DRAIN_LIMIT):
-                if not getsockopt(EVENTS) & POLLIN:
-                    break
-                peer = recv()
-                frame = recv()
-                while getsockopt(RCVMORE):  # a peer that sent extra frames: drop them
-                    recv()
-                reply = apply_batch(frame)
-                if reply is not None:
-                    send(peer, SNDMORE)
-                    send(reply)
-            if zap is not None and zap.getsockopt(EVENTS) & POLLIN:
-                transport.answer_zap(authenticator)
-            if direct is not None:
-                _serve_direct(direct, shard)
-            if len(ready) > 1 or ready[0][0] == wakeup:  # only then can the pipe hold a signal byte
-                transport.drain_fd(wakeup)
+        hub.poll(max(0, next_expiry - monotonic_ms()))
         now = monotonic_ms()
         if now >= next_expiry:
             active_expire(shard.expiry_budget_ms)
@@ -522,7 +511,7 @@ def _serve(sock: transport.Socket, shard: Shard, config: Config, wakeup: int,
             next_expiry = now + shard.expiry_interval_ms
 
 
-def _serve_direct(sock: transport.Socket, shard: Shard) -> None:
+def _serve_direct(inbox: transport.ClientInbox, shard: Shard) -> None:
     """Requests from direct-mode clients: one envelope per frame, one reply each.
 
     The mailbox limit holds here too: of the requests waiting when we look, those past
@@ -530,26 +519,19 @@ def _serve_direct(sock: transport.Socket, shard: Shard) -> None:
     As in the router (its Rule 5), a peer past mailbox_limit/8 messages in this pass counts
     against 7/8 of the limit, and those within it are always served (the pass itself is
     bounded), so a flooder's backlog never turns a light client's request into BUSY.
+    A client that left or stopped reading loses its reply, never blocks the shard.
     """
-    recv, send, getsockopt = sock.recv, sock.send, sock.getsockopt
-    SNDMORE, POLLIN, EVENTS, RCVMORE = transport.SNDMORE, transport.POLLIN, transport.EVENTS, transport.RCVMORE
     limit = shard.mailbox_limit
     fair_share = limit >> 3
     seen: dict[bytes, int] = {}
     taken = []
-    while len(taken) < limit + _DRAIN_LIMIT and getsockopt(EVENTS) & POLLIN:
-        peer = recv()
-        frame = recv()
-        extra = 0
-        while getsockopt(RCVMORE):
-            recv()
-            extra += 1
+    for peer, frame, extra, _ in inbox.receive(limit + _DRAIN_LIMIT):
         sent = seen[peer] = seen.get(peer, 0) + 1
         taken.append((peer, frame, extra, sent > fair_share))
     if not taken:
         return
     shard.store.touch_clock()
-    apply = shard.apply
+    apply, send = shard.apply, inbox.send
     admitted = 0
     for peer, frame, extra, heavy in taken:
         if extra:
@@ -563,11 +545,7 @@ def _serve_direct(sock: transport.Socket, shard: Shard) -> None:
         else:
             admitted += 1
             reply = apply(frame, True)
-        try:
-            send(peer, SNDMORE | transport.NOBLOCK)
-            send(reply, transport.NOBLOCK)
-        except transport.ZMQError:
-            pass  # the client left or stopped reading: its loss, never a blocked shard
+        send(peer, reply)
 
 
 def load_snapshot(store: Store, config: Config, shard_id: int) -> int:
