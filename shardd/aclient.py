@@ -53,7 +53,7 @@ from shardd.client_common import (
 )
 from shardd.commands import Convert, to_dict
 from shardd.errors import ConnectionClosed, ProtocolError, Timeout
-from shardd.placement import REDIRECTS, REFRESH, ROUTER, Placement, Plan
+from shardd.placement import REDIRECTS, ROUTER, Placement, Plan
 from shardd.protocol import Reply, encode_request
 from shardd.transport_client import AsyncDealer
 
@@ -210,13 +210,7 @@ class AsyncClient(ClientBase):
             step = next(plan)
             while True:
                 try:
-                    if step is REFRESH:
-                        done: Any = await self._refresh_topology()
-                    elif type(step) is list:
-                        done = await self._scatter(step)
-                    else:
-                        shard, op = step
-                        done = await self._exchange(self._to(shard), op, self.endpoint if shard < 0 else shard)
+                    done = await self._step(step)
                 except Timeout as exc:
                     step = plan.throw(exc)
                 else:

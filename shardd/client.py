@@ -58,7 +58,7 @@ from shardd.client_common import (
 )
 from shardd.commands import Convert, to_dict
 from shardd.errors import Timeout
-from shardd.placement import REDIRECTS, REFRESH, ROUTER, Placement, Plan
+from shardd.placement import REDIRECTS, ROUTER, Placement, Plan
 from shardd.protocol import Reply, encode_request
 from shardd.transport_client import Dealer
 
@@ -152,13 +152,7 @@ class Client(ClientBase):
             step = next(plan)
             while True:
                 try:
-                    if step is REFRESH:
-                        done: Any = self._refresh_topology()
-                    elif type(step) is list:
-                        done = self._scatter(step)
-                    else:
-                        shard, op = step
-                        done = self._exchange(self._to(shard), op, self.endpoint if shard < 0 else shard)
+                    done = self._step(step)
                 except Timeout as exc:
                     step = plan.throw(exc)
                 else:

@@ -30,7 +30,7 @@ import msgspec
 from shardd import protocol
 from shardd.commands import Codec, Commands, Convert
 from shardd.errors import ConnectionClosed, ProtocolError, ServerError, SharddError, Timeout, error_for_status
-from shardd.placement import Placement
+from shardd.placement import REFRESH, Placement
 from shardd.serde import Serde
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:7400"
@@ -127,6 +127,11 @@ class ClientBase(Commands):
     """
 
     _dealer: ClassVar[Callable[..., Any]]
+    # The I/O each subclass provides, blocking or as coroutine functions:
+    # _exchange(link, op, where) -> Reply, _scatter(steps) -> outcomes, _refresh_topology() -> None.
+    _exchange: Callable[..., Any]
+    _scatter: Callable[..., Any]
+    _refresh_topology: Callable[..., Any]
 
     def __init__(
         self,
@@ -178,6 +183,16 @@ class ClientBase(Commands):
         if link is None:
             raise self._closed_error()
         return link
+
+    def _step(self, step: Any) -> Any:
+        """Do one step of a placement plan (shardd.placement): its outcome, or for AsyncClient,
+        whose three I/O methods are coroutine functions, an awaitable of it."""
+        if step is REFRESH:
+            return self._refresh_topology()
+        if type(step) is list:
+            return self._scatter(step)
+        shard, op = step
+        return self._exchange(self._to(shard), op, self.endpoint if shard < 0 else shard)
 
     def _learn(self, topology: dict[str, Any]) -> None:
         """Take a topology as the placement and connect to every worker it names."""
