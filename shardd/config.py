@@ -18,6 +18,7 @@ from typing import Any, Literal
 import msgspec
 
 from shardd.errors import ConfigError
+from shardd.protocol import TUNABLE, Limits
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 EvictionPolicy = Literal["allkeys-lru", "allkeys-lfu", "volatile-ttl", "allkeys-random", "noeviction"]
@@ -31,14 +32,6 @@ _SIZE_RE = re.compile(r"^\s*(\d+)\s*([a-zA-Z]*)\s*$")
 SIZE_KEYS = ("max_key_bytes", "max_value_bytes", "max_message_bytes", "max_memory")
 _ENDPOINT_RE = re.compile(r"^(tcp://[^\s]+:\d+|ipc://\S+)$")
 _HOST_PORT_RE = re.compile(r"^(\[[0-9a-fA-F:]+\]|[^\s:\[\]]+):(\d{1,5})$")
-
-
-class Limits(msgspec.Struct, frozen=True):
-    """Size limits a request must respect (shardd.protocol checks them); Config supplies the values."""
-
-    max_key_bytes: int = 1024
-    max_value_bytes: int = 1024 * 1024
-    max_message_bytes: int = 16 * 1024 * 1024
 
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -144,19 +137,18 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 #
 # The one place that says it. A setting is either RESTART (it shapes processes and sockets made
 # at start-up: a SIGHUP that changes it logs that a restart is needed) or live, applied by the
-# roles listed when the supervisor sends it on (SIGHUP → configure) or an operator tunes it. The
-# router and the workers take live values only from their validated ``config`` (``configure``).
+# roles listed when the supervisor sends it on (SIGHUP → configure) or an operator tunes it
+# (protocol.TUNABLE: the keys the tune op accepts, which must be live). The router and the
+# workers take live values only from their validated ``config`` (``configure``).
 
 SUPERVISOR, ROUTER, WORKER = "supervisor", "router", "worker"
 RESTART: frozenset[str] = frozenset()
 
 
 class Setting(msgspec.Struct, frozen=True):
-    """``applied_by``: the roles that apply a new value live (empty: restart-only); ``tunable``: the
-    ``tune`` op (admin key, public endpoint) may change it, not only SIGHUP."""
+    """``applied_by``: the roles that apply a new value live; empty: restart-only."""
 
     applied_by: frozenset[str]
-    tunable: bool = False
 
 
 SETTINGS: dict[str, Setting] = {
@@ -170,9 +162,9 @@ SETTINGS: dict[str, Setting] = {
     "state_dir": Setting(RESTART),
     "allow_remote_without_auth": Setting(RESTART),
     "auth_dir": Setting(RESTART),
-    "mailbox_limit": Setting(frozenset({ROUTER, WORKER}), tunable=True),  # workers: direct clients' bound
-    "max_memory": Setting(frozenset({WORKER}), tunable=True),
-    "eviction_policy": Setting(frozenset({WORKER}), tunable=True),
+    "mailbox_limit": Setting(frozenset({ROUTER, WORKER})),  # workers: direct clients' bound
+    "max_memory": Setting(frozenset({WORKER})),
+    "eviction_policy": Setting(frozenset({WORKER})),
     # Live up to twice the value at start: the sockets' MAXMSGSIZE is set once, at that.
     "max_message_bytes": Setting(frozenset({ROUTER, WORKER})),
     "max_key_bytes": Setting(frozenset({ROUTER, WORKER})),
@@ -191,10 +183,11 @@ SETTINGS: dict[str, Setting] = {
 }
 if set(SETTINGS) != set(Config.__struct_fields__):
     raise ImportError(f"config keys not classified in SETTINGS: {set(SETTINGS) ^ set(Config.__struct_fields__)}")
+if not all(SETTINGS[k].applied_by & {ROUTER, WORKER} for k in TUNABLE):
+    raise ImportError("protocol.TUNABLE names a setting the router and workers do not apply live")
 
 # Views of SETTINGS.
 RESTART_KEYS = frozenset(k for k, s in SETTINGS.items() if not s.applied_by)
-TUNABLE = tuple(k for k, s in SETTINGS.items() if s.tunable)  # what the tune op accepts
 ROUTER_LIVE = frozenset(k for k, s in SETTINGS.items() if ROUTER in s.applied_by)
 WORKER_LIVE = frozenset(k for k, s in SETTINGS.items() if WORKER in s.applied_by)
 

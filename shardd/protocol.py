@@ -25,6 +25,13 @@ Rule 3: keys and values are msgpack ``bin`` (bytes). Str keys are a client-side
         convenience; on the wire they are already UTF-8 bytes.
 Rule 4: statuses and their meaning never change within a protocol version; new ops and
         new statuses may be added, and a peer must treat an unknown status as an error.
+Rule 5: every op of the ``Op`` union has one entry in the op table ``OPS`` saying what it is
+        (kind, write, admin-only, direct, control-only, what it does during a resize); the
+        router, the workers, authentication and maintenance mode decide from that entry alone.
+        An op without one fails at import.
+
+Why this module is over 500 lines: the wire Structs, their op table and the frame checks are
+one contract, and docs/protocol.md is checked against this one file.
 """
 
 from __future__ import annotations
@@ -35,7 +42,6 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from shardd.config import TUNABLE, Limits  # noqa: F401  (re-exported: the tune op accepts TUNABLE)
 from shardd.errors import (
     BadRequest,
     Busy,
@@ -450,6 +456,10 @@ SINGLE_KEY_OPS = tuple(cls for cls in OPS if OPS[cls].kind == KEYED)
 MULTI_KEY_OPS = tuple(cls for cls in OPS if OPS[cls].kind == MULTI)
 
 
+# The settings the ``tune`` op accepts: part of the wire contract (docs/protocol.md). Whether a setting
+# applies live, and who applies it, is config.SETTINGS, which checks at import that these all do.
+TUNABLE = ("mailbox_limit", "max_memory", "eviction_policy")
+
 RequestId = Annotated[int, msgspec.Meta(ge=0)]  # msgpack ints stop at 2**64-1 anyway
 
 
@@ -475,6 +485,14 @@ class Reply(msgspec.Struct, array_like=True, frozen=True):
     id: int
     status: int
     value: Any = None
+
+
+class Limits(msgspec.Struct, frozen=True):
+    """Size limits a request must respect; the daemon's config supplies the values."""
+
+    max_key_bytes: int = 1024
+    max_value_bytes: int = 1024 * 1024
+    max_message_bytes: int = 16 * 1024 * 1024
 
 
 class Batch(msgspec.Struct, array_like=True, frozen=True):

@@ -81,7 +81,7 @@ def test_default_limits() -> None:
 def test_op_names_are_the_documented_ones() -> None:
     assert {
         "get", "set", "delete", "exists", "expire", "ttl", "persist", "incr", "gets", "cas",
-        "get_many", "set_many", "delete_many", "ping", "stats", "flush", "debug_sleep",
+        "append", "getdel", "touch", "get_many", "set_many", "delete_many", "ping", "stats", "flush", "debug_sleep",
         "maintenance", "health", "configure", "hotkeys", "drain", "snapshot", "tune",
         "topology", "resize", "resize_start", "migrate", "migrate_out", "migrate_in", "migrate_done",
         "set_topology", "describe",
@@ -109,6 +109,11 @@ EXAMPLE_OPS: list[p.Op] = [
     Gets(b"k"),
     Cas(b"k", b"v", 7),
     Cas(b"k", b"v", U64, ttl_ms=100),
+    p.Append(b"k", b""),
+    p.Append(b"k", b"more"),
+    p.GetDel(b"k"),
+    p.Touch(b"k"),
+    p.Touch(b"k", p.MAX_TTL_MS),
     GetMany([b"a", b"b", b"a"]),
     GetMany([]),
     SetMany([(b"a", b"1"), (b"b", b"2")]),
