@@ -72,7 +72,12 @@ def pin_to_cpu(shard_id: int, enabled: bool) -> int | None:
 
 
 class Shard:
-    """Applies decoded ops to one Store and keeps the shard's counters. No I/O."""
+    """Applies decoded ops to one Store and keeps the shard's counters.
+
+    No sockets: the loop hands it frames and sends what it returns. Its only I/O is writing a
+    snapshot file (``snapshot``), sleeping in the test-only ``debug_sleep`` and reading this
+    process's RSS for ``stats``.
+    """
 
     def __init__(self, store: Store, config: Config, shard_id: int, cpu: int | None,
                  clock: Callable[[], float] = time.monotonic) -> None:
