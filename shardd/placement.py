@@ -113,13 +113,13 @@ class Placement:
         A client that already sent a keyed op to ``shard`` (route()'s fast path) passes what
         came back as ``outcome``: a Reply whose status is in REDIRECTS, or the Timeout.
         """
+        if outcome is None and not self.shards:
+            yield REFRESH
+            if not self.shards:
+                return None
         if type(op) in _MULTI:
             return (yield from self._plan_multi(op))
         if outcome is None:
-            if not self.shards:
-                yield REFRESH
-                if not self.shards:
-                    return None
             shard = self.hasher(op.key, self.shards)
         for _ in range(self.moved_retries):
             if outcome is None:
@@ -147,10 +147,6 @@ class Placement:
 
     def _plan_multi(self, op: Any) -> Plan:
         """Split per owning shard, send every part, merge; a part a worker could not answer uses the router."""
-        if not self.shards:
-            yield REFRESH
-            if not self.shards:
-                return None
         parts = split_by_shard(op, self.shards, self.hasher)
         # Every shard below self.shards has an endpoint (Rule 4), so every part can go direct.
         outcomes = yield [(shard, sub) for shard, (sub, _) in parts.items()]

@@ -86,18 +86,13 @@ class Dealer:
     def send(self, frame: bytes, deadline: float) -> bool:
         """Queue ``frame`` by ``deadline`` (a ``time.monotonic()`` value); False if it could not be."""
         sock = self._sock
-        try:
-            sock.send(frame, _NOBLOCK)
-            return True
-        except _Again:
-            pass
-        while sock.poll(_ms(deadline - _monotonic()), _POLLOUT):
+        while True:
             try:
                 sock.send(frame, _NOBLOCK)
                 return True
-            except _Again:
-                continue
-        return False
+            except _Again:  # no connection yet (IMMEDIATE), or the queue is full: wait for room
+                if not sock.poll(_ms(deadline - _monotonic()), _POLLOUT):
+                    return False
 
     def recv(self, deadline: float) -> bytes | None:
         """The next frame received by ``deadline``, or None once it has passed."""
