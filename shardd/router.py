@@ -561,6 +561,7 @@ def run_router(config: Config) -> int:
     ctx = transport.new_context()
     public = [config.bind]
     links: list[ShardLink] = []
+    router: Router | None = None
     try:
         for shard in range(config.shards):
             sock, monitor = transport.connect_shard_dealer(ctx, config.worker_endpoint(shard))
@@ -584,7 +585,12 @@ def run_router(config: Config) -> int:
     finally:
         for endpoint in [*public, config.control_endpoint()]:
             transport.remove_ipc_file(endpoint)
-        # Closes every socket of the context, including shards added or removed by a resize.
+        # Monitored sockets first, monitoring off (see transport.close_shard_dealer); then the rest.
+        if router is not None:
+            links = [*links, *router.links, *router.retiring]
+        for link in {id(link): link for link in links}.values():
+            if not link.sock.closed:
+                transport.close_shard_dealer(link.sock, link.monitor)
         ctx.destroy(linger=0)
     log.info("stopped")
     return ExitCode.OK
@@ -615,7 +621,7 @@ def _serve(router: Router, wakeup: int, should_stop: Callable[[], bool]) -> None
         for sock in (link.sock, link.monitor):
             poller.unregister(sock)
             del by_socket[sock]
-            sock.close(linger=0)
+        transport.close_shard_dealer(link.sock, link.monitor)
 
     for link in router.links:
         watch(link)

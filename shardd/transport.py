@@ -116,6 +116,20 @@ def connect_shard_dealer(ctx: zmq.Context, endpoint: str) -> tuple[zmq.Socket, z
     return sock, monitor
 
 
+def close_shard_dealer(sock: zmq.Socket, monitor: zmq.Socket) -> None:
+    """Close a socket made by :func:`connect_shard_dealer` and its monitor, in the only safe order.
+
+    libzmq's I/O thread sends each monitor event with a blocking send on an internal PAIR
+    socket. If our end of that pair is closed while monitoring is still on, the next event
+    (the disconnect when the worker exits) blocks the I/O thread forever, and with it every
+    socket of the context: the router stops moving any message (libzmq issue 3575). So
+    monitoring is switched off first, which also unbinds its inproc endpoint.
+    """
+    sock.disable_monitor()
+    monitor.close(linger=0)
+    sock.close(linger=0)
+
+
 def read_monitor_event(mon: zmq.Socket) -> str | None:
     """'up', 'down' or None for a monitor event frame pair."""
     from zmq.utils.monitor import recv_monitor_message
