@@ -105,6 +105,20 @@ def connect_shard_dealer(ctx: zmq.Context, endpoint: str) -> tuple[zmq.Socket, z
     return sock, monitor
 
 
+def close_shard_dealer(sock: zmq.Socket, monitor: zmq.Socket) -> None:
+    """Close a socket made by :func:`connect_shard_dealer` and its monitor, in the only safe order.
+
+    libzmq's I/O thread sends each monitor event with a blocking send on an internal PAIR
+    socket. If our end of that pair is closed while monitoring is still on, the next event
+    (the disconnect when the worker exits) blocks the I/O thread forever, and with it every
+    socket of the context: the router stops moving any message (libzmq issue 3575). So
+    monitoring is switched off first, which also unbinds its inproc endpoint.
+    """
+    sock.disable_monitor()
+    monitor.close(linger=0)
+    sock.close(linger=0)
+
+
 def read_monitor_event(mon: zmq.Socket) -> str | None:
     """'up', 'down' or None for a monitor event frame pair."""
     from zmq.utils.monitor import recv_monitor_message
@@ -346,8 +360,9 @@ class ShardChannel:
         return read_monitor_event(self._monitor)
 
     def close(self) -> None:
-        self._sock.close(linger=0)
-        self._monitor.close(linger=0)
+        """Close the socket and its monitor (monitoring off first: see close_shard_dealer)."""
+        if not self._sock.closed:
+            close_shard_dealer(self._sock, self._monitor)
 
 
 class Hub:
@@ -361,6 +376,7 @@ class Hub:
         self._authenticator: Any = None
         self._poller = zmq.Poller()
         self._handlers: dict[Any, Callable[[], None]] = {}
+        self._channels: list[ShardChannel] = []  # closed in the safe order before the Context
         self.admin_ids = auth.admin_ids if auth is not None else None
 
     def _secure(self, sock: zmq.Socket) -> frozenset[str] | None:
@@ -409,7 +425,9 @@ class Hub:
 
     def shard_channel(self, endpoint: str) -> ShardChannel:
         sock, monitor = connect_shard_dealer(self._ctx, endpoint)
-        return ShardChannel(sock, monitor, endpoint)
+        channel = ShardChannel(sock, monitor, endpoint)
+        self._channels.append(channel)
+        return channel
 
     def _watch(self, handle: Any, handler: Callable[[], None]) -> None:
         self._poller.register(handle, POLLIN)
@@ -444,5 +462,7 @@ class Hub:
         return len(ready)
 
     def close(self) -> None:
-        """Close every socket of this process's Context at once (linger 0)."""
+        """Close every socket of this process's Context (linger 0), monitored channels first."""
+        for channel in self._channels:
+            channel.close()
         self._ctx.destroy(linger=0)

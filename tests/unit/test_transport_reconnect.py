@@ -20,3 +20,28 @@ def test_a_restarted_worker_is_retried_at_a_fixed_short_interval(tmp_path) -> No
         monitor.close(0)
     finally:
         ctx.term()
+
+
+def test_retiring_shard_sockets_never_stalls_the_context(tmp_path) -> None:
+    # A shrink closes a shard's socket and its monitor, then the worker exits. If monitoring were
+    # still on, libzmq's I/O thread could block forever sending that disconnect event, and every
+    # other socket of the router would stop (seen: a router answering nothing after a shrink).
+    ctx = zmq.Context()
+    try:
+        for i in range(50):
+            worker = ctx.socket(zmq.ROUTER)
+            worker.bind(f"ipc://{tmp_path}/w{i}.ipc")
+            sock, monitor = transport.connect_shard_dealer(ctx, f"ipc://{tmp_path}/w{i}.ipc")
+            assert monitor.poll(30_000), "no handshake"
+            assert transport.read_monitor_event(monitor) == "up"
+            transport.close_shard_dealer(sock, monitor)
+            worker.close(0)  # the worker goes away after its link was retired
+        probe_a, probe_b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+        probe_a.bind(f"ipc://{tmp_path}/probe.ipc")
+        probe_b.connect(f"ipc://{tmp_path}/probe.ipc")
+        probe_b.send(b"alive")
+        assert probe_a.poll(30_000) and probe_a.recv() == b"alive"  # 30 s: a hang, not a timing
+        probe_a.close(0)
+        probe_b.close(0)
+    finally:
+        ctx.term()
