@@ -42,11 +42,13 @@ from shardd import protocol
 from shardd.client_common import (
     U64,
     UNANSWERED,
+    WORKER_SEND_GRACE_S,
     Call,
     ClientBase,
     PipelineBase,
     decode,
     finish,
+    not_sent_error,
     outcome,
     result,
     timeout_error,
@@ -174,17 +176,27 @@ class AsyncClient(ClientBase):
                     return result(reply, convert)
         return result(await self._exchange(link, op, self.endpoint), convert)
 
-    async def _exchange(self, link: AsyncDealer, op: protocol.Op, where: str | int) -> Reply:
-        """Send ``op`` on ``link`` (whose reader task is running) and await its Reply; raises Timeout."""
+    async def _exchange(self, link: AsyncDealer, op: protocol.Op, where: str | int,
+                        send_within: float | None = None) -> Reply:
+        """Send ``op`` on ``link`` (whose reader task is running) and await its Reply; raises Timeout,
+        NotSent if it could not even be queued (within ``send_within`` seconds, if given)."""
         rid = self._last_id = self._last_id % U64 + 1
         fut: asyncio.Future[Reply] = self._loop.create_future()  # type: ignore[union-attr]
         pending = self._pending
         pending[rid] = fut
+        sent = False
         try:
             async with asyncio.timeout(self.timeout):
-                await link.send(encode_request(rid, op))
+                if send_within is None:
+                    await link.send(encode_request(rid, op))
+                else:
+                    async with asyncio.timeout(min(send_within, self.timeout)):
+                        await link.send(encode_request(rid, op))
+                sent = True
                 return await fut
         except TimeoutError:
+            if not sent:
+                raise not_sent_error(where, op) from None
             raise timeout_error(where, self.timeout, op) from None
         finally:
             pending.pop(rid, None)
@@ -196,7 +208,8 @@ class AsyncClient(ClientBase):
         if shard < 0:
             return await self._drive(placement.plan(op))
         try:
-            reply: Any = await self._exchange(self._workers[shard], op, shard)  # type: ignore[arg-type]
+            reply: Any = await self._exchange(self._workers[shard], op, shard,  # type: ignore[arg-type]
+                                              WORKER_SEND_GRACE_S)
         except Timeout as exc:
             reply = exc
         else:
@@ -221,7 +234,8 @@ class AsyncClient(ClientBase):
     async def _scatter(self, steps: list[tuple[int, protocol.Op]]) -> list[Any]:
         """Every (shard, op) in flight at once; a Reply or Timeout each (other failures raise)."""
         outcomes = await asyncio.gather(
-            *(self._exchange(self._to(shard), op, shard) for shard, op in steps), return_exceptions=True)
+            *(self._exchange(self._to(shard), op, shard, None if shard < 0 else WORKER_SEND_GRACE_S)
+              for shard, op in steps), return_exceptions=True)
         for out in outcomes:
             if isinstance(out, BaseException) and not isinstance(out, Timeout):
                 raise out

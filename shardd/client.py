@@ -47,11 +47,13 @@ from shardd.client_common import (
     DEFAULT_TIMEOUT,
     U64,
     UNANSWERED,
+    WORKER_SEND_GRACE_S,
     Call,
     ClientBase,
     PipelineBase,
     decode,
     finish,
+    not_sent_error,
     outcome,
     result,
     timeout_error,
@@ -113,14 +115,18 @@ class Client(ClientBase):
                     return result(reply, convert)
         return result(self._exchange(link, op, self.endpoint), convert)
 
-    def _exchange(self, link: Dealer, op: protocol.Op, where: str | int) -> Reply:
-        """Send ``op`` on ``link`` and return its Reply; raises Timeout (Rule 2)."""
+    def _exchange(self, link: Dealer, op: protocol.Op, where: str | int, send_within: float | None = None) -> Reply:
+        """Send ``op`` on ``link`` and return its Reply; raises Timeout (Rule 2), NotSent if it could
+        not even be queued (within ``send_within`` seconds, if given)."""
         rid = self._last_id = self._last_id % U64 + 1
-        deadline = _monotonic() + self.timeout
-        if link.send(encode_request(rid, op), deadline):
-            reply = self._await(link, rid, deadline)
-            if reply is not None:
-                return reply
+        now = _monotonic()
+        deadline = now + self.timeout
+        send_by = deadline if send_within is None else min(deadline, now + send_within)
+        if not link.send(encode_request(rid, op), send_by):
+            raise not_sent_error(where, op)
+        reply = self._await(link, rid, deadline)
+        if reply is not None:
+            return reply
         raise timeout_error(where, self.timeout, op)
 
     def _await(self, link: Dealer, rid: int, deadline: float) -> Reply | None:
@@ -138,7 +144,7 @@ class Client(ClientBase):
         if shard < 0:
             return self._drive(placement.plan(op))
         try:
-            reply: Any = self._exchange(self._workers[shard], op, shard)
+            reply: Any = self._exchange(self._workers[shard], op, shard, WORKER_SEND_GRACE_S)
         except Timeout as exc:
             reply = exc
         else:
@@ -162,12 +168,14 @@ class Client(ClientBase):
 
     def _scatter(self, steps: list[tuple[int, protocol.Op]]) -> list[Any]:
         """Send every (shard, op) before awaiting any; a Reply, Timeout or None (not sent) each."""
-        deadline = _monotonic() + self.timeout
+        now = _monotonic()
+        deadline = now + self.timeout
+        send_by = min(deadline, now + WORKER_SEND_GRACE_S)  # a worker not connected: the router takes it
         sent = []
         for shard, op in steps:
             rid = self._last_id = self._last_id % U64 + 1
             link = self._to(shard)
-            sent.append((link, rid) if link.send(encode_request(rid, op), deadline) else None)
+            sent.append((link, rid) if link.send(encode_request(rid, op), deadline if shard < 0 else send_by) else None)
         outcomes: list[Any] = []
         for (shard, op), out in zip(steps, sent, strict=True):
             reply = self._await(*out, deadline) if out is not None else None

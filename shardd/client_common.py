@@ -29,7 +29,15 @@ import msgspec
 
 from shardd import protocol
 from shardd.commands import Codec, Commands, Convert
-from shardd.errors import ConnectionClosed, ProtocolError, ServerError, SharddError, Timeout, error_for_status
+from shardd.errors import (
+    ConnectionClosed,
+    NotSent,
+    ProtocolError,
+    ServerError,
+    SharddError,
+    Timeout,
+    error_for_status,
+)
 from shardd.placement import REFRESH, Placement
 from shardd.serde import Serde
 
@@ -91,6 +99,17 @@ def outcome(reply: protocol.Reply, convert: Convert) -> Any:
         return convert(reply.value)
     except ProtocolError as exc:
         return exc
+
+
+# How long a direct-mode client waits for a connection to a worker before it takes the router
+# instead: a live connection queues at once (IMMEDIATE); a worker that restarted listens on a
+# new port, which the client learns from the next topology.
+WORKER_SEND_GRACE_S = 0.5
+
+
+def not_sent_error(where: str | int, op: protocol.Op) -> NotSent:
+    place = f"shard {where}" if type(where) is int else where
+    return NotSent(f"no connection to {place} to send {op.__struct_config__.tag}; nothing was sent")
 
 
 def timeout_error(where: str | int, timeout: float, op: protocol.Op) -> Timeout:

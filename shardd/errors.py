@@ -24,6 +24,14 @@ class Timeout(SharddError, TimeoutError):
     """Raised when no reply arrived within the client's timeout (the daemon may be down or overloaded)."""
 
 
+class NotSent(Timeout):
+    """Raised when a request could not even be queued (no connection) before its deadline: nothing was applied.
+
+    A Timeout, so code that catches Timeout still does; a direct-mode client uses it to go
+    through the router at once instead (a worker it knew has restarted on another port).
+    """
+
+
 class ConnectionClosed(SharddError):
     """Raised when a client is used after ``close()``."""
 

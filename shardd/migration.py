@@ -83,6 +83,7 @@ class StepKind(enum.Enum):
     DONE = "done"
     TOPOLOGY = "topology"
     DESCRIBE = "describe"  # not a resize step: the router learning a worker's own endpoint
+    NOTICE = "notice"  # not a resize step: news for a worker (maintenance mode); a failure is logged
 
 
 class MigrationStep:

@@ -32,7 +32,9 @@ Rule 2: TRYAGAIN (mid-resize, the key's entry may still be on its way to this sh
         nothing: the op goes through the router, which orders it after the entry.
 Rule 3: after a timeout from a worker, the op is retried only if a shrink removed that worker
         (a removed shard holds no keys and answers MOVED until it stops, so it cannot have
-        applied the op); any other timeout is the caller's, as through the router.
+        applied the op), or if it was never sent (NotSent: no connection, e.g. the worker
+        restarted on another port): then it goes through the router after a topology refresh.
+        Any other timeout is the caller's, as through the router.
 Rule 4: placement is by the topology's shard count, which during a resize is still the old one
         (MOVED names new owners). A topology in which some shard has no endpoint yet is not
         usable (``shards == 0``): ops go through the router until a later refresh.
@@ -45,7 +47,7 @@ from collections.abc import Callable, Generator
 from typing import Any
 
 from shardd import protocol
-from shardd.errors import ProtocolError, Timeout
+from shardd.errors import NotSent, ProtocolError, Timeout
 from shardd.hashing import shard_for
 
 __all__ = ["PLAN", "REDIRECTS", "REFRESH", "ROUTER", "Placement", "merge_split", "split_by_shard"]
@@ -130,6 +132,9 @@ class Placement:
                 except Timeout as exc:
                     outcome = exc
             reply, outcome = outcome, None
+            if isinstance(reply, NotSent):  # Rule 3: never sent, so nothing applied: the router, now
+                yield REFRESH
+                return None
             if isinstance(reply, Timeout):
                 yield REFRESH
                 if self._has(shard):  # Rule 3: still there, so it may have applied the op
@@ -152,7 +157,9 @@ class Placement:
         outcomes = yield [(shard, sub) for shard, (sub, _) in parts.items()]
         results: dict[int, tuple[Any, list[int]]] = {}
         for (shard, (sub, positions)), reply in zip(parts.items(), outcomes, strict=True):
-            if isinstance(reply, Timeout):
+            if isinstance(reply, NotSent):
+                reply = None  # Rule 3: never sent
+            elif isinstance(reply, Timeout):
                 yield REFRESH
                 if self._has(shard):  # Rule 3
                     raise reply

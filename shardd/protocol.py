@@ -295,6 +295,12 @@ class SetTopology(_Op, tag="set_topology"):
     shards: int
 
 
+class SetMaintenance(_Op, tag="set_maintenance"):
+    """Router → worker: maintenance mode is ``on`` (or off); a worker's own endpoint then refuses writes too."""
+
+    on: bool
+
+
 class Describe(_Op, tag="describe"):
     """Router → worker: the worker's own client endpoint (direct mode), pid and shard."""
 
@@ -339,7 +345,7 @@ Op = (
     Get | Set | Delete | Exists | Expire | Ttl | Persist | Incr | Append | GetDel | Touch | Gets | Cas
     | GetMany | SetMany | DeleteMany | Ping | Stats | Flush | DebugSleep | Maintenance | Health | Configure
     | Drain | Snapshot | Hotkeys | Tune | Topology | Resize | ResizeStart | Migrate | MigrateOut | MigrateIn
-    | MigrateDone | SetTopology | Describe
+    | MigrateDone | SetTopology | SetMaintenance | Describe
 )
 
 
@@ -439,11 +445,18 @@ OPS: dict[type, OpSpec] = {
     MigrateOut: OpSpec(INTERNAL),
     MigrateIn: OpSpec(INTERNAL),
     MigrateDone: OpSpec(INTERNAL),
+    SetMaintenance: OpSpec(INTERNAL),
     SetTopology: OpSpec(INTERNAL),
     Describe: OpSpec(INTERNAL),
 }
 if set(OPS) != set(Op.__args__):  # type: ignore[attr-defined]
     raise ImportError(f"ops without a spec in protocol.OPS: {set(Op.__args__) ^ set(OPS)}")  # type: ignore[attr-defined]
+
+
+def is_write(spec: OpSpec, op: Op) -> bool:
+    """Whether this request changes data (what maintenance mode refuses): the op's ``write`` flag,
+    unless this instance only asks (``query``)."""
+    return spec.write and not (spec.query is not None and spec.query(op))
 
 
 def ops_where(**flags: Any) -> frozenset[type]:

@@ -282,10 +282,22 @@ class Router:
                 self._complete_part(gather, link.shard, None, (p.UNAVAILABLE, f"shard {link.shard} is down"), None)
 
     def _set_maintenance(self, peer: Any, request_id: int, op: p.Maintenance) -> None:
-        if op.on is not None and op.on != self.maintenance:
-            self.maintenance = op.on
-            log.warning("maintenance mode %s", "ON: writes are refused" if op.on else "off")
-        self.reply(peer, request_id, p.OK, self.maintenance)
+        """The router refuses writes itself, and tells every worker, so that their own endpoints
+        (direct mode) refuse them too; the answer waits until the workers have it (a stuck one at
+        most GATHER_DEADLINE_S). A worker that is down learns it when it comes back (on_shard_event)."""
+        up = [link for link in self.links if link.up]
+        if op.on is None or op.on == self.maintenance or not up:
+            if op.on is not None:
+                self.maintenance = op.on
+            self.reply(peer, request_id, p.OK, self.maintenance)
+            return
+        self.maintenance = op.on
+        log.warning("maintenance mode %s", "ON: writes are refused" if op.on else "off")
+        gather = Gather(peer, request_id, len(up), lambda parts: self.maintenance, tolerant=True)
+        gather.deadline = time.monotonic() + GATHER_DEADLINE_S
+        self.timed.append(gather)
+        for link in up:
+            self._queue(link, p.SetMaintenance(op.on), (gather, None))
 
     def _configure(self, peer: Any, request_id: int, op: p.Configure) -> None:
         """Apply live settings (SIGHUP, tune): validated like the config file, kept in ``self.config``
@@ -462,6 +474,8 @@ class Router:
             log.info("shard %d is up", link.shard)
             # Learn the worker's own endpoint (it changes when a worker restarts).
             self._queue(link, p.Describe(), MigrationStep(StepKind.DESCRIBE, link.shard))
+            if self.maintenance:  # a restarted worker starts with maintenance off
+                self._queue(link, p.SetMaintenance(True), MigrationStep(StepKind.NOTICE, link.shard))
             self.flush_outboxes()
         elif event == "down" and link.up:
             log.warning("shard %d is down; answering UNAVAILABLE for it", link.shard)
@@ -537,6 +551,9 @@ class Router:
         if step.kind is StepKind.DESCRIBE:
             if status == p.OK and step.shard < len(self.links):
                 self.links[step.shard].direct = value.get("direct")
+        elif step.kind is StepKind.NOTICE:
+            if status != p.OK:
+                log.error("shard %d did not take a notice: status %d: %s", step.shard, status, value)
         elif self.resize is not None:
             self._drive(self.resize, self.resize.on_reply(step, status, value))
 
@@ -611,7 +628,7 @@ def _gate(router: Router, spec: p.OpSpec, op: p.Op, privileged: bool) -> tuple[i
     if (spec.admin and not asks and not privileged and router.admin_ids is not None
             and not router.caller_is_admin):
         return p.FORBIDDEN, f"{tag} needs an admin key (auth_dir/admins); this key is a client key"
-    if spec.write and not asks and router.maintenance:
+    if router.maintenance and p.is_write(spec, op):
         return p.MAINTENANCE, "the daemon is in maintenance mode: writes are refused, reads work; retry later"
     if spec.resize == p.REFUSE and router.migration is not None:
         return p.BUSY, f"{tag} is refused while a resize runs; retry"

@@ -102,6 +102,8 @@ class Shard:
         # and while a resize runs, the shard count it is moving to and the keys left to scan.
         self.epoch = 1
         self.new_shards: int | None = None
+        # Maintenance mode as the router last told us: our own endpoint refuses writes like the router.
+        self.maintenance = False
         # Old shards that may still be sending this shard entries (until their migrate_done).
         self._awaiting: set[int] = set()
         self.mailbox_limit = config.mailbox_limit
@@ -152,6 +154,7 @@ class Shard:
             p.MigrateOut: self.migrate_out,
             p.MigrateIn: self.migrate_in,
             p.MigrateDone: self.migrate_done,
+            p.SetMaintenance: self.set_maintenance,
             p.SetTopology: self.set_topology,
             p.Describe: lambda op: {"shard": self.shard_id, "pid": os.getpid(), "direct": self.direct_endpoint},
         }
@@ -241,6 +244,9 @@ class Shard:
         if cls not in _DIRECT:
             return p.encode_reply(request_id, p.BAD_REQUEST,
                                   f"{cls.__struct_config__.tag} goes to the router, not to a shard's own endpoint")
+        if self.maintenance and p.is_write(p.OPS[cls], op):
+            return p.encode_reply(request_id, p.MAINTENANCE,
+                                  "the daemon is in maintenance mode: writes are refused, reads work; retry later")
         if cls in _KEYED:
             keys: Any = (op.key,)
         elif cls is p.SetMany:
@@ -317,6 +323,10 @@ class Shard:
         adopted = sum(1 for key, value, expires, version in op.entries if restore(key, value, expires, version))
         gc.freeze()  # a resize adopts entries in bulk: keep them out of full collections (see tick)
         return adopted
+
+    def set_maintenance(self, op: p.SetMaintenance) -> bool:
+        self.maintenance = op.on
+        return True
 
     def migrate_done(self, op: p.MigrateDone) -> bool:
         """Every entry moving here from ``op.source`` has been adopted: its keys are ours to answer."""

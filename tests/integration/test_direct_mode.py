@@ -9,7 +9,7 @@ import zmq
 from shardd import protocol as proto
 from shardd.aclient import AsyncClient
 from shardd.client import Client
-from tests.helpers import keys_on_shard, wait_until_sleeping
+from tests.helpers import keys_on_shard, wait_until, wait_until_sleeping
 
 
 def test_direct_client_bypasses_the_router(daemon):
@@ -61,6 +61,35 @@ def test_stale_topology_is_fixed_transparently_after_a_resize(make_daemon):
         assert c.placement.shards == 3
         assert admin.resize(1)["to"] == 1
         assert c.incr("after") == 1 and c.get_many(list(data)) == data
+
+
+def test_a_worker_restart_costs_a_direct_client_no_timeout(make_daemon):
+    # The restarted worker listens on a new port; the client's old connection cannot even queue the
+    # request (nothing was sent), so it goes through the router and learns the new endpoint, instead
+    # of waiting out its timeout and raising.
+    import os
+    import signal
+
+    from shardd.errors import SharddError
+
+    d = make_daemon(shards=2)
+    key = keys_on_shard(0, 2, 1, prefix="restart:")[0]
+    with Client(d.endpoint, timeout=30) as admin, Client(d.endpoint, timeout=20, direct=True) as c:
+        assert c.set(key, b"before") is True
+        victim = admin.stats()["shards"][0]["pid"]
+        os.kill(victim, signal.SIGKILL)
+
+        def back() -> bool:
+            try:
+                row = admin.stats()["shards"][0]
+                return row.get("status") == "up" and row.get("pid") != victim
+            except SharddError:
+                return False
+
+        wait_until(back, what="a new worker for shard 0")
+        assert c.set(key, b"after") is True  # before the fix: Timeout after 20 s
+        assert c.get(key) == b"after"
+        assert c.placement.endpoints[0] == admin.topology()["endpoints"][0]  # it learned the new port
 
 
 def test_mailbox_limit_holds_in_direct_mode(make_daemon):

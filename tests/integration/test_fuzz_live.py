@@ -31,7 +31,7 @@ _SAFE_OPS = ["get", "set", "delete", "exists", "expire", "ttl", "persist", "incr
              "set_many", "delete_many", "ping", "stats", "health", "hotkeys", "topology", "debug_sleep",
              # control-only and router→worker ops: must be refused on both client-facing sockets
              "configure", "drain", "snapshot", "resize_start", "migrate", "migrate_out", "migrate_in",
-             "migrate_done", "set_topology", "describe"]
+             "migrate_done", "set_maintenance", "set_topology", "describe"]
 _DISRUPTIVE = {"flush", "maintenance", "resize", "tune"}
 _INFLIGHT = 200          # per fuzzing socket: stay far below the router's 10 000 per-peer HWM
 _RSS_GROWTH = 96 << 20   # per worker; the generated writes are at most a few MiB in total

@@ -9,8 +9,8 @@ import pytest
 
 from shardd.client import Client
 from shardd.control import ControlClient
-from shardd.errors import BadRequest, Maintenance
-from tests.helpers import run_cli
+from shardd.errors import BadRequest, Maintenance, SharddError
+from tests.helpers import run_cli, wait_until
 
 
 def test_health_ok_then_names_the_hung_shard(make_daemon):
@@ -51,6 +51,38 @@ def test_maintenance_refuses_writes_keeps_reads(make_daemon):
         assert c.maintenance(False) is False
         assert c.set("k", b"w") is True
     assert run_cli(d.endpoint, "maintenance", "sideways").returncode == 2
+
+
+def test_maintenance_holds_on_workers_own_endpoints_and_after_a_worker_restart(make_daemon):
+    d = make_daemon(shards=2)
+    with Client(d.endpoint, timeout=30) as admin, Client(d.endpoint, timeout=30, direct=True) as direct:
+        keys = [f"m{i}" for i in range(20)]  # on both shards
+        direct.set_many({k: b"v" for k in keys})
+        assert admin.maintenance(True) is True
+        # Direct clients skip the router; their writes must be refused all the same, reads served.
+        for key in keys[:4]:
+            with pytest.raises(Maintenance, match="maintenance mode"):
+                direct.set(key, b"w")
+            assert direct.get(key) == b"v"
+        with pytest.raises(Maintenance):
+            direct.delete_many(keys)
+        # A worker killed while it is on comes back knowing it.
+        victim = admin.stats()["shards"][0]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: _serves(admin, victim), what="shard 0 to be served by a new worker")
+        for key in keys:
+            with pytest.raises(Maintenance):
+                direct.set(key, b"w")
+        assert admin.maintenance(False) is False
+        assert direct.set_many({k: b"w" for k in keys}) == len(keys)
+
+
+def _serves(client: Client, old_pid: int) -> bool:
+    try:
+        rows = client.stats()["shards"]
+    except SharddError:
+        return False
+    return rows[0].get("status") == "up" and rows[0].get("pid") != old_pid and client.ping() == len(rows)
 
 
 def test_configure_is_refused_on_the_public_endpoint(make_daemon):

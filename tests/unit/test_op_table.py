@@ -37,7 +37,7 @@ SAMPLES: dict[type, Any] = {
     p.Tune: p.Tune({"mailbox_limit": 100}), p.Topology: p.Topology(), p.Resize: p.Resize(3),
     p.ResizeStart: p.ResizeStart(3), p.Migrate: p.Migrate(2, 3, 2), p.MigrateOut: p.MigrateOut(),
     p.MigrateIn: p.MigrateIn([]), p.MigrateDone: p.MigrateDone(0), p.SetTopology: p.SetTopology(2, 2),
-    p.Describe: p.Describe(),
+    p.SetMaintenance: p.SetMaintenance(True), p.Describe: p.Describe(),
 }
 QUERIES: dict[type, Any] = {p.Touch: p.Touch(b"k"), p.Maintenance: p.Maintenance(None)}
 
@@ -46,7 +46,7 @@ QUERIES: dict[type, Any] = {p.Touch: p.Touch(b"k"), p.Maintenance: p.Maintenance
 # they are read from the op's fields and from what it does to a real store.
 ADMIN_ONLY = {p.Flush, p.Resize, p.Tune, p.Maintenance, p.DebugSleep}
 CONTROL_ONLY = {p.Configure, p.Drain, p.Snapshot, p.ResizeStart}
-INTERNAL = {p.Migrate, p.MigrateOut, p.MigrateIn, p.MigrateDone, p.SetTopology, p.Describe}
+INTERNAL = {p.Migrate, p.MigrateOut, p.MigrateIn, p.MigrateDone, p.SetTopology, p.SetMaintenance, p.Describe}
 ANSWERED_BY_ROUTER = {p.Maintenance, p.Topology, p.Tune, p.Resize, p.ResizeStart, p.Drain, p.Configure,
                       p.DebugSleep}
 DIRECT_BESIDES_DATA_OPS = {p.Ping, p.DebugSleep}

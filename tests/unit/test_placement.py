@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from shardd import protocol
-from shardd.errors import ProtocolError, Timeout
+from shardd.errors import NotSent, ProtocolError, Timeout
 from shardd.hashing import shard_for
 from shardd.placement import PLAN, REFRESH, ROUTER, Placement, merge_split, split_by_shard
 
@@ -111,6 +111,24 @@ def test_a_timeout_is_retried_only_when_a_shrink_removed_the_shard() -> None:
     p.learn(topology(3))
     with pytest.raises(Timeout):
         Driver(p, [topology(3)]).run(p.plan(protocol.Get(b"k"), 2, timeout), [])  # still there: it may have applied
+
+
+def test_a_request_never_sent_goes_through_the_router_even_when_its_shard_is_still_there() -> None:
+    # A worker that restarted listens on a new port: the old connection cannot take the request,
+    # which therefore applied nothing anywhere. Waiting out the timeout and failing would be wrong.
+    p = Placement()
+    p.learn(topology(3))
+    d = Driver(p, [topology(3)])
+    assert d.run(p.plan(protocol.Set(b"k", b"v"), 2, NotSent("no connection to shard 2")), []) is None
+    assert d.steps == [REFRESH]
+    keys = [f"k{i}".encode() for i in range(10)]
+    op = protocol.GetMany(keys)
+    parts = split_by_shard(op, 3)
+    outcomes = [NotSent("no connection") if shard == 0 else reply(OK, [b"d"] * len(sub.keys))
+                for shard, (sub, _) in parts.items()]
+    routed = reply(OK, [b"r"] * len(parts[0][0].keys))
+    merged = Driver(p, []).run(p.plan(op), [outcomes, routed])
+    assert merged.status == OK and sorted(set(merged.value)) == [b"d", b"r"]
 
 
 def test_a_multi_key_op_is_scattered_and_merged_and_a_moved_part_uses_the_router() -> None:

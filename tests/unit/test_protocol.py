@@ -83,7 +83,7 @@ def test_op_names_are_the_documented_ones() -> None:
         "get", "set", "delete", "exists", "expire", "ttl", "persist", "incr", "gets", "cas",
         "append", "getdel", "touch", "get_many", "set_many", "delete_many", "ping", "stats", "flush", "debug_sleep",
         "maintenance", "health", "configure", "hotkeys", "drain", "snapshot", "tune",
-        "topology", "resize", "resize_start", "migrate", "migrate_out", "migrate_in", "migrate_done",
+        "topology", "resize", "resize_start", "migrate", "migrate_out", "migrate_in", "migrate_done", "set_maintenance",
         "set_topology", "describe",
     } == p.OP_NAMES
 
@@ -137,6 +137,7 @@ EXAMPLE_OPS: list[p.Op] = [
     p.ResizeStart(3),
     p.Migrate(2, 3, 2),
     p.MigrateDone(1),
+    p.SetMaintenance(True),
     p.MigrateOut(),
     p.MigrateOut(10, 100),
     p.MigrateIn([(b"k", b"v", 0, 1), (b"t", b"", 123456, 2**64 - 1)]),
