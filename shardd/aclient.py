@@ -178,8 +178,9 @@ class AsyncClient(ClientBase):
 
     async def _exchange(self, link: AsyncDealer, op: protocol.Op, where: str | int,
                         send_within: float | None = None) -> Reply:
-        """Send ``op`` on ``link`` (whose reader task is running) and await its Reply; raises Timeout,
-        NotSent if it could not even be queued (within ``send_within`` seconds, if given)."""
+        """Send ``op`` on ``link`` (whose reader task is running) and await its Reply; raises Timeout.
+        With ``send_within`` (a worker's link, direct mode), NotSent if it could not even be queued
+        in that time."""
         rid = self._last_id = self._last_id % U64 + 1
         fut: asyncio.Future[Reply] = self._loop.create_future()  # type: ignore[union-attr]
         pending = self._pending
@@ -195,7 +196,7 @@ class AsyncClient(ClientBase):
                 sent = True
                 return await fut
         except TimeoutError:
-            if not sent:
+            if not sent and send_within is not None:
                 raise not_sent_error(where, op) from None
             raise timeout_error(where, self.timeout, op) from None
         finally:

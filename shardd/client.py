@@ -116,13 +116,15 @@ class Client(ClientBase):
         return result(self._exchange(link, op, self.endpoint), convert)
 
     def _exchange(self, link: Dealer, op: protocol.Op, where: str | int, send_within: float | None = None) -> Reply:
-        """Send ``op`` on ``link`` and return its Reply; raises Timeout (Rule 2), NotSent if it could
-        not even be queued (within ``send_within`` seconds, if given)."""
+        """Send ``op`` on ``link`` and return its Reply; raises Timeout (Rule 2). With ``send_within``
+        (a worker's link, direct mode), NotSent if it could not even be queued in that time."""
         rid = self._last_id = self._last_id % U64 + 1
         now = _monotonic()
         deadline = now + self.timeout
         send_by = deadline if send_within is None else min(deadline, now + send_within)
         if not link.send(encode_request(rid, op), send_by):
+            if send_within is None:
+                raise timeout_error(where, self.timeout, op)
             raise not_sent_error(where, op)
         reply = self._await(link, rid, deadline)
         if reply is not None:
