@@ -33,6 +33,7 @@ from typing import Any, TypeVar, Union
 
 from shardd import protocol
 from shardd.errors import ProtocolError
+from shardd.hashing import MAX_SHARDS
 from shardd.serde import Serde
 
 __all__ = ["COMMANDS", "Codec", "Commands", "key_bytes", "ttl_ms", "value_bytes"]
@@ -383,8 +384,8 @@ class Commands:
 
         Blocks until every moving key has moved: give the client a timeout to match the data.
         """
-        if isinstance(shards, bool) or not isinstance(shards, int) or not 1 <= shards <= 1024:
-            raise ValueError(f"shards must be an int between 1 and 1024, got {shards!r}")
+        if isinstance(shards, bool) or not isinstance(shards, int) or not 1 <= shards <= MAX_SHARDS:
+            raise ValueError(f"shards must be an int between 1 and {MAX_SHARDS}, got {shards!r}")
         return self._call(protocol.Resize(shards), to_dict)
 
 

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import msgspec
 
 from shardd.errors import ConfigError
+from shardd.hashing import MAX_SHARDS
 from shardd.protocol import TUNABLE, Limits
 
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -75,7 +76,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                              f"bind loopback or ipc, set auth_dir (CURVE keys: shardd keys generate), "
                              f"or set allow_remote_without_auth = true - at `$.bind`")
         checks: list[tuple[str, bool, str]] = [
-            ("shards", 0 <= self.shards <= 1024, "between 0 (one per CPU) and 1024"),
+            ("shards", 0 <= self.shards <= MAX_SHARDS, f"between 0 (one per CPU) and {MAX_SHARDS}"),
             ("mailbox_limit", 1 <= self.mailbox_limit <= 10_000_000, "between 1 and 10000000"),
             ("max_key_bytes", 1 <= self.max_key_bytes <= 65536, "between 1 and 65536"),
             ("max_value_bytes", 1 <= self.max_value_bytes <= 512 * 1024**2, "between 1 and 512MiB"),

@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import xxhash
 
+# The most shards a daemon may have: one worker process per shard, and beyond a thousand
+# processes on one machine the per-process memory (~25 MiB each) dominates any cache.
+# Every check of a shard count (config, resize, the wire, the client, the CLI) uses this.
+MAX_SHARDS = 1024
+
 _MASK64 = 0xFFFFFFFFFFFFFFFF
 _JUMP_MULTIPLIER = 2862933555777941757
 _xxh3_64 = xxhash.xxh3_64_intdigest

@@ -56,6 +56,7 @@ from shardd.errors import (
     UnsupportedVersion,
 )
 from shardd.errors import Maintenance as MaintenanceError
+from shardd.hashing import MAX_SHARDS
 
 PROTOCOL_VERSION = 1
 
@@ -631,12 +632,11 @@ def check_op(op: Op, limits: Limits) -> tuple[int, str] | None:
         return BAD_REQUEST, f"debug_sleep ms must be in [0, 60000], got {op.ms}"
     elif cls is Hotkeys and not 1 <= op.top <= 10_000:
         return BAD_REQUEST, f"hotkeys top must be in [1, 10000], got {op.top}"
-    elif (cls is Resize or cls is ResizeStart) and not 1 <= op.shards <= 1024:
-        return BAD_REQUEST, f"shards must be between 1 and 1024, got {op.shards}"
-    elif cls is Migrate and not (1 <= op.new_shards <= 1024 and 1 <= op.shards <= 1024):
-        return BAD_REQUEST, f"shards and new_shards must be between 1 and 1024, got {op.shards}, {op.new_shards}"
-    elif cls is SetTopology and not 1 <= op.shards <= 1024:
-        return BAD_REQUEST, f"shards must be between 1 and 1024, got {op.shards}"
+    elif (cls is Resize or cls is ResizeStart or cls is SetTopology) and not 1 <= op.shards <= MAX_SHARDS:
+        return BAD_REQUEST, f"shards must be between 1 and {MAX_SHARDS}, got {op.shards}"
+    elif cls is Migrate and not (1 <= op.new_shards <= MAX_SHARDS and 1 <= op.shards <= MAX_SHARDS):
+        return BAD_REQUEST, (f"shards and new_shards must be between 1 and {MAX_SHARDS}, "
+                             f"got {op.shards}, {op.new_shards}")
     elif cls is MigrateOut and not (1 <= op.limit <= 100_000 and 1 <= op.scan <= 1_000_000):
         return BAD_REQUEST, f"migrate_out limit/scan out of range: {op.limit}/{op.scan}"
     elif cls is Health and not 1 <= op.deadline_ms <= 60_000:

@@ -22,6 +22,7 @@ from shardd.cli.common import (
     usage,
 )
 from shardd.errors import SharddError
+from shardd.hashing import MAX_SHARDS
 
 
 @app.command()
@@ -96,8 +97,8 @@ def shards_resize(
     The daemon is reached first with a short timeout (an unreachable one fails at once); then
     progress lines go to stderr while the resize runs, and the result to stdout.
     """
-    if not 1 <= shards <= 1024:
-        raise usage(f"shards must be between 1 and 1024, got {shards}")
+    if not 1 <= shards <= MAX_SHARDS:
+        raise usage(f"shards must be between 1 and {MAX_SHARDS}, got {shards}")
     before = ask(endpoint, min(timeout, _REACH_TIMEOUT), lambda client: client.topology())
     if before["resizing"] or before.get("pending_resize"):
         raise fail("a resize is already running; wait for it to finish (see: shardd shards)")
