@@ -23,6 +23,7 @@ from shardd.protocol import TUNABLE, Limits
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 EvictionPolicy = Literal["allkeys-lru", "allkeys-lfu", "volatile-ttl", "allkeys-random", "noeviction"]
+Compression = Literal["zstd", "off"]
 
 _SIZE_UNITS = {
     "": 1, "b": 1,
@@ -54,6 +55,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     enable_debug_ops: bool = False
     max_memory: int = 1024**3
     eviction_policy: EvictionPolicy = "allkeys-lru"
+    compression: Compression = "zstd"
+    compression_min_bytes: int = 1024
+    compression_min_saving: float = 0.1
     imbalance_threshold: float = 1.5
     imbalance_check_s: float = 10.0
     hotkeys_capacity: int = 256
@@ -94,6 +98,10 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             ("max_memory", 1024**2 <= self.max_memory <= 1 << 50, "between 1MiB and 1PiB"),
             ("imbalance_threshold", 1.0 < self.imbalance_threshold <= 1000, "a ratio above 1.0"),
             ("imbalance_check_s", 0.1 <= self.imbalance_check_s <= 3600, "between 0.1 and 3600 seconds"),
+            ("compression_min_bytes", 64 <= self.compression_min_bytes <= 512 * 1024**2,
+             "between 64 and 512MiB (values shorter than that are never compressed)"),
+            ("compression_min_saving", 0.0 <= self.compression_min_saving < 1.0,
+             "a fraction in [0, 1): a compressed value is kept only if it saves at least this much"),
             ("hotkeys_capacity", 0 <= self.hotkeys_capacity <= 100_000, "between 0 (off) and 100000"),
             ("metrics_bind", self.metrics_bind == "" or _HOST_PORT_RE.match(self.metrics_bind) is not None,
              '"" (off) or HOST:PORT, e.g. "127.0.0.1:9400"'),
@@ -166,6 +174,10 @@ SETTINGS: dict[str, Setting] = {
     "mailbox_limit": Setting(frozenset({ROUTER, WORKER})),  # workers: direct clients' bound
     "max_memory": Setting(frozenset({WORKER})),
     "eviction_policy": Setting(frozenset({WORKER})),
+    # Live for values written from then on; stored values are read whichever way they were kept.
+    "compression": Setting(frozenset({WORKER})),
+    "compression_min_bytes": Setting(frozenset({WORKER})),
+    "compression_min_saving": Setting(frozenset({WORKER})),
     # Live up to twice the value at start: the sockets' MAXMSGSIZE is set once, at that.
     "max_message_bytes": Setting(frozenset({ROUTER, WORKER})),
     "max_key_bytes": Setting(frozenset({ROUTER, WORKER})),

@@ -32,6 +32,7 @@ import psutil
 
 from shardd import histogram, snapshot, transport
 from shardd import protocol as p
+from shardd.codec import codec_for
 from shardd.config import RESTART_KEYS, Config, allowed_cpus, build_config
 from shardd.errors import BadRequest, ConfigError, ExitCode, InternalError, ServerError
 from shardd.hashing import shard_for
@@ -378,6 +379,13 @@ class Shard:
             "cpu": self.cpu,
             "keys": len(s),
             "used_bytes": s.used_bytes,
+            "arena_bytes": s.arena_bytes,
+            "garbage_bytes": s.garbage_bytes,
+            "index_bytes": s.index_bytes,
+            "aside_bytes": s.aside_bytes,
+            "compressed_keys": s.packed_keys,
+            "compressed_raw_bytes": s.packed_raw_bytes,
+            "compressed_bytes": s.packed_bytes,
             "rss_bytes": self._process.memory_info().rss,
             "ops": self.ops,
             "hits": s.hits,
@@ -440,6 +448,11 @@ class Shard:
         if "mailbox_limit" in settings:  # bounds what direct clients may queue here
             self.mailbox_limit = int(settings["mailbox_limit"])
             applied.append("mailbox_limit")
+        compression = [k for k in ("compression", "compression_min_bytes", "compression_min_saving") if k in settings]
+        if compression:
+            c = checked
+            self.store.configure(codec=codec_for(c.compression, c.compression_min_bytes, c.compression_min_saving))
+            applied.extend(compression)
         memory = [k for k in ("max_memory", "eviction_policy") if k in settings]
         if memory:
             self.set_memory(settings.get("max_memory"), settings.get("eviction_policy"))
@@ -489,7 +502,8 @@ def run_worker(config: Config, shard_id: int) -> int:
             except transport.BindError as exc:
                 log.error("%s; direct clients will use the router", exc)
         tune_allocator()
-        store = Store(monotonic_ms, max_bytes=config.shard_max_bytes(config.shards), policy=config.eviction_policy)
+        store = Store(monotonic_ms, max_bytes=config.shard_max_bytes(config.shards), policy=config.eviction_policy,
+                      codec=codec_for(config.compression, config.compression_min_bytes, config.compression_min_saving))
         if config.state_dir:
             load_snapshot(store, config, shard_id)
         shard = Shard(store, config, shard_id, cpu)
@@ -518,13 +532,14 @@ def _serve(hub: transport.Hub, inbox: transport.ClientInbox, shard: Shard, wakeu
     hub.watch_fd(wakeup, lambda: transport.drain_fd(wakeup))
     if direct is not None:
         hub.watch(direct, lambda: _serve_direct(direct, shard))
-    active_expire = shard.store.active_expire
+    active_expire, maintain = shard.store.active_expire, shard.store.maintain
     next_expiry = monotonic_ms() + shard.expiry_interval_ms
     while not should_stop():
         hub.poll(max(0, next_expiry - monotonic_ms()))
         now = monotonic_ms()
         if now >= next_expiry:
             active_expire(shard.expiry_budget_ms)
+            maintain()  # segment cleaning between batches, so that writes seldom pay for it
             shard.tick()
             next_expiry = now + shard.expiry_interval_ms
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shardd.errors import OutOfMemory
-from shardd.store import ENTRY_OVERHEAD, LFU_HALF_LIFE_MS, POLICIES, Store
+from shardd.store import ENTRY_OVERHEAD, LFU_HALF_LIFE_MS, POLICIES, TTL_OVERHEAD, Store
 from tests.unit.test_store import FakeClock, check_invariants
 
 SIZE = 100  # value bytes in most tests
@@ -31,8 +31,6 @@ def key(i: int) -> bytes:
 def check_bound(s: Store) -> None:
     check_invariants(s)
     assert s.used_bytes <= s.max_bytes
-    assert len(s._keys) <= s._compact_at
-    assert set(s._data) <= set(s._keys)
 
 
 def test_unlimited_by_default() -> None:
@@ -91,16 +89,16 @@ def test_lfu_counts_decay_while_idle() -> None:
     s.set(b"k", b"v")
     for _ in range(63):
         s.get(b"k")
-    entry = s._data[b"k"]
-    assert entry.hits == 64
+    assert s.entry(b"k")["hits"] == 64
     clock.now += 2 * LFU_HALF_LIFE_MS
     s.touch_clock()
     s.get(b"k")
-    assert entry.hits == 64 // 4 + 1
+    assert s.entry(b"k")["hits"] == 64 // 4 + 1
 
 
 def test_volatile_ttl_evicts_the_soonest_to_expire_and_never_keys_without_ttl() -> None:
     s, _ = make("volatile-ttl", 20)
+    s.configure(max_bytes=s.max_bytes + 10 * TTL_OVERHEAD)  # 10 of the 20 have a TTL
     for i in range(10):
         s.set(key(i), b"x" * SIZE)  # no TTL: never evicted
     for i in range(10, 20):
@@ -125,14 +123,14 @@ def test_noeviction_refuses_and_changes_nothing() -> None:
     s, _ = make("noeviction", 10)
     for i in range(10):
         s.set(key(i), b"x" * SIZE)
-    before = (dict((k, e.value) for k, e in s._data.items()), s.used_bytes, s.sets, s._version)
+    before = ({k: s.entry(k)["value"] for k in list(s.keys())}, s.used_bytes, s.sets, s._version)
     with pytest.raises(OutOfMemory, match="noeviction"):
         s.set(key(10), b"x" * SIZE)
     with pytest.raises(OutOfMemory):
         s.set(key(0), b"x" * (SIZE + 1))  # growing an existing value needs room too
     with pytest.raises(OutOfMemory):
         s.set_many([(key(0), b"y"), (key(11), b"x" * SIZE)])  # all or nothing
-    assert (dict((k, e.value) for k, e in s._data.items()), s.used_bytes, s.sets, s._version) == before
+    assert ({k: s.entry(k)["value"] for k in list(s.keys())}, s.used_bytes, s.sets, s._version) == before
     assert s.oom_rejected == 3 and s.evicted == 0
     assert s.set(key(0), b"x" * (SIZE - 1))  # shrinking is always allowed
     assert s.set(key(1), b"y" * SIZE)  # so is a same-size overwrite
@@ -161,7 +159,7 @@ def test_cas_and_incr_respect_the_limit() -> None:
     assert s.gets(key(0)) == (b"1", version)
     assert s.incr(key(0), 5) == 6  # fits: the store had room for a 100-byte value there
     with pytest.raises(OutOfMemory):
-        s.incr(b"new", 1)
+        s.incr(b"n" * SIZE, 1)  # SIZE - 1 bytes are left: a new key of SIZE bytes cannot fit
 
 
 def test_set_many_makes_room_for_the_whole_batch_and_keeps_its_own_keys() -> None:
@@ -191,6 +189,7 @@ def test_configure_lowers_the_limit_and_evicts_down_to_it() -> None:
 
 def test_expired_keys_are_reclaimed_before_live_keys_are_evicted() -> None:
     s, clock = make("allkeys-lru", 10)
+    s.configure(max_bytes=s.max_bytes + 10 * TTL_OVERHEAD)  # room for 10 keys with a TTL
     for i in range(10):
         s.set(key(i), b"x" * SIZE, ttl_ms=10)
     clock.now += 10
@@ -200,16 +199,30 @@ def test_expired_keys_are_reclaimed_before_live_keys_are_evicted() -> None:
     assert all(s.exists(key(i)) for i in range(10, 20))
 
 
-def test_stale_slots_are_dropped_and_the_key_list_stays_bounded() -> None:
-    s = Store(FakeClock(), random.Random(3))
-    for round_ in range(50):
+def test_churn_keeps_garbage_bounded_and_an_empty_store_unmaps_everything() -> None:
+    # 4 KiB segments so that cleaning runs many times: every live record is moved at least once.
+    clock = FakeClock(1000)
+    s = Store(clock, random.Random(3), segment_bytes=4096)
+    rng = random.Random(4)
+    model: dict[bytes, bytes] = {}
+    for round_ in range(40):
         for i in range(100):
-            s.set(key(i), b"x")
-        for i in range(100):
+            value = rng.randbytes(rng.randrange(0, 300))
+            ttl = rng.choice([None, None, 10_000_000])
+            s.set(key(i), value, ttl_ms=ttl)
+            model[key(i)] = value
+        for i in rng.sample(range(100), 30):
             s.delete(key(i))
-        assert len(s._keys) <= s._compact_at <= 2 * 100 + 64, round_
+            model.pop(key(i))
+        check_invariants(s)  # audit: garbage under its bound, every slot and TTL position right
+        assert s.garbage_bytes <= 2 * 4096 + s.arena_bytes // 8, round_
+    assert {k: s.get(k) for k in model} == model
+    for i in range(100):
+        s.delete(key(i))
+    assert s.arena_bytes == 0 and s.garbage_bytes == 0 and s.used_bytes == 0
+    s.set(b"again", b"v")
     s.flush()
-    assert s._keys == []
+    assert s.arena_bytes == 0 and len(s) == 0
 
 
 @settings(max_examples=60, deadline=None)

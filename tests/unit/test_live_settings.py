@@ -21,6 +21,7 @@ NEW_VALUES: dict[str, Any] = {
     "expiry_interval_ms": 50, "expiry_budget_ms": 2, "hotkeys_capacity": 32, "log_level": "warning",
     "imbalance_threshold": 3.0, "imbalance_check_s": 5.0, "stop_timeout": 9.0, "ready_timeout": 9.0,
     "snapshot_on_stop": False, "snapshot_interval": 60.0, "snapshot_timeout": 30.0,
+    "compression": "zstd", "compression_min_bytes": 200, "compression_min_saving": 0.25,
 }
 
 
@@ -62,6 +63,12 @@ def test_a_worker_applies_every_setting_the_table_gives_it() -> None:
     assert (s.expiry_interval_ms, s.expiry_budget_ms, s.store.policy) == (50, 2, "allkeys-lfu")
     assert s.store.max_bytes == 32 * 1024**2  # its half of max_memory
     assert s.config == msgspec.structs.replace(s.config, **NEW_VALUES)
+    assert s.store.entry(b"x") is None
+    s.store.set(b"x", b"a" * 300)  # 300 bytes >= 200: compressed now
+    assert s.store.entry(b"x")["packed"] and s.store.get(b"x") == b"a" * 300
+    assert configure(s, {"compression": "off"}).status == p.OK
+    s.store.set(b"y", b"a" * 300)
+    assert not s.store.entry(b"y")["packed"] and s.store.get(b"x") == b"a" * 300  # still readable
 
 
 def test_a_worker_refuses_restart_only_settings_and_changes_nothing() -> None:

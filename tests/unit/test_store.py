@@ -12,7 +12,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from shardd.errors import NotInteger, OutOfMemory, TooLarge
 from shardd.protocol import ALWAYS, IF_ABSENT, IF_PRESENT
-from shardd.store import ENTRY_OVERHEAD, EXPIRE_SAMPLE, Store
+from shardd.store import ENTRY_OVERHEAD, EXPIRE_SAMPLE, TTL_OVERHEAD, Store, entry_cost
 
 I64_MAX = (1 << 63) - 1
 I64_MIN = -(1 << 63)
@@ -44,18 +44,14 @@ def store(clock: FakeClock) -> Store:
 
 
 def check_invariants(s: Store) -> None:
-    """Rules 2 and 4 of shardd.store, read from its internals."""
-    with_ttl = 0
-    for key, entry in s._data.items():
-        if entry.expires_at_ms:
-            with_ttl += 1
-            assert entry.ttl_index >= 0
-            assert s._ttl_keys[entry.ttl_index] == key
-        else:
-            assert entry.ttl_index == -1
-    assert with_ttl == len(s._ttl_keys) == s.expiring
-    assert len(set(s._ttl_keys)) == len(s._ttl_keys)
-    assert s.used_bytes == sum(len(k) + len(e.value) + ENTRY_OVERHEAD for k, e in s._data.items())
+    """Rules 2, 4 and 8 of shardd.store, checked from its structures; and Rule 4 from the outside."""
+    s.audit()
+    keys = s.keys()
+    entries = [s.entry(k) for k in keys]
+    assert sum(1 for e in entries if e["expires_at_ms"]) == s.expiring
+    assert s.used_bytes == sum(e["cost"] for e in entries)
+    assert all(e["cost"] == entry_cost(len(k), len(e["value"]), bool(e["expires_at_ms"]), e["aside"])
+               for k, e in zip(keys, entries, strict=True) if not e["packed"])
 
 
 # --- basics ---------------------------------------------------------------------------
@@ -104,10 +100,13 @@ def test_counters(store: Store) -> None:
     assert store.expired == 0
 
 
-def test_entry_overhead_is_computed_from_sizes() -> None:
-    # At least the entry object plus two bytes headers; see the module for the full list.
-    assert 2 * sys.getsizeof(b"") + 40 <= ENTRY_OVERHEAD
-    assert ENTRY_OVERHEAD < 512
+def test_entry_overhead_is_the_packed_record_budget() -> None:
+    # A 24-byte record header and a 16-byte share of the index (the module's byte budget); a
+    # TTL adds its 12-byte header extension and its 8-byte TTL array slot.
+    assert ENTRY_OVERHEAD == 24 + 16
+    assert TTL_OVERHEAD == 12 + 8
+    # Less than the two bytes objects alone cost in the dict-of-objects store it replaced.
+    assert 2 * sys.getsizeof(b"") + 16 > ENTRY_OVERHEAD
 
 
 def test_used_bytes_tracks_inserts_replaces_deletes(store: Store) -> None:
@@ -119,7 +118,7 @@ def test_used_bytes_tracks_inserts_replaces_deletes(store: Store) -> None:
     store.incr(b"key", 99)  # b"100"
     assert store.used_bytes == 3 + 3 + ENTRY_OVERHEAD
     store.set_many([(b"a", b"xy"), (b"b", b"")], ttl_ms=50)
-    assert store.used_bytes == (3 + 3) + (1 + 2) + (1 + 0) + 3 * ENTRY_OVERHEAD
+    assert store.used_bytes == (3 + 3) + (1 + 2) + (1 + 0) + 3 * ENTRY_OVERHEAD + 2 * TTL_OVERHEAD
     store.delete(b"key")
     store.delete_many([b"a", b"b"])
     assert store.used_bytes == 0
@@ -727,10 +726,12 @@ class StoreModel(RuleBasedStateMachine):
         s = self.store
         check_invariants(s)
         now = self.clock.now
+        keys = s.keys()
+        entries = {k: s.entry(k) for k in keys}
         live = {
-            k: [e.value, e.expires_at_ms, e.version]
-            for k, e in s._data.items()
-            if not e.expires_at_ms or e.expires_at_ms > now
+            k: [e["value"], e["expires_at_ms"], e["version"]]
+            for k, e in entries.items()
+            if not e["expires_at_ms"] or e["expires_at_ms"] > now
         }
         expected = {k: v for k, v in self.model.items() if not v[1] or v[1] > now}
         assert live == expected
@@ -797,12 +798,12 @@ def test_getdel_returns_and_removes(store: Store) -> None:
 
 def test_touch_counts_an_access_and_sets_the_ttl_keeping_the_version(clock: FakeClock, store: Store) -> None:
     store.set(b"k", b"v")
-    entry = store._data[b"k"]
-    hits, version = entry.hits, entry.version
+    entry = store.entry(b"k")
+    hits, version = entry["hits"], entry["version"]
     assert store.touch(b"k") is True
-    assert entry.hits == hits + 1 and store.ttl(b"k") == -1
+    assert store.entry(b"k")["hits"] == hits + 1 and store.ttl(b"k") == -1
     assert store.touch(b"k", 250) is True
-    assert store.ttl(b"k") == 250 and entry.version == version
+    assert store.ttl(b"k") == 250 and store.entry(b"k")["version"] == version
     assert store.touch(b"missing", 250) is False and not store.exists(b"missing")
     assert (store.hits, store.misses, store.sets) == (0, 0, 1)  # an access, not a lookup
     with pytest.raises(ValueError):
