@@ -1,30 +1,49 @@
 """shardd side by side with Redis and memcached: same data, same workloads, same client processes.
 
     python bench/compare.py            # full run: 2 s warm-up + 10 s measured per workload and system
-    python bench/compare.py --quick    # smoke run, under a minute
+    python bench/compare.py --quick    # smoke run, about a minute and a half
     python bench/compare.py --help     # every option
 
 Theory of operation
 -------------------
-The parent starts three servers on free loopback ports, each in its own session, logging
+The parent starts the servers on free loopback ports, each in its own session, logging
 into a private temporary directory: ``redis-server`` without persistence (``--save ""
---appendonly no``), ``memcached`` and a shardd daemon (``python -m shardd serve``, one
-worker per CPU by default). It waits until each answers (PING / version / a shardd ping
-answered by every shard), never on a bare sleep.
+--appendonly no``), ``memcached``, a shardd daemon (``python -m shardd serve``, one
+worker per CPU by default), and the two raw ZeroMQ floors of ``bench/zmq_echo.py``: "echo"
+(a Python ROUTER that sends every message back) and "echo-2hop" (a Python ROUTER→DEALER
+forwarder in front of its own echo). It waits until each answers (PING / version / a shardd
+ping answered by every shard / an echoed frame), never on a bare sleep.
 
-Then, for every system in turn:
+Then:
 
-1. **memory** (on the fresh server): RSS of the whole server (for shardd: supervisor + router +
-   every worker, summed with psutil) before and after loading ``--memory-keys`` keys of
-   ``--value-size`` bytes, plus the server's own figure (Redis ``used_memory``, memcached
-   ``bytes``, the sum of shardd's per-shard ``used_bytes``) and a check that every key is there.
-   Then every key is removed again.
+1. **memory**, for every data server (on the fresh server): RSS and PSS of the whole server
+   (for shardd: supervisor + router + every worker, summed with psutil) before and after
+   loading ``--memory-keys`` keys of ``--value-size`` bytes, plus the server's own figure
+   (Redis ``used_memory``, memcached ``bytes``, the sum of shardd's per-shard ``used_bytes``)
+   and a check that every key is there. Then every key is removed again.
 2. the ``--keys`` key space (``key:0`` … ``key:K-1``, ``--value-size`` bytes each) is loaded,
    so every GET hits.
-3. the throughput workloads, each from freshly spawned client processes: sync GET (1 process),
-   sync SET (1 process), batched GET of ``--batch`` keys (1 process: shardd ``get_many``,
-   a redis-py pipeline of GETs, pymemcache ``get_many``), and mixed (``--procs`` processes,
-   ``--get-ratio`` GETs, the rest SETs, keys drawn from a Zipf distribution).
+3. the throughput workloads, each from freshly spawned client processes: sync GET (1 process;
+   the echo floors too, a GET-sized frame per round trip), sync SET (1 process), batched GET of
+   ``--batch`` keys (1 process: shardd ``get_many``, a redis-py pipeline of GETs, pymemcache
+   ``get_many``), and mixed (``--procs`` processes, ``--get-ratio`` GETs, the rest SETs, keys
+   drawn from a Zipf distribution).
+4. **cpu**: ``--cpu-rate`` GET/s offered by ``--cpu-procs`` processes, each sending on a fixed
+   schedule (``paced_loop``), to every system including the echo floors; the parent reads the
+   user + system CPU times of every process of the server (``CpuProbe``) at the start and the
+   end of the ``--cpu-duration`` window, and reports server CPU seconds per 1M GETs and the
+   rate achieved.
+5. **json**: fresh servers of its own (a Redis, a shardd with ``compression = "zstd"`` and one
+   with ``compression = "off"``, written to a config file), ``--json-keys`` keys of
+   ``--json-value-size`` byte JSON documents (``bench/json_values.py``; their zstd level 1
+   ratio is printed): memory per key in each, then sync GET of those values from both shardd
+   daemons in both client modes. A daemon that refuses the key gives "n/a" rows with its message.
+
+Steps 3 to 5 repeat ``--rounds`` times, systems interleaved within each round; each row shows
+the median round (by ops/s, or by CPU per op for step 4). Last come two targets tables:
+docs/design.md's, and the efficiency targets (``evaluate_efficiency_targets``: memory,
+compression, get_many, server CPU per op, the raw ZeroMQ floors), each against the peer
+or floor measured in the same run.
 
 shardd is measured twice: "shardd" is ``shardd.Client`` through the router, "shardd-direct" is
 ``shardd.Client(direct=True)`` against the same daemon (single-key ops go to the owning worker's
@@ -44,9 +63,11 @@ Every server this script started is stopped when it ends, whichever way it ends:
 ``try/finally`` around the run, an ``atexit`` hook, SIGTERM/SIGHUP turned into SystemExit,
 and each server is asked by the kernel to get SIGTERM if this process dies (PR_SET_PDEATHSIG).
 
-The pure parts (``ZipfSampler``, the plan builders, ``ratio`` and the table formatters) import
-nothing beyond the standard library and ``loadgen.Histogram``: the unit tests load this file
-without any server or client library.
+The pure parts (``ZipfSampler``, the plan builders, the timed and paced loops, the CPU
+arithmetic, ``ratio``, the targets and the table formatters) import nothing beyond the standard
+library, ``loadgen.Histogram`` and ``json_values``: the unit tests load this file without any
+server or client library. The module is long because it is one script a user runs end to end;
+its sections (pure parts, servers, adapters, client processes, the run) are what to read.
 """
 
 from __future__ import annotations
@@ -73,7 +94,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,12 +103,11 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
 
-def _load_loadgen() -> Any:
-    """bench/loadgen.py as a module (bench/ is not a package): its Histogram is the one we use."""
-    name = "shardd_bench_loadgen"
+def _load_helper(name: str, filename: str) -> Any:
+    """Another bench/ file as a module (bench/ is not a package); loadgen.py's Histogram is the one we use."""
     module = sys.modules.get(name)
     if module is None:
-        spec = importlib.util.spec_from_file_location(name, HERE / "loadgen.py")
+        spec = importlib.util.spec_from_file_location(name, HERE / filename)
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
@@ -95,14 +115,24 @@ def _load_loadgen() -> Any:
     return module
 
 
-Histogram = _load_loadgen().Histogram
+Histogram = _load_helper("shardd_bench_loadgen", "loadgen.py").Histogram
+json_values = _load_helper("shardd_bench_json_values", "json_values.py")
 
-SYSTEMS = ("shardd", "shardd-direct", "redis", "memcached")
-WORKLOADS = ("memory", "get", "set", "batch", "mixed")
+SYSTEMS = ("shardd", "shardd-direct", "redis", "memcached")  # the data systems (bench/profile_get.py's choices)
+FLOORS = ("echo", "echo-2hop")  # the raw ZeroMQ floors (bench/zmq_echo.py)
+ALL_SYSTEMS = SYSTEMS + FLOORS
+WORKLOADS = ("memory", "get", "set", "batch", "mixed", "cpu", "json")
 CLIENTS = {"shardd": "shardd.Client, router", "shardd-direct": "shardd.Client, direct",
-           "redis": "redis-py", "memcached": "pymemcache"}
+           "redis": "redis-py", "memcached": "pymemcache",
+           "echo": "pyzmq DEALER → ROUTER echo, 1 hop",
+           "echo-2hop": "pyzmq DEALER → Python ROUTER/DEALER forwarder → echo, 2 hops"}
 # A system measured with another system's server: the same running daemon, another client mode.
 SERVER_OF = {"shardd-direct": "shardd"}
+# The raw ZeroMQ floors hold no data: they answer GET-shaped round trips only.
+ECHO_SYSTEMS = frozenset(FLOORS)
+ECHO_WORKLOADS = frozenset({"get", "cpu"})
+JSON_DOCUMENTS = 256  # distinct JSON values, cycled over the keys (each is compressed on its own)
+MiB = 2**20
 X = "\N{MULTIPLICATION SIGN}"  # ratios print as "0.38" + X
 PLAN_SIZE = 1 << 16  # pre-drawn ops per process, cycled (a power of two: index with a mask)
 BATCH_PLANS = 256  # pre-drawn batches per process, cycled
@@ -145,6 +175,20 @@ class ZipfSampler:
         return bisect.bisect_right(self._cum, self._random() * self.total)
 
 
+LOAD_MESSAGE_BYTES = 128 * 1024  # values per loading message: ~this many bytes, at most 1000 keys
+
+
+def value_pool(values: Sequence[bytes] | bytes) -> Sequence[bytes]:
+    """The values to cycle over the keys: one bytes value is a pool of one."""
+    return [values] if isinstance(values, bytes | bytearray) else values
+
+
+def load_chunk(values: Sequence[bytes]) -> int:
+    """Keys per loading message: 1000 small values, fewer large ones (4 KiB: 32), so a load's
+    transient buffers stay small next to the data whose memory is being measured."""
+    return max(1, min(1000, LOAD_MESSAGE_BYTES // max(1, max(len(v) for v in values))))
+
+
 def key_name(index: int) -> bytes:
     return b"key:%d" % index
 
@@ -184,6 +228,11 @@ def servers_for(systems: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(server_of(s) for s in systems))
 
 
+def applies(system: str, workload: str) -> bool:
+    """Whether ``system`` runs ``workload`` (the echo floors have no data, so no SET or batch)."""
+    return system not in ECHO_SYSTEMS or workload in ECHO_WORKLOADS
+
+
 # --- pure parts: results and tables -----------------------------------------------------------
 
 
@@ -215,6 +264,60 @@ class MemoryRow:
     self_reported_name: str
     load_s: float
     note: str = ""
+    pss_empty: int | None = None  # bytes, summed over the server's processes; None: not readable
+    pss_loaded: int | None = None
+
+    def per_key(self) -> float | None:
+        """RSS growth per stored key, bytes: what the data costs, without the empty server."""
+        return (self.rss_loaded - self.rss_empty) / self.keys_loaded if self.keys_loaded else None
+
+
+@dataclass
+class CpuRow:
+    """One system at a fixed offered GET rate: the CPU its server's processes used in the window."""
+
+    system: str
+    client: str
+    procs: int
+    offered: float  # GET/s asked for, all client processes together
+    achieved: float | None  # GET/s sent in the measured window
+    ops: int  # GETs sent in the measured window
+    cpu_s: float | None  # server CPU seconds (user + system, every server process) in the window
+    cpu_per_m: float | None  # cpu_s per 1,000,000 ops
+    server_procs: int
+    p50_us: float | None = None  # from when each GET was due, so falling behind shows
+    p99_us: float | None = None
+    note: str = ""
+    errors: dict[str, int] = field(default_factory=dict)
+
+
+def cpu_seconds(processes: Iterable[Any]) -> dict[int, float]:
+    """pid -> user + system CPU seconds so far, for each process still there (psutil.Process-like)."""
+    out = {}
+    for p in processes:
+        try:
+            t = p.cpu_times()
+        except Exception:  # psutil.NoSuchProcess / AccessDenied: it went away, or is not ours to read
+            continue
+        out[p.pid] = t.user + t.system
+    return out
+
+
+def cpu_used(before: Mapping[int, float], after: Mapping[int, float]) -> float:
+    """CPU seconds used between two ``cpu_seconds`` snapshots, summed over processes.
+
+    A process only in ``after`` started in between: all its time counts. One only in ``before``
+    ended in between: its last stretch is unknown and left out (a server's processes do not
+    come and go while it serves, so this is for completeness).
+    """
+    return sum(t - before.get(pid, 0.0) for pid, t in after.items())
+
+
+def per_million(cpu_s: float | None, ops: int) -> float | None:
+    """CPU seconds per 1,000,000 ops."""
+    if cpu_s is None or ops <= 0:
+        return None
+    return cpu_s / ops * 1e6
 
 
 def ratio(value: float | None, base: float | None) -> float | None:
@@ -283,27 +386,81 @@ def format_table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
-def median_run(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The run with the median ops/s (the lower middle one for an even count), whole: its latencies too."""
+def median_run(runs: Sequence[dict[str, Any]], key: str = "ops_per_s") -> dict[str, Any]:
+    """The run with the median ``key`` (the lower middle one for an even count), whole: its latencies too.
+
+    Runs without a figure for ``key`` (None) sort first, so they are the median only when most are.
+    """
     if not runs:
         raise ValueError("no runs")
-    return sorted(runs, key=lambda r: r["ops_per_s"])[(len(runs) - 1) // 2]
+    return sorted(runs, key=lambda r: (r.get(key) is not None, r.get(key) or 0.0))[(len(runs) - 1) // 2]
+
+
+def spread_note(runs: Sequence[dict[str, Any]], key: str = "ops_per_s", unit: str = "ops/s", digits: int = 0) -> str:
+    """"median of N rounds, <unit> lo to hi" for more than one round, else ""."""
+    values = [r[key] for r in runs if r.get(key) is not None]
+    if len(runs) < 2 or not values:
+        return ""
+    return f"median of {len(runs)} rounds, {unit} {min(values):,.{digits}f} to {max(values):,.{digits}f}"
 
 
 def format_memory_table(rows: Sequence[MemoryRow]) -> str:
+    """RSS and PSS (summed over the server's processes), empty and loaded; ratios to the Redis row's RSS."""
     lines = [
-        "| system | keys stored | RSS empty MiB | RSS loaded MiB | Δ RSS B/key | server's own figure MiB "
-        f"| RSS {X} Redis | load s | notes |",
-        "|" + "---|" * 9,
+        "| system | keys stored | RSS empty MiB | RSS loaded MiB | PSS empty MiB | PSS loaded MiB | Δ RSS B/key "
+        f"| server's own figure MiB | RSS {X} Redis | PSS {X} Redis RSS | load s | notes |",
+        "|" + "---|" * 12,
     ]
     redis = next((m for m in rows if m.system == "redis"), None)
+    base = redis.rss_loaded if redis else None
     for m in rows:
-        per_key = (m.rss_loaded - m.rss_empty) / m.keys_loaded if m.keys_loaded else None
         own = f"{fmt_mib(m.self_reported)} ({m.self_reported_name})" if m.self_reported is not None else "—"
         lines.append(
             f"| {m.system} | {m.keys_loaded:,} | {fmt_mib(m.rss_empty)} | {fmt_mib(m.rss_loaded)} "
-            f"| {fmt_num(per_key, 0)} | {own} | {fmt_ratio(ratio(m.rss_loaded, redis.rss_loaded if redis else None))} "
+            f"| {fmt_mib(m.pss_empty)} | {fmt_mib(m.pss_loaded)} | {fmt_num(m.per_key(), 0)} | {own} "
+            f"| {fmt_ratio(ratio(m.rss_loaded, base))} | {fmt_ratio(ratio(m.pss_loaded, base))} "
             f"| {m.load_s:.1f} | {m.note} |"
+        )
+    return "\n".join(lines)
+
+
+def format_cpu_table(rows: Sequence[CpuRow]) -> str:
+    """Server CPU per 1M GETs at a fixed offered rate; ratios to the Redis row."""
+    lines = [
+        "| system (client) | procs | offered GET/s | achieved GET/s | server CPU s | server CPU s per 1M GETs "
+        f"| {X} Redis | p50 µs | p99 µs | server processes | notes |",
+        "|" + "---|" * 11,
+    ]
+    redis = next((r for r in rows if r.system == "redis"), None)
+    for r in rows:
+        note = "; ".join(x for x in (r.note, ", ".join(f"{k} {v}" for k, v in sorted(r.errors.items()))) if x)
+        lines.append(
+            f"| {r.system} ({r.client}) | {r.procs} | {r.offered:,.0f} | {fmt_num(r.achieved, 0)} "
+            f"| {fmt_num(r.cpu_s, 3)} | {fmt_num(r.cpu_per_m, 1)} "
+            f"| {fmt_ratio(ratio(r.cpu_per_m, redis.cpu_per_m if redis else None))} "
+            f"| {fmt_num(r.p50_us)} | {fmt_num(r.p99_us)} | {r.server_procs} | {note} |"
+        )
+    return "\n".join(lines)
+
+
+def format_json_table(rows: Sequence[Row]) -> str:
+    """Sync GET of the JSON values per client mode, compressed and not; ratio to the uncompressed row."""
+    lines = [f"| system (client) | values stored | ops/s | p50 µs | p95 µs | p99 µs | ops/s {X} uncompressed | notes |",
+             "|" + "---|" * 8]
+    off = {r.system: r for r in rows if r.kind == "json-off"}
+    for r in rows:
+        base = off.get(r.system)
+        stored = "zstd-compressed" if r.kind == "json-zstd" else "uncompressed"
+        if r.ops_per_s is None and r.note:
+            ops, note = "n/a", r.note
+        else:
+            ops, note = fmt_num(r.ops_per_s, 0), r.note
+        if r.errors:
+            note = "; ".join(x for x in (note, "errors: " + ", ".join(f"{k} {v}" for k, v in sorted(r.errors.items())))
+                             if x)
+        lines.append(
+            f"| {r.system} ({r.client}) | {stored} | {ops} | {fmt_num(r.p50_us)} | {fmt_num(r.p95_us)} "
+            f"| {fmt_num(r.p99_us)} | {fmt_ratio(ratio(r.ops_per_s, base.ops_per_s if base else None))} | {note} |"
         )
     return "\n".join(lines)
 
@@ -311,10 +468,17 @@ def format_memory_table(rows: Sequence[MemoryRow]) -> str:
 @dataclass
 class Target:
     name: str
-    measured: float | None  # the ratio
+    measured: float | None  # a ratio, or a quantity in ``unit``
     goal: str  # e.g. ">= 0.60"
     met: bool | None  # None: not measured
     detail: str = ""
+    unit: str = X  # X: a ratio; otherwise the unit of an absolute figure ("MiB")
+
+
+def _check(name: str, value: float | None, goal: float, at_least: bool, detail: str = "", unit: str = X) -> Target:
+    met = None if value is None else (value >= goal if at_least else value <= goal)
+    shown = f"{goal:.2f}{X}" if unit == X else f"{goal:g} {unit}"
+    return Target(name, value, f"{'≥' if at_least else '≤'} {shown}", met, detail, unit)
 
 
 def evaluate_targets(rows: Sequence[Row], memory: Sequence[MemoryRow]) -> list[Target]:
@@ -329,10 +493,7 @@ def evaluate_targets(rows: Sequence[Row], memory: Sequence[MemoryRow]) -> list[T
         return next((r for r in rows if r.kind == workload and r.system == system
                      and r.ops_per_s is not None), None)
 
-    def check(name: str, value: float | None, goal: float, at_least: bool, detail: str = "") -> Target:
-        met = None if value is None else (value >= goal if at_least else value <= goal)
-        return Target(name, value, f"{'≥' if at_least else '≤'} {goal:.2f}{X}", met, detail)
-
+    check = _check
     modes = (("shardd-direct", "direct mode"), ("shardd", "router"))
     out = []
     r = find("get", "redis")
@@ -364,11 +525,94 @@ def evaluate_targets(rows: Sequence[Row], memory: Sequence[MemoryRow]) -> list[T
     return out
 
 
+JSON_ZSTD = "shardd, compression = zstd"
+JSON_OFF = "shardd, compression = off"
+
+
+def _joined(*parts: str) -> str:
+    return "; ".join(p for p in parts if p)
+
+
+def evaluate_efficiency_targets(rows: Sequence[Row], memory: Sequence[MemoryRow], cpu: Sequence[CpuRow],
+                             json_memory: Sequence[MemoryRow], json_rows: Sequence[Row], shards: int,
+                             batch: int = 100, json_value_size: int = 4096) -> list[Target]:
+    """The efficiency targets (memory, compression, get_many, CPU per op, the raw ZeroMQ floors),
+    each against the floor or peer measured in the same run.
+
+    Memory "per key" is RSS growth per stored key (the data's cost, without the empty server);
+    "total" is the loaded server. Where the run measured something other than what a target names
+    (fewer keys, another shard count or batch size), the target is still evaluated and the detail
+    says so.
+    """
+
+    def find(kind: str, system: str, source: Sequence[Row] = rows) -> Row | None:
+        return next((r for r in source if r.kind == kind and r.system == system and r.ops_per_s is not None), None)
+
+    def mem(source: Sequence[MemoryRow], system: str) -> MemoryRow | None:
+        return next((m for m in source if m.system == system), None)
+
+    def ops(r: Row | None) -> float | None:
+        return r.ops_per_s if r else None
+
+    def figures(a: float | None, b: float | None, unit: str, names: tuple[str, str] = ("shardd", "Redis"),
+                digits: int = 0) -> str:
+        if a is None or b is None:
+            return ""
+        return f"{names[0]} {a:,.{digits}f} {unit}, {names[1]} {b:,.{digits}f} {unit}"
+
+    modes = (("shardd-direct", "direct"), ("shardd", "router"))
+    out: list[Target] = []
+    ms, mr = mem(memory, "shardd"), mem(memory, "redis")
+    keys_note = "" if ms is None or ms.keys_loaded >= 1_000_000 else f"{ms.keys_loaded:,} keys, not 1M"
+    pk_s, pk_r = (ms.per_key() if ms else None), (mr.per_key() if mr else None)
+    out.append(_check(f"1M {X} 100 B: shardd memory per key vs Redis's (Δ RSS / key)", ratio(pk_s, pk_r), 0.9, False,
+                      _joined(figures(pk_s, pk_r, "B/key"), keys_note)))
+    pss = ms.pss_loaded / MiB if ms and ms.pss_loaded is not None else None
+    rss = mr.rss_loaded / MiB if mr else None
+    out.append(_check(f"1M {X} 100 B: shardd total memory (PSS of every process, loaded) vs Redis's RSS",
+                      ratio(pss, rss), 1.2, False, _joined(figures(pss, rss, "MiB", digits=1), keys_note)))
+    empty = ms.pss_empty / MiB if ms and ms.pss_empty is not None else None
+    out.append(_check("empty 2-shard daemon: PSS of every process", empty, 60, False,
+                      "" if ms is None or shards == 2 else f"measured with {shards} shards", unit="MiB"))
+    jz, jr = mem(json_memory, JSON_ZSTD), mem(json_memory, "redis")
+    pk_z, pk_jr = (jz.per_key() if jz else None), (jr.per_key() if jr else None)
+    size_note = "" if json_value_size == 4096 else f"{json_value_size} B values"
+    out.append(_check("JSON 4 KiB values: shardd memory per key vs Redis's for the same data (Δ RSS / key)",
+                      ratio(pk_z, pk_jr), 0.5, False, _joined(figures(pk_z, pk_jr, "B/key"), size_note)))
+    for system, mode in modes:
+        z, o = find("json-zstd", system, json_rows), find("json-off", system, json_rows)
+        out.append(_check(f"JSON 4 KiB values, {mode}: sync GET ops/s, compressed vs stored uncompressed",
+                          ratio(ops(z), ops(o)), 0.9, True,
+                          _joined(figures(ops(z), ops(o), "ops/s", ("compressed", "uncompressed")), size_note)))
+    mc = find("batch", "memcached")
+    batch_note = "" if batch == 100 else f"get_many({batch})"
+    for system, mode in modes:
+        s = find("batch", system)
+        out.append(_check(f"get_many(100), {mode}: keys/s vs pymemcache get_many", ratio(ops(s), ops(mc)),
+                          1.5 if system == "shardd-direct" else 1.0, True,
+                          _joined(figures(ops(s), ops(mc), "keys/s", ("shardd", "pymemcache")), batch_note)))
+    cr = next((c for c in cpu if c.system == "redis"), None)
+    for system, mode in modes:
+        c = next((c for c in cpu if c.system == system), None)
+        a, b = (c.cpu_per_m if c else None), (cr.cpu_per_m if cr else None)
+        achieved = f"shardd achieved {c.achieved:,.0f} of {c.offered:,.0f} GET/s" if c and c.achieved else ""
+        out.append(_check(f"server CPU per 1M GETs, {mode}: vs Redis's", ratio(a, b),
+                          1.5 if system == "shardd-direct" else 2.5, False,
+                          _joined(figures(a, b, "CPU s", digits=1), achieved)))
+    for system, mode, floor, goal in (("shardd-direct", "direct", "echo", 0.95),
+                                      ("shardd", "router", "echo-2hop", 0.9)):
+        name = "one raw ZeroMQ hop (echo)" if floor == "echo" else "two raw ZeroMQ hops (forwarder + echo)"
+        s, f = find("get", system), find("get", floor)
+        out.append(_check(f"sync GET, {mode}: ops/s vs {name}", ratio(ops(s), ops(f)), goal, True,
+                          figures(ops(s), ops(f), "ops/s", ("shardd", floor))))
+    return out
+
+
 def format_targets(targets: Sequence[Target]) -> str:
     lines = ["| target | goal | measured | met? |", "|---|---|---|---|"]
     for t in targets:
         met = "not measured" if t.met is None else ("yes" if t.met else "**no**")
-        measured = fmt_ratio(t.measured)
+        measured = fmt_ratio(t.measured) if t.unit == X or t.measured is None else f"{t.measured:,.1f} {t.unit}"
         if t.detail:
             measured = f"{measured} ({t.detail})"
         lines.append(f"| {t.name} | {t.goal} | {measured} | {met} |")
@@ -520,13 +764,13 @@ def stop_all() -> None:
             print(f"compare: could not stop {server.name}: {exc}", file=sys.stderr)
 
 
-def start_redis(tmp: Path) -> Server:
+def start_redis(tmp: Path, name: str = "redis") -> Server:
     exe = shutil.which("redis-server")
     if exe is None:
         raise SetupError("redis-server not found: apt-get update && apt-get install -y redis-server memcached")
     port = free_port()
-    server = Server("redis", [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                              "--daemonize", "no", "--dir", str(tmp), "--logfile", ""], tmp / "redis.log", port)
+    server = Server(name, [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                           "--daemonize", "no", "--dir", str(tmp), "--logfile", ""], tmp / f"{name}.log", port)
     server.start()
     import redis
 
@@ -557,20 +801,41 @@ def start_memcached(tmp: Path, memory_keys: int, value_size: int) -> Server:
     return server
 
 
-def start_shardd(tmp: Path, shards: int, direct: bool = False) -> tuple[Server, int]:
+def toml_config(settings: Mapping[str, str | int | float | bool]) -> str:
+    """A flat TOML document of ``settings`` (strings, numbers, booleans): a shardd config file."""
+    lines = []
+    for key, value in settings.items():
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, int | float):
+            text = repr(value)
+        else:
+            text = json.dumps(value)  # a JSON string is a TOML basic string for these values
+        lines.append(f"{key} = {text}")
+    return "\n".join(lines) + "\n"
+
+
+def start_shardd(tmp: Path, shards: int, direct: bool = False, name: str = "shardd",
+                 settings: Mapping[str, str | int | float | bool] | None = None) -> tuple[Server, int]:
     """A shardd daemon on a free port; returns it and its shard count.
 
     With ``direct``, ready also means every worker has published its own endpoint (direct mode).
+    ``settings`` go into a config file (``--config``): keys the daemon does not know make it
+    refuse to start, and the SetupError carries its message.
     """
     port = free_port()
     argv = [sys.executable, "-m", "shardd", "serve", "--bind", f"tcp://127.0.0.1:{port}",
-            "--runtime-dir", str(tmp / "shardd-run")]
+            "--runtime-dir", str(tmp / f"{name}-run")]
     if shards:
         argv += ["--shards", str(shards)]
-    # Built-in defaults only: no config file or state directory from the environment (a state
-    # directory would make the daemon write a snapshot when stopped).
+    if settings:
+        path = tmp / f"{name}.toml"
+        path.write_text(toml_config(settings))
+        argv += ["--config", str(path)]
+    # Built-in defaults (and ``settings``) only: no config file or state directory from the
+    # environment (a state directory would make the daemon write a snapshot when stopped).
     env = {k: v for k, v in os.environ.items() if k not in ("SHARDD_CONFIG", "STATE_DIRECTORY", "SHARDD_ENDPOINT")}
-    server = Server("shardd", argv, tmp / "shardd.log", port, env)
+    server = Server(name, argv, tmp / f"{name}.log", port, env)
     server.start()
     from shardd import Client
 
@@ -586,6 +851,21 @@ def start_shardd(tmp: Path, shards: int, direct: bool = False) -> tuple[Server, 
     return server, expected
 
 
+def start_echo(tmp: Path, name: str) -> Server:
+    """bench/zmq_echo.py: ``echo`` a bare ROUTER echo, ``echo-2hop`` a forwarder in front of its own echo."""
+    port = free_port()
+    mode = "echo" if name == "echo" else "forward"
+    server = Server(name, [sys.executable, str(HERE / "zmq_echo.py"), mode, "--bind", f"tcp://127.0.0.1:{port}"],
+                    tmp / f"{name}.log", port)
+    server.start()
+    client = EchoAdapter(port, 0.5)
+    try:
+        server.wait_ready(lambda: client.get(b"") is not None)
+    finally:
+        client.close()
+    return server
+
+
 # --- client adapters (used inside the client processes and for loading) -----------------------
 
 
@@ -598,7 +878,8 @@ class Adapter:
     def mget(self, keys: list[bytes]) -> int:
         raise NotImplementedError
 
-    def load(self, start: int, stop: int, value: bytes) -> None:
+    def load(self, start: int, stop: int, values: Sequence[bytes] | bytes) -> None:
+        """SET keys ``start`` … ``stop - 1``; key i gets ``values[i % len(values)]`` (or ``values``, one bytes)."""
         raise NotImplementedError
 
     def count(self) -> int:
@@ -636,11 +917,12 @@ class SharddAdapter(Adapter):
     def mget(self, keys: list[bytes]) -> int:
         return len(self.client.get_many(keys))
 
-    def load(self, start: int, stop: int, value: bytes) -> None:
-        chunk = 1000
+    def load(self, start: int, stop: int, values: Sequence[bytes] | bytes) -> None:
+        values = value_pool(values)
+        chunk, n = load_chunk(values), len(values)
         with self.client.pipeline() as pipe:
             for lo in range(start, stop, chunk):
-                pipe.set_many([(key_name(i), value) for i in range(lo, min(lo + chunk, stop))])
+                pipe.set_many([(key_name(i), values[i % n]) for i in range(lo, min(lo + chunk, stop))])
                 if len(pipe) >= 8:  # 8 messages of 1000 keys in flight at a time
                     pipe.execute()
             pipe.execute()
@@ -679,11 +961,12 @@ class RedisAdapter(Adapter):
         values = pipe.execute()
         return len(values) - values.count(None)
 
-    def load(self, start: int, stop: int, value: bytes) -> None:
-        chunk = 1000
+    def load(self, start: int, stop: int, values: Sequence[bytes] | bytes) -> None:
+        values = value_pool(values)
+        chunk, n = load_chunk(values), len(values)
         pipe = self.client.pipeline(transaction=False)
         for lo in range(start, stop, chunk):
-            pipe.mset({key_name(i): value for i in range(lo, min(lo + chunk, stop))})
+            pipe.mset({key_name(i): values[i % n] for i in range(lo, min(lo + chunk, stop))})
             if len(pipe) >= 8:
                 pipe.execute()
         pipe.execute()
@@ -715,10 +998,11 @@ class MemcachedAdapter(Adapter):
     def mget(self, keys: list[bytes]) -> int:
         return len(self.client.get_many(keys))
 
-    def load(self, start: int, stop: int, value: bytes) -> None:
-        chunk = 1000
+    def load(self, start: int, stop: int, values: Sequence[bytes] | bytes) -> None:
+        values = value_pool(values)
+        chunk, n = load_chunk(values), len(values)
         for lo in range(start, stop, chunk):
-            failed = self.client.set_many({key_name(i): value for i in range(lo, min(lo + chunk, stop))},
+            failed = self.client.set_many({key_name(i): values[i % n] for i in range(lo, min(lo + chunk, stop))},
                                           noreply=False)
             if failed:
                 raise RuntimeError(f"memcached did not store {len(failed)} keys (e.g. {failed[0]!r})")
@@ -739,8 +1023,54 @@ class MemcachedAdapter(Adapter):
         self.client.close()
 
 
+def echo_payload() -> bytes:
+    """The frame a shardd client sends for one GET (``key:12345``): the echo floors' request size."""
+    try:
+        from shardd import protocol
+
+        return protocol.encode_request(123456, protocol.Get(key_name(12345)))
+    except ImportError:  # pragma: no cover - shardd is importable wherever this runs
+        return b"\x00" * 23
+
+
+class EchoAdapter(Adapter):
+    """A DEALER to bench/zmq_echo.py: each "GET" sends one GET-sized frame and waits for it back.
+
+    A blocking ``send``/``recv`` with RCVTIMEO (no poll), so this is the barest pyzmq round trip;
+    a reply that missed its timeout raises zmq.Again (counted as an error).
+    """
+
+    def __init__(self, port: int, timeout: float) -> None:
+        import zmq
+
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVTIMEO, max(1, int(timeout * 1000)))
+        sock.setsockopt(zmq.SNDTIMEO, max(1, int(timeout * 1000)))
+        sock.connect(f"tcp://127.0.0.1:{port}")
+        self._sock = sock
+        payload, send, recv = echo_payload(), sock.send, sock.recv
+
+        def get(key: bytes) -> bytes:
+            send(payload)
+            return recv()
+
+        self.get = get
+        self.set = lambda key, value: get(key)
+
+    def mget(self, keys: list[bytes]) -> int:
+        raise NotImplementedError("the echo floors answer single round trips only")
+
+    def load(self, start: int, stop: int, values: Sequence[bytes] | bytes) -> None:
+        pass  # nothing is stored
+
+    def close(self) -> None:
+        self._sock.close(0)
+
+
 ADAPTERS: dict[str, type[Adapter]] = {"shardd": SharddAdapter, "shardd-direct": SharddDirectAdapter,
-                                      "redis": RedisAdapter, "memcached": MemcachedAdapter}
+                                      "redis": RedisAdapter, "memcached": MemcachedAdapter,
+                                      "echo": EchoAdapter, "echo-2hop": EchoAdapter}
 
 
 def make_adapter(system: str, port: int, timeout: float = 5.0) -> Adapter:
@@ -823,6 +1153,47 @@ def timed_loop(step: Callable[[int], int], per_step: int, measure_from: int, sto
             "histogram": hist.to_dict()}
 
 
+def paced_loop(step: Callable[[int], int], per_step: int, first_due: int, period_ns: int, measure_from: int,
+               stop_at: int, clock: Callable[[], int] = time.perf_counter_ns,
+               sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
+    """Start one ``step`` every ``period_ns`` from ``first_due`` until ``stop_at``: an offered rate.
+
+    Open loop on a fixed schedule: a step is never sent early; a late one is sent at once and
+    none is skipped, so a server that cannot keep up gets fewer than offered (the achieved rate
+    says so) and its latency, counted from when each step was *due*, shows how far behind it is.
+    Steps sent at or after ``measure_from`` are measured; nothing is sent from ``stop_at`` on.
+    """
+    hist = Histogram()
+    record = hist.record
+    errors: Counter[str] = Counter()
+    steps = misses = 0
+    i = 0
+    due = first_due
+    while due < stop_at:
+        now = clock()
+        if now < due:
+            sleep((due - now) / 1e9)
+            now = clock()
+        if now >= stop_at:
+            break
+        measured = now >= measure_from
+        try:
+            missed = step(i)
+        except Exception as exc:
+            if measured:
+                errors[type(exc).__name__] += 1
+        else:
+            if measured:
+                record(clock() - due)
+                steps += 1
+                misses += missed
+        i += 1
+        due += period_ns
+    elapsed = max(max(clock(), stop_at) - measure_from, 1) / 1e9
+    return {"ops": steps * per_step, "elapsed_s": elapsed, "misses": int(misses), "errors": dict(errors),
+            "histogram": hist.to_dict()}
+
+
 def _client_process(index: int, spec: dict[str, Any], start_at: Any, go: Any, results: Any) -> None:
     """One client process: plan, connect, report ready, wait for the common start, run, report."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops us and the servers
@@ -839,7 +1210,12 @@ def _client_process(index: int, spec: dict[str, Any], start_at: Any, go: Any, re
     try:
         measure_from = int((start_at.value + spec["warmup"]) * 1e9)
         stop_at = measure_from + int(spec["duration"] * 1e9)
-        report = timed_loop(step, per_step, measure_from, stop_at)
+        if spec.get("rate"):  # paced: spec["rate"] steps/s over all spec["procs"] processes, phases spread
+            period = int(1e9 * spec["procs"] / spec["rate"])
+            first_due = int(start_at.value * 1e9) + period * index // spec["procs"]
+            report = paced_loop(step, per_step, first_due, period, measure_from, stop_at)
+        else:
+            report = timed_loop(step, per_step, measure_from, stop_at)
     except Exception as exc:
         results.put(("error", index, f"{type(exc).__name__}: {exc}"))
     else:
@@ -987,7 +1363,8 @@ def loadavg() -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description="shardd vs Redis vs memcached, side by side (see bench/README.md).")
     ap.add_argument("--quick", action="store_true",
-                    help="smoke run: --warmup 0.3 --duration 1 --memory-keys 100000 (explicit options win)")
+                    help="smoke run: --warmup 0.3 --duration 1 --memory-keys 100000 --cpu-duration 2 "
+                         "--json-keys 20000 (explicit options win)")
     ap.add_argument("--duration", type=float, help="measured seconds per workload and system (default 10)")
     ap.add_argument("--warmup", type=float, help="unmeasured seconds first (default 2)")
     ap.add_argument("--keys", type=int, default=100_000, help="key space of the workloads (default 100000)")
@@ -997,18 +1374,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--procs", type=int, default=8, help="client processes of the mixed workload (default 8)")
     ap.add_argument("--get-ratio", type=float, default=0.9, help="GET share of the mixed workload (default 0.9)")
     ap.add_argument("--zipf-s", type=float, default=0.99, help="Zipf exponent of the mixed workload (default 0.99)")
+    ap.add_argument("--cpu-rate", type=float, default=5000.0,
+                    help="cpu workload: GET/s offered, all client processes together (default 5000)")
+    ap.add_argument("--cpu-duration", type=float, help="cpu workload: measured seconds per system (default 10)")
+    ap.add_argument("--cpu-procs", type=int, default=4, help="cpu workload: pacing client processes (default 4)")
+    ap.add_argument("--json-keys", type=int, help="json workload: keys with JSON values (default 100000)")
+    ap.add_argument("--json-value-size", type=int, default=4096, help="json workload: bytes per value (default 4096)")
     ap.add_argument("--shards", type=int, default=0, help="shardd shards (default 0: one per CPU)")
-    ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {','.join(SYSTEMS)}")
+    ap.add_argument("--systems", default=",".join(ALL_SYSTEMS),
+                    help=f"comma-separated subset of {','.join(ALL_SYSTEMS)}")
     ap.add_argument("--workloads", default=",".join(WORKLOADS),
                     help=f"comma-separated subset of {','.join(WORKLOADS)}")
-    ap.add_argument("--repeat", type=int, default=1,
-                    help="rounds of every throughput workload, interleaved; the median round is shown (default 1)")
+    ap.add_argument("--rounds", "--repeat", dest="rounds", type=int, default=1,
+                    help="rounds of every throughput, cpu and json row, systems interleaved within each round; "
+                         "the median round is shown (default 1)")
     ap.add_argument("--timeout", type=float, default=5.0, help="client timeout in seconds (default 5)")
     ap.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
     ap.add_argument("--json", metavar="PATH", help="also write every figure as JSON to PATH")
     args = ap.parse_args(argv)
-    quick = {"duration": 1.0, "warmup": 0.3, "memory_keys": 100_000}
-    full = {"duration": 10.0, "warmup": 2.0, "memory_keys": 1_000_000}
+    quick = {"duration": 1.0, "warmup": 0.3, "memory_keys": 100_000, "cpu_duration": 1.0, "json_keys": 20_000}
+    full = {"duration": 10.0, "warmup": 2.0, "memory_keys": 1_000_000, "cpu_duration": 10.0, "json_keys": 100_000}
     for name, default in (quick if args.quick else full).items():
         if getattr(args, name) is None:
             setattr(args, name, default)
@@ -1024,10 +1409,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         (args.procs >= 1, "--procs must be at least 1"),
         (0 <= args.get_ratio <= 1, "--get-ratio must be in [0, 1]"),
         (args.zipf_s >= 0, "--zipf-s must be >= 0"),
+        (args.cpu_rate > 0, "--cpu-rate must be > 0"),
+        (args.cpu_duration > 0, "--cpu-duration must be > 0"),
+        (args.cpu_procs >= 1, "--cpu-procs must be at least 1"),
+        (args.json_keys >= 1, "--json-keys must be at least 1"),
+        (args.json_value_size >= 64, "--json-value-size must be at least 64"),
         (args.shards >= 0, "--shards must be >= 0"),
         (args.timeout > 0, "--timeout must be > 0"),
-        (args.repeat >= 1, "--repeat must be at least 1"),
-        (bool(args.systems) and set(args.systems) <= set(SYSTEMS), f"--systems must be a subset of {SYSTEMS}"),
+        (args.rounds >= 1, "--rounds must be at least 1"),
+        (bool(args.systems) and set(args.systems) <= set(ALL_SYSTEMS), f"--systems must be a subset of {ALL_SYSTEMS}"),
         (bool(args.workloads) and set(args.workloads) <= set(WORKLOADS),
          f"--workloads must be a subset of {WORKLOADS}"),
     ]
@@ -1048,10 +1438,10 @@ def check_libraries(systems: Sequence[str]) -> None:
         raise SetupError(f"missing Python packages: {', '.join(missing)}; install them with: pip install -e '.[bench]'")
 
 
-def measure_memory(system: str, server: Server, adapter: Adapter, keys: int, value: bytes) -> MemoryRow:
-    rss_empty, _, _ = server.rss()
+def measure_memory(system: str, server: Server, adapter: Adapter, keys: int, values: Sequence[bytes]) -> MemoryRow:
+    rss_empty, pss_empty, _ = server.rss()
     t0 = time.monotonic()
-    adapter.load(0, keys, value)
+    adapter.load(0, keys, values)
     load_s = time.monotonic() - t0
     time.sleep(0.5)  # let allocators and background threads settle
     stored = adapter.count()
@@ -1059,10 +1449,146 @@ def measure_memory(system: str, server: Server, adapter: Adapter, keys: int, val
     own, own_name = adapter.own_memory()
     notes = []
     if nprocs > 1:
-        notes.append(f"{nprocs} processes summed" + (f"; PSS {fmt_mib(pss)} MiB" if pss else ""))
+        notes.append(f"{nprocs} processes summed")
     if stored != keys:
         notes.append(f"**only {stored:,} of {keys:,} keys stored**")
-    return MemoryRow(system, stored, rss_empty, rss_loaded, own, own_name, load_s, "; ".join(notes))
+    return MemoryRow(system, stored, rss_empty, rss_loaded, own, own_name, load_s, "; ".join(notes), pss_empty, pss)
+
+
+def _sleep_until(instant: float) -> None:
+    """Sleep until ``time.perf_counter()`` reaches ``instant`` (the clients' clock)."""
+    while (left := instant - time.perf_counter()) > 0:
+        time.sleep(min(left, 0.5))
+
+
+class CpuProbe:
+    """Reads the CPU times of a server's processes at the start and the end of the measured window.
+
+    ``on_start`` is run_clients' hook: it runs in the parent once every client is ready and
+    blocks through the window (the clients' reports wait in their queue meanwhile).
+    """
+
+    def __init__(self, server: Server, warmup: float, duration: float) -> None:
+        self.server = server
+        self.warmup = warmup
+        self.duration = duration
+        self.cpu_s: float | None = None
+        self.processes = 0
+
+    def on_start(self, start_at: float, _clients: list[Any]) -> None:
+        begin = start_at + self.warmup
+        _sleep_until(begin)
+        before = cpu_seconds(self.server.processes())
+        _sleep_until(begin + self.duration)
+        after = cpu_seconds(self.server.processes())
+        self.cpu_s = cpu_used(before, after)
+        self.processes = len(after)
+
+
+def run_workload(args: argparse.Namespace, workload: str, system: str, server: Server) -> dict[str, Any]:
+    """One round of one (workload, system): spawn its client processes, return the merged report."""
+    procs = {"mixed": args.procs, "cpu": args.cpu_procs}.get(workload, 1)
+    spec = {"system": system, "port": server.port, "workload": "get" if workload == "cpu" else workload,
+            "keys": args.keys, "value_size": args.value_size, "batch": args.batch,
+            "get_ratio": args.get_ratio, "zipf_s": args.zipf_s, "seed": args.seed,
+            "warmup": args.warmup, "duration": args.duration, "timeout": args.timeout}
+    if workload != "cpu":
+        return run_clients(spec, procs)
+    spec.update(rate=args.cpu_rate, procs=procs, duration=args.cpu_duration)
+    probe = CpuProbe(server, args.warmup, args.cpu_duration)
+    result = run_clients(spec, procs, probe.on_start)
+    result.update(cpu_s=probe.cpu_s, server_procs=probe.processes, cpu_per_m=per_million(probe.cpu_s, result["ops"]))
+    return result
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def run_json(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """The compressible-values workload: memory per key and sync GET of JSON values.
+
+    Fresh servers of its own, so nothing earlier in the run is in their heaps: a Redis, a shardd
+    with ``compression = "zstd"`` and one with ``compression = "off"``, each loaded with the same
+    ``--json-keys`` keys (key i holds document i mod JSON_DOCUMENTS; shardd's ``max_memory`` is
+    set so that nothing is evicted). The Redis goes once its memory is read; both shardd daemons
+    then serve sync GETs (1 process, uniform keys) in each client mode, interleaved per round. A
+    daemon that refuses the config key gives "n/a" rows.
+    """
+    size = args.json_value_size
+    values = json_values.json_documents(args.seed, JSON_DOCUMENTS, size)
+    zratio = json_values.zstd_ratio(values)
+    shown = f"{zratio:.2f}:1" if zratio is not None else "not checked (zstandard not installed)"
+    print(f"compare: json: {len(values)} distinct {size} B JSON documents, zstd level 1 ratio {shown}",
+          file=sys.stderr)
+    modes = [s for s in ("shardd-direct", "shardd") if s in args.systems]
+    daemons = {"shardd-zstd": ("zstd", JSON_ZSTD), "shardd-off": ("off", JSON_OFF)} if modes else {}
+    # Room for every value uncompressed, twice over, so nothing is evicted (as memcached's -m).
+    max_memory = max(2**30, 2 * args.json_keys * (size + 512))
+    servers: dict[str, Server] = {}
+    refused: dict[str, str] = {}
+    memory: list[MemoryRow] = []
+    rows: list[Row] = []
+    redis: Server | None = None
+    shards = 0
+    try:
+        if "redis" in args.systems:
+            print("compare: json: starting redis-json", file=sys.stderr)
+            redis = start_redis(tmp, "redis-json")
+        for name, (compression, _) in daemons.items():
+            print(f"compare: json: starting {name} (compression = {compression!r})", file=sys.stderr)
+            try:
+                servers[name], shards = start_shardd(tmp, args.shards, direct="shardd-direct" in modes, name=name,
+                                                     settings={"compression": compression,
+                                                               "max_memory": max_memory})
+            except SetupError as exc:
+                refused[name] = one_line(str(exc))
+                print(f"compare: json: {refused[name]}", file=sys.stderr)
+        for label, server, system in (("redis", redis, "redis"), (JSON_ZSTD, servers.get("shardd-zstd"), "shardd"),
+                                      (JSON_OFF, servers.get("shardd-off"), "shardd")):
+            if server is None:
+                continue
+            print(f"compare: json: memory, {label}: loading {args.json_keys:,} keys", file=sys.stderr)
+            adapter = make_adapter(system, server.port, max(args.timeout, 30.0))
+            try:
+                memory.append(measure_memory(label, server, adapter, args.json_keys, values))
+            finally:
+                adapter.close()
+        if redis is not None:
+            redis.stop()  # its part is done: give its memory back before the GET rows
+        measured: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for round_no in range(args.rounds):
+            for name, server in servers.items():
+                for system in modes:
+                    print(f"compare: json: round {round_no + 1}/{args.rounds}: sync GET, {name}, {system} "
+                          f"[load {loadavg()}]", file=sys.stderr)
+                    spec = {"system": system, "port": server.port, "workload": "get", "keys": args.json_keys,
+                            "value_size": size, "batch": args.batch, "get_ratio": 1.0, "zipf_s": args.zipf_s,
+                            "seed": args.seed, "warmup": args.warmup, "duration": args.duration,
+                            "timeout": args.timeout}
+                    measured.setdefault((name, system), []).append(run_clients(spec, 1))
+                    if not server.alive():
+                        raise RunError(f"{name} died during the json GETs ({system}):\n{server.log_tail()}")
+        for name, (compression, _) in daemons.items():
+            for system in modes:
+                row = Row(f"json-{compression}", f"sync GET, {size} B JSON", system, CLIENTS[system], 1)
+                if name in refused:
+                    row.note = f"n/a: the daemon refused `compression = \"{compression}\"` (its message is above)"
+                else:
+                    runs = measured[(name, system)]
+                    res = median_run(runs)
+                    row.ops_per_s = res["ops_per_s"] if res["ops"] else None
+                    row.p50_us, row.p95_us, row.p99_us = res["p50_us"], res["p95_us"], res["p99_us"]
+                    row.note, row.misses, row.errors = spread_note(runs), res["misses"], res["errors"]
+                rows.append(row)
+    finally:
+        for server in (redis, *servers.values()):
+            if server is not None:
+                server.stop()
+    return {"documents": len(values), "value_size": size, "keys": args.json_keys, "zstd_ratio": zratio,
+            "shards": shards, "memory": [asdict(m) for m in memory], "rows": [asdict(r) for r in rows],
+            "refused": refused}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -1074,65 +1600,82 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     servers: dict[str, Server] = {}
     rows: list[Row] = []
     memory: list[MemoryRow] = []
+    cpu: list[CpuRow] = []
+    json_report: dict[str, Any] | None = None
     value = b"v" * args.value_size
     try:
         shards = 0
-        for name in servers_for(args.systems):
+        # The json workload starts servers of its own; the others share these.
+        shared = [w for w in args.workloads if w != "json"]
+        for name in servers_for([s for s in args.systems if any(applies(s, w) for w in shared)]):
             print(f"compare: starting {name}", file=sys.stderr)
             if name == "redis":
                 servers[name] = start_redis(tmp)
             elif name == "memcached":
                 servers[name] = start_memcached(tmp, args.memory_keys, args.value_size)
+            elif name in ECHO_SYSTEMS:
+                servers[name] = start_echo(tmp, name)
             else:
                 servers[name], shards = start_shardd(tmp, args.shards, direct="shardd-direct" in args.systems)
-        throughput = [w for w in WORKLOADS if w in args.workloads and w != "memory"]
-        # Memory and loading once per server, through its own system's (router-mode) client.
+        throughput = [w for w in WORKLOADS if w in args.workloads and w not in ("memory", "json")]
+        # Memory and loading once per data server, through its own system's (router-mode) client.
         for name in servers:
+            if name in ECHO_SYSTEMS:
+                continue
             adapter = make_adapter(name, servers[name].port, max(args.timeout, 30.0))
             try:
                 if "memory" in args.workloads:
                     print(f"compare: memory, {name}: loading {args.memory_keys:,} keys", file=sys.stderr)
-                    memory.append(measure_memory(name, servers[name], adapter, args.memory_keys, value))
+                    memory.append(measure_memory(name, servers[name], adapter, args.memory_keys, [value]))
                     adapter.flush()
                 if throughput:
-                    adapter.load(0, args.keys, value)
+                    adapter.load(0, args.keys, [value])
             finally:
                 adapter.close()
         measured: dict[tuple[str, str], list[dict[str, Any]]] = {}
-        for round_no in range(args.repeat):
+        for round_no in range(args.rounds):
             for workload in throughput:
-                procs = args.procs if workload == "mixed" else 1
                 for system in args.systems:
-                    print(f"compare: round {round_no + 1}/{args.repeat}: {workload}, {system}, {procs} process(es) "
-                          f"[load {loadavg()}]", file=sys.stderr)
+                    if not applies(system, workload):
+                        continue
                     server = servers[server_of(system)]
-                    spec = {"system": system, "port": server.port, "workload": workload,
-                            "keys": args.keys, "value_size": args.value_size, "batch": args.batch,
-                            "get_ratio": args.get_ratio, "zipf_s": args.zipf_s, "seed": args.seed,
-                            "warmup": args.warmup, "duration": args.duration, "timeout": args.timeout}
-                    measured.setdefault((workload, system), []).append(run_clients(spec, procs))
+                    print(f"compare: round {round_no + 1}/{args.rounds}: {workload}, {system} "
+                          f"[load {loadavg()}]", file=sys.stderr)
+                    measured.setdefault((workload, system), []).append(run_workload(args, workload, system, server))
                     if not server.alive():
                         raise RunError(f"{server.name} died during {workload} ({system}):\n{server.log_tail()}")
         for workload in throughput:
-            procs = args.procs if workload == "mixed" else 1
             title = workload_title(workload, args.batch, args.get_ratio)
             for system in args.systems:
+                if not applies(system, workload):
+                    continue
                 runs = measured[(workload, system)]
+                if workload == "cpu":
+                    res = median_run(runs, "cpu_per_m")
+                    cpu.append(CpuRow(system, CLIENTS[system], args.cpu_procs, args.cpu_rate,
+                                      res["ops_per_s"] if res["ops"] else None, res["ops"], res["cpu_s"],
+                                      res["cpu_per_m"], res["server_procs"], res["p50_us"], res["p99_us"],
+                                      spread_note(runs, "cpu_per_m", "CPU s per 1M", 1), res["errors"]))
+                    continue
                 res = median_run(runs)
                 notes = []
                 if workload == "batch":
                     notes.append(f"per round trip of {min(args.batch, args.keys)} keys; ops = keys")
-                if len(runs) > 1:
-                    lo, hi = min(r["ops_per_s"] for r in runs), max(r["ops_per_s"] for r in runs)
-                    notes.append(f"median of {len(runs)} rounds, ops/s {lo:,.0f} to {hi:,.0f}")
+                notes.append(spread_note(runs))
+                procs = args.procs if workload == "mixed" else 1
                 rows.append(Row(workload, title, system, CLIENTS[system], procs,
                                 res["ops_per_s"] if res["ops"] else None, res["p50_us"], res["p95_us"],
-                                res["p99_us"], "; ".join(notes), res["misses"], res["errors"]))
+                                res["p99_us"], _joined(*notes), res["misses"], res["errors"]))
+        if "json" in args.workloads:
+            json_report = run_json(args, tmp)
+            shards = shards or json_report["shards"]
     finally:
         for server in servers.values():
             server.stop()
         stop_all()
         shutil.rmtree(tmp, ignore_errors=True)
+    json_memory = [MemoryRow(**m) for m in json_report["memory"]] if json_report else []
+    json_rows = [Row(**r) for r in json_report["rows"]] if json_report else []
     return {
         "started": started_at,
         "command": "python " + shlex.join(sys.argv),
@@ -1141,10 +1684,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "load_before": load_before,
         "load_after": loadavg(),
         "settings": {k: getattr(args, k) for k in ("duration", "warmup", "keys", "value_size", "memory_keys", "batch",
-                                                    "procs", "get_ratio", "zipf_s", "seed", "repeat")},
+                                                    "procs", "get_ratio", "zipf_s", "seed", "rounds", "cpu_rate",
+                                                    "cpu_duration", "cpu_procs", "json_keys", "json_value_size")},
         "rows": [asdict(r) for r in rows],
         "memory": [asdict(m) for m in memory],
+        "cpu": [asdict(c) for c in cpu],
+        "json": json_report,
         "targets": [asdict(t) for t in evaluate_targets(rows, memory)],
+        "targets_efficiency": [asdict(t) for t in evaluate_efficiency_targets(
+            rows, memory, cpu, json_memory, json_rows, shards, args.batch, args.json_value_size)],
     }
 
 
@@ -1152,7 +1700,7 @@ def format_report(report: dict[str, Any]) -> str:
     env, s = report["environment"], report["settings"]
     rows = [Row(**r) for r in report["rows"]]
     memory = [MemoryRow(**m) for m in report["memory"]]
-    targets = [Target(**t) for t in report["targets"]]
+    cpu = [CpuRow(**c) for c in report["cpu"]]
     versions = ", ".join(f"{k} {v}" for k, v in env.items() if k not in ("cpu", "cores", "kernel"))
     out = [
         f"Run {report['started']}: `{report['command']}`",
@@ -1163,15 +1711,42 @@ def format_report(report: dict[str, Any]) -> str:
         f"- settings: {s['warmup']:g} s warm-up + {s['duration']:g} s measured per row; {s['keys']:,} keys of "
         f"{s['value_size']} B loaded first (every GET hits); mixed: {s['procs']} processes, Zipf s={s['zipf_s']}; "
         f"shardd: {report['shards']} shards, tcp loopback, "
-        f"router mode (shardd) and direct mode (shardd-direct, same daemon); seed {s['seed']}",
+        f"router mode (shardd) and direct mode (shardd-direct, same daemon); seed {s['seed']}"
+        + (f"; median of {s['rounds']} interleaved rounds" if s["rounds"] > 1 else ""),
         "",
     ]
     if rows:
         out += [format_table(rows), ""]
+        if any(r.system in ECHO_SYSTEMS for r in rows):
+            out += ["Raw ZeroMQ floors (bench/zmq_echo.py, each its own process on tcp loopback): `echo` is one bare "
+                    "pyzmq round trip, a DEALER sending a GET-sized frame to a Python ROUTER that sends it back; "
+                    "`echo-2hop` is the same through a Python ROUTER→DEALER forwarder in front of the echo "
+                    "(measured, not computed): the hops of client → router → worker with no work in them.", ""]
     if memory:
-        out += [f"Memory: {memory[0].keys_loaded:,} keys {X} {s['value_size']} B values, loaded into the fresh server.",
-                "", format_memory_table(memory), ""]
-    out += ["Targets (docs/design.md):", "", format_targets(targets)]
+        out += [f"Memory: {memory[0].keys_loaded:,} keys {X} {s['value_size']} B values, loaded into the fresh "
+                "server; RSS and PSS summed over the server's processes.", "", format_memory_table(memory), ""]
+    if cpu:
+        out += [f"Server CPU at a fixed rate: {s['cpu_rate']:,.0f} GET/s offered by {s['cpu_procs']} client "
+                f"processes pacing their GETs on a fixed schedule, {s['warmup']:g} s warm-up + "
+                f"{s['cpu_duration']:g} s measured; CPU = user + system of every server process (psutil, "
+                "read at the start and end of the window; 10 ms ticks); latency from when each GET was due.",
+                "", format_cpu_table(cpu), ""]
+    jr = report.get("json")
+    if jr:
+        ratio_text = f"{jr['zstd_ratio']:.2f}:1" if jr["zstd_ratio"] is not None else "not checked (no zstandard)"
+        out += [f"Compressible values: {jr['keys']:,} keys {X} {jr['value_size']} B JSON documents "
+                f"({jr['documents']} distinct, cycled); zstd level 1 compresses them {ratio_text}. Fresh servers.", ""]
+        if jr["memory"]:
+            out += [format_memory_table([MemoryRow(**m) for m in jr["memory"]]), ""]
+        for name, message in jr["refused"].items():
+            out += [f"- {name}: n/a: {message}"]
+        if jr["refused"]:
+            out += [""]
+        if jr["rows"]:
+            out += [format_json_table([Row(**r) for r in jr["rows"]]), ""]
+    out += ["Targets (docs/design.md):", "", format_targets([Target(**t) for t in report["targets"]]), "",
+            "Targets (efficiency: memory, compression, get_many, server CPU per op, raw ZeroMQ floors):", "",
+            format_targets([Target(**t) for t in report["targets_efficiency"]])]
     return "\n".join(out)
 
 

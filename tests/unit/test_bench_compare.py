@@ -1,4 +1,5 @@
-"""bench/compare.py's pure parts: Zipf sampler, plans, timed loop, ratios, tables, targets.
+"""bench/compare.py's pure parts: Zipf sampler, plans, timed and paced loops, CPU arithmetic, JSON values,
+ratios, tables, targets.
 
 No server and no client library: compare.py imports redis, pymemcache and shardd's client
 only inside the functions that talk to servers, so this runs with the test extras alone.
@@ -243,7 +244,273 @@ def test_quick_sets_short_defaults_and_explicit_options_win():
     assert (args.duration, args.warmup, args.memory_keys) == (2.0, 0.3, 100_000)
     full = compare.parse_args([])
     assert (full.duration, full.warmup, full.memory_keys, full.procs, full.keys) == (10.0, 2.0, 1_000_000, 8, 100_000)
-    assert full.systems == ["shardd", "shardd-direct", "redis", "memcached"]
+    assert full.systems == ["shardd", "shardd-direct", "redis", "memcached", "echo", "echo-2hop"]
+    assert compare.SYSTEMS == ("shardd", "shardd-direct", "redis", "memcached")  # bench/profile_get.py's choices
+    assert (full.cpu_rate, full.cpu_duration, full.cpu_procs, full.json_keys, full.json_value_size, full.rounds) == (
+        5000.0, 10.0, 4, 100_000, 4096, 1)
+    assert (args.cpu_duration, args.json_keys) == (1.0, 20_000)
     assert compare.parse_args(["--systems", "shardd-direct,redis"]).systems == ["shardd-direct", "redis"]
     with pytest.raises(SystemExit):
         compare.parse_args(["--systems", "mongodb"])
+
+
+def test_rounds_and_its_old_name_repeat_are_one_option():
+    assert compare.parse_args(["--rounds", "3"]).rounds == 3
+    assert compare.parse_args(["--repeat", "5"]).rounds == 5
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--rounds", "0"])
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--cpu-rate", "0"])
+
+
+def test_median_run_by_another_figure_puts_missing_figures_first():
+    runs = [{"ops_per_s": 1.0, "cpu_per_m": 30.0}, {"ops_per_s": 2.0, "cpu_per_m": None},
+            {"ops_per_s": 3.0, "cpu_per_m": 10.0}]
+    assert compare.median_run(runs, "cpu_per_m")["cpu_per_m"] == 10.0
+    assert compare.median_run(runs[:2], "cpu_per_m")["cpu_per_m"] is None  # lower middle of (None, 30)
+    assert compare.spread_note(runs, "cpu_per_m", "CPU s per 1M", 1) == "median of 3 rounds, CPU s per 1M 10.0 to 30.0"
+    assert compare.spread_note(runs[:1]) == ""
+
+
+# --- the echo floors ------------------------------------------------------------------------
+
+
+def test_echo_systems_run_only_get_shaped_workloads_each_on_its_own_server():
+    assert compare.applies("echo", "get") and compare.applies("echo-2hop", "cpu")
+    assert not any(compare.applies(e, w) for e in ("echo", "echo-2hop") for w in ("set", "batch", "mixed", "memory"))
+    assert all(compare.applies("shardd", w) for w in compare.WORKLOADS)
+    assert compare.servers_for(["shardd-direct", "echo", "echo-2hop"]) == ["shardd", "echo", "echo-2hop"]
+    assert compare.ADAPTERS["echo"] is compare.ADAPTERS["echo-2hop"] is compare.EchoAdapter
+
+
+def test_echo_payload_is_a_get_sized_frame():
+    payload = compare.echo_payload()
+    assert isinstance(payload, bytes) and 10 < len(payload) < 64
+
+
+# --- the paced loop and CPU per op ------------------------------------------------------------
+
+
+class SleepyClock:
+    """A clock that a fake sleep moves forward; each reading costs 1 ns, each step 100 ns."""
+
+    def __init__(self) -> None:
+        self.now = 0
+        self.slept: list[float] = []
+
+    def __call__(self) -> int:
+        self.now += 1
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += int(seconds * 1e9)
+
+
+def test_paced_loop_sends_on_schedule_and_measures_only_the_window():
+    clock = SleepyClock()
+    sent: list[int] = []
+
+    def step(i: int) -> int:
+        sent.append(clock.now)
+        clock.now += 100
+        return 0
+
+    # one step per 1000 ns from t=0; measured from 5000; nothing sent at or after 15000
+    report = compare.paced_loop(step, 1, 0, 1000, 5000, 15_000, clock=clock, sleep=clock.sleep)
+    assert len(sent) == 15
+    assert all(t >= 1000 * i for i, t in enumerate(sent))  # never early
+    assert all(t < 1000 * i + 10 for i, t in enumerate(sent))  # and on time: the server keeps up
+    assert report["ops"] == 10 and not report["errors"]
+    assert report["elapsed_s"] == pytest.approx(10_000 / 1e9, rel=0.01)
+    hist = compare.Histogram.from_dict(report["histogram"])
+    assert hist.count == 10 and hist.max < 200  # from when due: the 100 ns step and a few readings
+
+
+def test_paced_loop_falls_behind_without_skipping_and_latency_shows_the_lag():
+    clock = SleepyClock()
+    calls = []
+
+    def step(i: int) -> int:
+        calls.append(i)
+        clock.now += 2500  # slower than the 1000 ns schedule
+        if i == 3:
+            raise TimeoutError
+        return 1
+
+    report = compare.paced_loop(step, 1, 0, 1000, 0, 20_000, clock=clock, sleep=clock.sleep)
+    assert calls == list(range(len(calls)))  # none skipped
+    assert 7 <= len(calls) <= 9  # ~20000 / 2500: the achieved rate, not the offered 20
+    assert report["errors"] == {"TimeoutError": 1} and report["misses"] == report["ops"] == len(calls) - 1
+    hist = compare.Histogram.from_dict(report["histogram"])
+    assert hist.max > 5 * 2500  # the last ones were due long before they were sent
+    assert clock.slept == []  # always late: never slept
+
+
+class FakeProcess:
+    def __init__(self, pid: int, user: float, system: float, gone: bool = False) -> None:
+        self.pid, self.user, self.system, self.gone = pid, user, system, gone
+
+    def cpu_times(self):
+        if self.gone:
+            raise ProcessLookupError(self.pid)
+        return type("T", (), {"user": self.user, "system": self.system})()
+
+
+def test_cpu_used_sums_every_process_and_counts_a_newcomer_whole():
+    before = compare.cpu_seconds([FakeProcess(1, 1.0, 0.5), FakeProcess(2, 2.0, 0.0), FakeProcess(3, 0, 0, gone=True)])
+    assert before == {1: 1.5, 2: 2.0}
+    after = compare.cpu_seconds([FakeProcess(1, 1.5, 0.75), FakeProcess(2, 2.25, 0.0), FakeProcess(4, 0.1, 0.1)])
+    assert compare.cpu_used(before, after) == pytest.approx(0.75 + 0.25 + 0.2)
+    assert compare.cpu_used(after, after) == 0
+
+
+def test_cpu_per_million_ops():
+    assert compare.per_million(0.5, 10_000) == pytest.approx(50.0)  # 50 µs per op
+    assert compare.per_million(1.2, 50_000) == pytest.approx(24.0)
+    assert compare.per_million(None, 10) is None and compare.per_million(1.0, 0) is None
+
+
+def _cpu_rows():
+    C = compare.CpuRow
+    return [C("shardd", "router", 4, 5000.0, 4990.0, 49_900, 4.99, 100.0, 5),
+            C("shardd-direct", "direct", 4, 5000.0, 5000.0, 50_000, 3.0, 60.0, 5),
+            C("redis", "redis-py", 4, 5000.0, 5000.0, 50_000, 2.0, 40.0, 1, errors={"TimeoutError": 1})]
+
+
+def test_cpu_table_ratios_are_to_redis_cpu_per_op():
+    text = compare.format_cpu_table(_cpu_rows())
+    lines = text.splitlines()
+    assert all(line.count("|") == lines[0].count("|") for line in lines)
+    router = next(line for line in lines if line.startswith("| shardd (router)"))
+    assert "| 100.0 |" in router and f"2.50{compare.X}" in router and "4,990" in router
+    assert "TimeoutError 1" in next(line for line in lines if line.startswith("| redis"))
+
+
+# --- JSON values ------------------------------------------------------------------------------
+
+
+def test_json_documents_are_valid_json_of_the_exact_size_and_repeatable():
+    import json
+
+    docs = compare.json_values.json_documents(1, 20, 4096)
+    assert all(len(d) == 4096 for d in docs) and len(set(docs)) == 20
+    parsed = [json.loads(d) for d in docs]
+    assert all(len(p["items"]) >= 5 and set(p["items"][0]) >= {"id", "user", "status", "orders"} for p in parsed)
+    assert docs == compare.json_values.json_documents(1, 20, 4096)
+    assert docs != compare.json_values.json_documents(2, 20, 4096)
+    assert {len(d) for d in compare.json_values.json_documents(1, 5, 300)} == {300}
+    with pytest.raises(ValueError):
+        compare.json_values.json_document(random.Random(1), 20)
+
+
+def test_json_documents_compress_about_three_to_one_with_zstd_level_1():
+    pytest.importorskip("zstandard")
+    ratio = compare.json_values.zstd_ratio(compare.json_values.json_documents(1, 64, 4096))
+    assert 2.5 <= ratio <= 4.0
+
+
+def test_load_chunks_keep_loading_messages_small_and_one_value_is_a_pool_of_one():
+    assert compare.value_pool(b"v" * 100) == [b"v" * 100]
+    assert compare.value_pool([b"a", b"b"]) == [b"a", b"b"]
+    assert compare.load_chunk([b"v" * 100]) == 1000
+    assert compare.load_chunk([b"v" * 4096, b"x"]) == 32
+    assert compare.load_chunk([b"v" * 10_000_000]) == 1
+
+
+def test_toml_config_for_the_compression_settings():
+    import tomllib
+
+    text = compare.toml_config({"compression": "off", "compression_min_bytes": 1024,
+                                "compression_min_saving": 0.1, "pin_cpus": False})
+    assert tomllib.loads(text) == {"compression": "off", "compression_min_bytes": 1024,
+                                   "compression_min_saving": 0.1, "pin_cpus": False}
+
+
+def _json_rows(zstd_direct=3_000.0):
+    Row = compare.Row
+    return [Row("json-zstd", "sync GET, 4096 B JSON", "shardd-direct", "direct", 1, zstd_direct, 200.0, 300.0, 400.0),
+            Row("json-zstd", "sync GET, 4096 B JSON", "shardd", "router", 1, None, note="n/a: the daemon refused"),
+            Row("json-off", "sync GET, 4096 B JSON", "shardd-direct", "direct", 1, 4_000.0, 150.0, 250.0, 350.0),
+            Row("json-off", "sync GET, 4096 B JSON", "shardd", "router", 1, 2_000.0, 300.0, 400.0, 500.0)]
+
+
+def test_json_table_ratio_is_to_the_uncompressed_row_of_the_same_client_mode():
+    lines = compare.format_json_table(_json_rows()).splitlines()
+    assert all(line.count("|") == lines[0].count("|") for line in lines)
+    zstd_direct = next(line for line in lines if "zstd-compressed" in line and "shardd-direct" in line)
+    assert f"0.75{compare.X}" in zstd_direct and "3,000" in zstd_direct
+    refused = next(line for line in lines if "zstd-compressed" in line and "(router)" in line)
+    assert "| n/a |" in refused and "refused" in refused
+
+
+# --- the efficiency targets --------------------------------------------------------------------
+
+
+def _efficiency(**overrides):
+    M = compare.MemoryRow
+    Row = compare.Row
+    memory = [M("shardd", 1_000_000, 140 * 2**20, 480 * 2**20, None, "", 1.0, pss_empty=90 * 2**20,
+                pss_loaded=430 * 2**20),
+              M("redis", 1_000_000, 12 * 2**20, 195 * 2**20, None, "", 1.0, pss_empty=5 * 2**20,
+                pss_loaded=190 * 2**20)]
+    json_memory = [M("redis", 100_000, 12 * 2**20, 512 * 2**20, None, "", 1.0),
+                   M(compare.JSON_ZSTD, 100_000, 140 * 2**20, 340 * 2**20, None, "", 1.0),
+                   M(compare.JSON_OFF, 100_000, 140 * 2**20, 640 * 2**20, None, "", 1.0)]
+    rows = [*_rows(),
+            Row("get", "sync GET", "echo", "echo", 1, 13_500.0),
+            Row("get", "sync GET", "echo-2hop", "echo", 1, 6_000.0)]
+    kwargs = {"rows": rows, "memory": memory, "cpu": _cpu_rows(), "json_memory": json_memory,
+              "json_rows": _json_rows(), "shards": 2}
+    kwargs.update(overrides)
+    return {t.name: t for t in compare.evaluate_efficiency_targets(**kwargs)}
+
+
+def test_efficiency_targets_every_one_with_its_peer_or_floor():
+    t = _efficiency()
+    assert len(t) == 12
+    per_key = t[f"1M {compare.X} 100 B: shardd memory per key vs Redis's (Δ RSS / key)"]
+    assert per_key.measured == pytest.approx(340 / 183) and per_key.met is False and "0.90" in per_key.goal
+    assert "not 1M" not in per_key.detail and "B/key" in per_key.detail
+    total = t[f"1M {compare.X} 100 B: shardd total memory (PSS of every process, loaded) vs Redis's RSS"]
+    assert total.measured == pytest.approx(430 / 195) and total.met is False and "1.20" in total.goal
+    empty = t["empty 2-shard daemon: PSS of every process"]
+    assert empty.measured == pytest.approx(90.0) and empty.unit == "MiB" and empty.goal == "≤ 60 MiB"
+    assert empty.met is False and empty.detail == ""
+    json_mem = t["JSON 4 KiB values: shardd memory per key vs Redis's for the same data (Δ RSS / key)"]
+    assert json_mem.measured == pytest.approx(200 / 500) and json_mem.met is True
+    direct = t["JSON 4 KiB values, direct: sync GET ops/s, compressed vs stored uncompressed"]
+    assert direct.measured == 0.75 and direct.met is False and "≥ 0.90" in direct.goal
+    router = t["JSON 4 KiB values, router: sync GET ops/s, compressed vs stored uncompressed"]
+    assert router.measured is None and router.met is None  # the compressed daemon refused
+    gm = t["get_many(100), direct: keys/s vs pymemcache get_many"]  # 420k vs 400k, goal 1.5x
+    assert gm.measured == pytest.approx(1.05) and gm.met is False and "1.50" in gm.goal
+    gm = t["get_many(100), router: keys/s vs pymemcache get_many"]  # 300k vs 400k, goal 1.0x
+    assert gm.measured == 0.75 and gm.met is False and "1.00" in gm.goal
+    cpu = t["server CPU per 1M GETs, direct: vs Redis's"]
+    assert cpu.measured == 1.5 and cpu.met is True and "≤ 1.50" in cpu.goal
+    cpu = t["server CPU per 1M GETs, router: vs Redis's"]
+    assert cpu.measured == 2.5 and cpu.met is True and "achieved 4,990 of 5,000" in cpu.detail
+    sync = t["sync GET, direct: ops/s vs one raw ZeroMQ hop (echo)"]  # 13k vs 13.5k
+    assert sync.measured == pytest.approx(13 / 13.5) and sync.met is True and "0.95" in sync.goal
+    sync = t["sync GET, router: ops/s vs two raw ZeroMQ hops (forwarder + echo)"]  # 6k vs 6k
+    assert sync.measured == 1.0 and sync.met is True and "0.90" in sync.goal
+    text = compare.format_targets(list(t.values()))
+    assert "| 90.0 MiB |" in text and all(line.count("|") == 5 for line in text.splitlines())
+
+
+def test_efficiency_targets_say_when_the_run_differs_from_what_they_name():
+    M = compare.MemoryRow
+    small = [M("shardd", 100_000, 140 * 2**20, 180 * 2**20, None, "", 1.0, pss_empty=90 * 2**20,
+               pss_loaded=130 * 2**20),
+             M("redis", 100_000, 12 * 2**20, 30 * 2**20, None, "", 1.0)]
+    t = _efficiency(memory=small, shards=4)
+    assert "100,000 keys, not 1M" in t[f"1M {compare.X} 100 B: shardd memory per key vs Redis's (Δ RSS / key)"].detail
+    assert t["empty 2-shard daemon: PSS of every process"].detail == "measured with 4 shards"
+
+
+def test_efficiency_targets_with_nothing_measured_are_all_not_measured():
+    targets = compare.evaluate_efficiency_targets([], [], [], [], [], 2)
+    assert len(targets) == 12 and all(t.measured is None and t.met is None for t in targets)
+    text = compare.format_targets(targets)
+    assert text.count("| not measured |") == 12
