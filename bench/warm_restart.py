@@ -39,7 +39,9 @@ def start(state: str, shards: int, log_path: str) -> tuple[subprocess.Popen, str
     with Client(endpoint, timeout=0.5) as c:
         while True:
             if proc.poll() is not None:
-                sys.exit(f"daemon exited {proc.returncode}; see {log_path}")
+                with open(log_path) as f:
+                    tail = f.read()[-3000:]
+                sys.exit(f"daemon exited {proc.returncode}; the end of its log:\n{tail}")
             try:
                 if c.ping() == shards:
                     break

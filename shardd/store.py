@@ -38,8 +38,10 @@ small record's worth at its tail, and a 512 MiB value needs no 512 MiB segment.
 address (segment << 20 | offset). A key's home slot is the top ``bits`` of its hash, so up to
 2**24 slots a slot's home is computed from its tag alone: growing the table and deleting
 (backward shift, no tombstones) never read a record. Past that, homes come from re-hashing
-the keys (slower, still correct). The seed differs from the router's placement hash: a
-shard's keys all share something about their placement hash, and the index must not care.
+the keys (slower, still correct). Each store hashes with a seed of its own: a shard's keys
+all share something about their placement hash, and the index must not care; and keys that
+arrive in another store's index order (a snapshot, a resize) would otherwise arrive sorted by
+home slot and pile into one run at the front of a growing table, O(n) per insert.
 A lookup is a hash, a probe and one key comparison (~1 us in CPython), small against the
 ~100 us of a round trip; the hot paths (GET, SET) inline it.
 
@@ -164,7 +166,6 @@ _PACKED = 8 << 17  # the value is compressed by the codec
 _HITS_MAX = (1 << 24) - 1
 
 # --- index --------------------------------------------------------------------------------
-_SEED = 0x5A17_C0DE  # not the placement hash's seed (0): see the module docstring
 _TAG_BITS = 24
 _HANDLE_BITS = 39
 _HANDLE_MASK = (1 << _HANDLE_BITS) - 1
@@ -207,10 +208,6 @@ def entry_cost(key_len: int, stored_len: int, ttl: bool = False, aside: bool = F
             + (TTL_OVERHEAD if ttl else 0) + (stored_len + LARGE_OVERHEAD if aside else 0))
 
 
-def _hash(key: bytes) -> int:
-    return xxh3_64_intdigest(key, _SEED)
-
-
 class Store:
     """One shard's keys. Not thread-safe: exactly one worker loop may call it.
 
@@ -236,6 +233,9 @@ class Store:
             raise ValueError(f"segment_bytes must be between 4096 and {SEGMENT_BYTES}, got {segment_bytes}")
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
+        # A seed of its own per store (see "The index" above); from the rng, so a seeded store
+        # is reproducible.
+        self._seed = self._rng.getrandbits(64)
         self._codec = codec
         self._seg_size = segment_bytes
         self._large = min(LARGE_VALUE, segment_bytes // 16)
@@ -253,6 +253,9 @@ class Store:
         self._limit = sys.maxsize
         self._reset()
         self.configure(max_bytes, policy)
+
+    def _hash(self, key: bytes) -> int:
+        return xxh3_64_intdigest(key, self._seed)
 
     def _reset(self) -> None:
         self._table = array("q", bytes(8 * _MIN_SLOTS))
@@ -364,7 +367,7 @@ class Store:
 
     def _live(self, key: bytes) -> tuple[int, int]:
         """(slot, handle) of ``key`` if live; an expired entry is reclaimed and reads as missing."""
-        h = _hash(key)
+        h = self._hash(key)
         i, hd = self._find(key, h)
         if hd >= 0 and self._expires(hd) and self._expires(hd) <= self._clock():
             self._delete_at(i, hd)
@@ -425,7 +428,7 @@ class Store:
 
     def get(self, key: bytes) -> bytes | None:
         # _find, _expires, _touch and _value inlined: this is the hot path (Rule 6).
-        h = xxh3_64_intdigest(key, _SEED)
+        h = xxh3_64_intdigest(key, self._seed)
         table, mask, segs = self._table, self._mask, self._segs
         tag = h >> 40
         klen = len(key)
@@ -511,7 +514,7 @@ class Store:
             raise ValueError(f"ttl_ms must be a positive number of milliseconds, got {ttl_ms}")
         if cond and cond not in (IF_ABSENT, IF_PRESENT):
             raise ValueError(f"cond must be ALWAYS, IF_ABSENT or IF_PRESENT (0, 1, 2), got {cond!r}")
-        h = _hash(key)
+        h = self._hash(key)
         i, hd = self._find(key, h)
         if hd >= 0:
             expires = self._expires(hd)
@@ -541,7 +544,7 @@ class Store:
         write = self._write
         written = 0
         for key, value in items:
-            h = _hash(key)
+            h = self._hash(key)
             i, hd = find(key, h)
             if hd >= 0:
                 expires = self._expires(hd)
@@ -564,7 +567,7 @@ class Store:
         """
         if ttl_ms is not None and ttl_ms <= 0:
             raise ValueError(f"ttl_ms must be a positive number of milliseconds, got {ttl_ms}")
-        h = _hash(key)
+        h = self._hash(key)
         i, hd = self._live(key)
         if hd < 0:
             return None
@@ -617,7 +620,7 @@ class Store:
     def _update(self, key: bytes, i: int, hd: int, value: bytes) -> None:
         """Write a new value that keeps the key's TTL (INCR, APPEND): a missing key is created without one."""
         expires = self._expires(hd) if hd >= 0 else 0
-        self._write(key, _hash(key), i, hd, value, expires)
+        self._write(key, self._hash(key), i, hd, value, expires)
         self._clean(len(value) + len(key) + _BASE)
 
     def getdel(self, key: bytes) -> bytes | None:
@@ -749,10 +752,27 @@ class Store:
     def export(self) -> Iterator[tuple[bytes, bytes, int, int]]:
         """(key, value, deadline, version) of every live entry, for a snapshot (do not write meanwhile)."""
         now = self._clock()
-        for hd in list(self._handles()):
-            expires = self._expires(hd)
-            if not expires or expires > now:
-                yield self._key_at(hd), self._value(hd), expires, self._version_of(hd)
+        segs, aside = self._segs, self._aside
+        unpack_header, unpack_ttl = _HEADER.unpack_from, _TTL_EXT.unpack_from
+        for s in self._table:
+            if not s:
+                continue
+            hd = (s & _HANDLE_MASK) - 1
+            seg = segs[hd >> _SEG_BITS]
+            p = hd & _OFFSET_MASK
+            kf, vlen, version, _ = unpack_header(seg, p)  # type: ignore[arg-type]
+            if kf & _TTL:
+                expires = unpack_ttl(seg, p + _BASE)[0]  # type: ignore[arg-type]
+                if expires <= now:
+                    continue
+                k = p + _WITH_TTL
+            else:
+                expires, k = 0, p + _BASE
+            v = k + (kf & _KEY_MASK)
+            value = aside[vlen] if kf & _ASIDE else seg[v:v + vlen]  # type: ignore[index]
+            if kf & _PACKED:
+                value = self._unpack(value)  # type: ignore[arg-type]
+            yield seg[k:v], value, expires, version  # type: ignore[index,misc]
 
     def keys(self) -> list[bytes]:
         """Every key (live or not yet reclaimed), as a new list."""
@@ -774,7 +794,7 @@ class Store:
         Returns False if it does not fit the memory bound (then nothing is written). The
         version counter moves past ``version`` so later writes still get new versions.
         """
-        h = _hash(key)
+        h = self._hash(key)
         i, hd = self._live(key)
         try:
             if self._reserve(key, hd, value, expires_at_ms != 0):
@@ -1033,7 +1053,7 @@ class Store:
         """The index slot that points at handle ``hd`` (whose key is ``key``)."""
         table, mask = self._table, self._mask
         want = hd + 1
-        i = _hash(key) >> self._shift
+        i = self._hash(key) >> self._shift
         while table[i] & _HANDLE_MASK != want:
             i = (i + 1) & mask
         return i
@@ -1043,7 +1063,7 @@ class Store:
     def _home(self, s: int) -> int:
         if self._bits <= _TAG_BITS:
             return (s >> _HANDLE_BITS) >> (_TAG_BITS - self._bits)
-        return _hash(self._key_at((s & _HANDLE_MASK) - 1)) >> self._shift
+        return self._hash(self._key_at((s & _HANDLE_MASK) - 1)) >> self._shift
 
     def _grow(self) -> None:
         # Iterated as the array it is: .tolist() would allocate an int object per slot at once,
@@ -1292,7 +1312,7 @@ class Store:
 
     def entry(self, key: bytes) -> dict[str, Any] | None:
         """Everything stored about ``key``, expired or not, without touching it (for tests)."""
-        i, hd = self._find(key, _hash(key))
+        i, hd = self._find(key, self._hash(key))
         if hd < 0:
             return None
         seg = self._segs[hd >> _SEG_BITS]
@@ -1319,8 +1339,8 @@ class Store:
             key = self._key_at(hd)
             assert key not in seen, f"key {key!r} indexed twice"
             seen.add(key)
-            assert _hash(key) >> 40 == s >> _HANDLE_BITS, f"slot {i}: tag does not match key {key!r}"
-            assert self._find(key, _hash(key)) == (i, hd), f"key {key!r} not found where it is"
+            assert self._hash(key) >> 40 == s >> _HANDLE_BITS, f"slot {i}: tag does not match key {key!r}"
+            assert self._find(key, self._hash(key)) == (i, hd), f"key {key!r} not found where it is"
             if kf & _TTL:
                 expires, position = _TTL_EXT.unpack_from(seg, p + _BASE)
                 assert expires != 0 and self._ttl[position] == hd, f"key {key!r}: TTL array out of step"

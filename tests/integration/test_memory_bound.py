@@ -37,7 +37,8 @@ def tree_rss(daemon) -> int:
 
 def test_rss_stays_under_max_memory_plus_overhead_with_skewed_values(make_daemon, tmp_path):
     max_memory = 64 * MiB
-    d = make_daemon(config=write_config(tmp_path, max_memory="64MiB"))
+    # Compression off: the big values here are b"v" * size, which zstd would shrink to nothing.
+    d = make_daemon(config=write_config(tmp_path, max_memory="64MiB", compression="off"))
     idle = tree_rss(d)
     rng = random.Random(42)
     written, peak, i = 0, 0, 0
@@ -65,7 +66,8 @@ def test_rss_stays_under_max_memory_plus_overhead_with_skewed_values(make_daemon
 
 
 def test_noeviction_refuses_with_out_of_memory_and_recovers(make_daemon, tmp_path):
-    d = make_daemon(config=write_config(tmp_path, max_memory="4MiB", eviction_policy="noeviction"))
+    # Compression off here and below: these values are runs of one byte, which zstd erases.
+    d = make_daemon(config=write_config(tmp_path, max_memory="4MiB", eviction_policy="noeviction", compression="off"))
     value = b"x" * 100_000
     stored = []
     with shardd.Client(d.endpoint, timeout=5) as client:
@@ -85,7 +87,7 @@ def test_noeviction_refuses_with_out_of_memory_and_recovers(make_daemon, tmp_pat
 
 def test_a_value_larger_than_a_shard_share_is_refused_without_evicting(make_daemon, tmp_path):
     d = make_daemon(config=write_config(tmp_path, max_memory="4MiB", max_value_bytes="4MiB",
-                                        max_message_bytes="8MiB"))
+                                        max_message_bytes="8MiB", compression="off"))
     with shardd.Client(d.endpoint, timeout=5) as client:
         client.set_many({f"small{i}": b"s" * 1000 for i in range(100)})
         with pytest.raises(OutOfMemory, match="larger than this shard's share"):
@@ -107,3 +109,26 @@ def test_lru_keeps_the_keys_being_read(make_daemon, tmp_path):
         found = client.get_many(hot)
         assert len(found) >= 95, len(found)
         assert client.stats()["total"]["evicted"] > 1000
+
+
+def test_large_values_are_stored_compressed_and_read_back_exactly(make_daemon, tmp_path):
+    d = make_daemon(config=write_config(tmp_path, max_memory="64MiB", compression_min_bytes=1024))
+    doc = b'{"user": "ada", "items": [' + b", ".join(b'{"sku": %d, "qty": 1}' % i for i in range(200)) + b"]}"
+    noise = random.Random(7).randbytes(4096)  # does not compress: stored as it is
+    with shardd.Client(d.endpoint, timeout=10) as client:
+        client.set("doc", doc)
+        client.set("noise", noise)
+        client.set("small", doc[:1000])  # under compression_min_bytes
+        assert client.get("doc") == doc and client.get("noise") == noise and client.get("small") == doc[:1000]
+        assert client.getdel("doc") == doc
+        client.set("doc", doc)
+        client.append("doc", b" ")
+        assert client.get("doc") == doc + b" "
+        shards = client.stats()["shards"]
+    packed = sum(s["compressed_keys"] for s in shards)
+    raw = sum(s["compressed_raw_bytes"] for s in shards)
+    stored = sum(s["compressed_bytes"] for s in shards)
+    assert packed == 1 and raw == len(doc) + 1 and 0 < stored < raw // 3
+    # max_memory counts what is stored: the document's entry costs its compressed size.
+    used = sum(s["used_bytes"] for s in shards)
+    assert used < len(noise) + 1000 + len(doc) // 2

@@ -5,6 +5,8 @@ A fake clock (the LRU clock and TTLs) and a seeded rng make every eviction repro
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import random
 
 import pytest
@@ -258,3 +260,33 @@ def test_set_many_bigger_than_the_share_stores_what_fits_under_eviction() -> Non
     s.configure(policy="noeviction")
     with pytest.raises(OutOfMemory):
         s.set_many([(key(i), b"y" * SIZE) for i in range(100, 125)])
+
+
+def _zipf_hit_rate(policy: str, keys: int = 10_000, capacity: int = 1000, ops: int = 100_000) -> float:
+    """GET-then-SET-on-miss over Zipf(0.99) keys into a store that holds ``capacity`` of them."""
+    clock = FakeClock(0)
+    s = Store(clock, random.Random(1), max_bytes=capacity * (10 + 100 + ENTRY_OVERHEAD), policy=policy)
+    rng = random.Random(2)
+    weights = list(itertools.accumulate(1 / r**0.99 for r in range(1, keys + 1)))
+    names = [b"k%08d" % i for i in range(keys)]
+    random.Random(3).shuffle(names)
+    hits = 0
+    for i in range(ops):
+        clock.now += 1
+        if i % 16 == 0:
+            s.touch_clock()
+        k = names[bisect.bisect_left(weights, rng.random() * weights[-1])]
+        if s.get(k) is None:
+            s.set(k, b"v" * 100)
+        else:
+            hits += 1
+    return hits / ops
+
+
+def test_sampled_eviction_keeps_the_hit_rate_of_the_dict_store_on_a_zipf_workload() -> None:
+    # The dict-of-objects store this one replaced, on exactly this workload (same seeds), hit
+    # 0.653 (LRU), 0.700 (LFU) and 0.598 (random); the packed store measured 0.654 / 0.691 /
+    # 0.606. Within 3 points of the old figures, and recency/frequency must beat chance.
+    lru, lfu, rand = (_zipf_hit_rate(p) for p in ("allkeys-lru", "allkeys-lfu", "allkeys-random"))
+    assert lru >= 0.653 - 0.03 and lfu >= 0.700 - 0.03, (lru, lfu)
+    assert lru > rand + 0.03 and lfu > rand + 0.05, (lru, lfu, rand)

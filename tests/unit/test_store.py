@@ -827,3 +827,28 @@ def test_take_and_restore_carry_value_deadline_and_version():
     assert dst.ttl(b"k") == 5000
     dst.set(b"other", b"x")
     assert dst.gets(b"other")[1] > version  # new writes get versions past the adopted one
+
+
+def test_keys_arriving_in_another_stores_index_order_insert_in_linear_time(clock: FakeClock) -> None:
+    # A snapshot or a resize hands keys over in the source's index order. With one hash seed for
+    # every store they would arrive sorted by home slot and pile into one run at the front of the
+    # growing table: a probe per key already stored, 20k keys -> ~2e8 probes (minutes). Each
+    # store has its own seed, so the probes per insert stay a handful.
+    source = Store(clock, random.Random(1))
+    for i in range(20_000):
+        source.set(b"key:%d" % i, b"v")
+    target = Store(clock, random.Random(2))
+    probes = 0
+    real_find = target._find
+
+    def counting_find(key: bytes, h: int) -> tuple[int, int]:
+        nonlocal probes
+        i, hd = real_find(key, h)
+        probes += ((i - (h >> target._shift)) & target._mask) + 1
+        return i, hd
+
+    target._find = counting_find  # type: ignore[method-assign]
+    for key, value, expires, version in source.export():
+        target.restore(key, value, expires, version)
+    assert len(target) == 20_000
+    assert probes < 20_000 * 8, probes
