@@ -808,6 +808,60 @@ class Store:
         self._clean(len(value) + len(key) + _BASE)
         return True
 
+    def restore_many(self, entries: Iterable[tuple[bytes, bytes, int, int]], expected: int = 0) -> int:
+        """:meth:`restore` for each (key, value, deadline, version); returns how many were stored.
+
+        A warm restart or a resize hands over hundreds of thousands of entries at once: the
+        index is grown once for ``expected`` more keys up front, and each entry skips the
+        checks a client write needs while the store is under its bound.
+        """
+        if expected:
+            while self._count + expected >= self._grow_at:
+                self._grow()
+        find, hash_ = self._find, self._hash
+        codec = self._codec
+        plain_below = min(self._large, codec.min_bytes if codec is not None else self._large)
+        pack_header, pack_ttl = _HEADER.pack_into, _TTL_EXT.pack_into
+        ttl_array, meta = self._ttl, self.lru_clock << 24 | 1
+        stored = fast = 0
+        top = self._version
+        for key, value, expires, version in entries:
+            h = hash_(key)
+            i, hd = find(key, h)
+            klen, vlen = len(key), len(value)
+            cost = ENTRY_OVERHEAD + klen + vlen + (TTL_OVERHEAD if expires else 0)
+            if hd >= 0 or vlen >= plain_below or self.used_bytes + cost > self._limit:
+                stored += self.restore(key, value, expires, version)  # the general path
+                continue
+            if self._count >= self._grow_at:
+                self._grow()
+                i = find(key, h)[0]
+            # _write inlined for a new key whose value is stored as it is: most of a snapshot.
+            size = (_WITH_TTL if expires else _BASE) + klen + vlen
+            new = self._alloc(size)
+            seg = self._segs[new >> _SEG_BITS]
+            p = new & _OFFSET_MASK
+            k = p + _BASE
+            if expires:
+                pack_header(seg, p, klen | _TTL, vlen, version, meta)  # type: ignore[arg-type]
+                pack_ttl(seg, k, expires, len(ttl_array))  # type: ignore[arg-type]
+                ttl_array.append(new)
+                k += _TTL_EXT.size
+            else:
+                pack_header(seg, p, klen, vlen, version, meta)  # type: ignore[arg-type]
+            seg[k:k + klen] = key  # type: ignore[index]
+            seg[k + klen:k + klen + vlen] = value  # type: ignore[index]
+            self._table[i] = (h >> 40) << _HANDLE_BITS | (new + 1)  # not a local: restore() may grow it
+            self._count += 1
+            self.used_bytes += cost
+            fast += 1
+            if version > top:
+                top = version
+        if top > self._version:
+            self._version = top
+        self._clean(0)
+        return stored + fast
+
     # --- the write primitive -------------------------------------------------------------
 
     def _write(self, key: bytes, h: int, i: int, hd: int, value: bytes, expires: int,

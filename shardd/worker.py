@@ -320,8 +320,7 @@ class Shard:
 
     def migrate_in(self, op: p.MigrateIn) -> int:
         """Adopt entries moved here; returns how many fit (the rest broke the memory bound)."""
-        restore = self.store.restore
-        adopted = sum(1 for key, value, expires, version in op.entries if restore(key, value, expires, version))
+        adopted = self.store.restore_many(op.entries, len(op.entries))
         gc.freeze()  # a resize adopts entries in bulk: keep them out of full collections (see tick)
         return adopted
 
@@ -608,14 +607,15 @@ def load_snapshot(store: Store, config: Config, shard_id: int) -> int:
         except snapshot.SnapshotError as exc:
             log.error("snapshot %s not loaded: %s", os.path.basename(generation), exc)
             continue
+        fresh = []
         for key, value, expires, version in entries:
             if not same_layout and shard_for(key, shards) != shard_id:
                 continue
             if expires and expires <= wall_now:
                 expired += 1
                 continue
-            store.restore(key, value, expires + to_mono if expires else 0, version)
-            loaded += 1
+            fresh.append((key, value, expires + to_mono if expires else 0, version))
+        loaded += store.restore_many(fresh, len(fresh))
     gc.freeze()  # see Shard.tick
     log.info("loaded %d keys from snapshot %s in %.3f s (%d had expired while down)",
              loaded, os.path.basename(generation), time.perf_counter() - started, expired)

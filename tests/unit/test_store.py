@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
+from shardd.codec import ZstdCodec
 from shardd.errors import NotInteger, OutOfMemory, TooLarge
 from shardd.protocol import ALWAYS, IF_ABSENT, IF_PRESENT
 from shardd.store import ENTRY_OVERHEAD, EXPIRE_SAMPLE, TTL_OVERHEAD, Store, entry_cost
@@ -852,3 +853,17 @@ def test_keys_arriving_in_another_stores_index_order_insert_in_linear_time(clock
         target.restore(key, value, expires, version)
     assert len(target) == 20_000
     assert probes < 20_000 * 8, probes
+
+
+def test_restore_many_is_restore_for_each_entry(clock: FakeClock) -> None:
+    rng = random.Random(11)
+    entries = [(b"k%d" % i, rng.randbytes(rng.choice([0, 5, 900, 3000, 20_000])),
+                rng.choice([0, 0, 5000, 1]), rng.randrange(1, 10**9)) for i in range(3000)]
+    entries += entries[:50]  # duplicates take the general path: the later one wins
+    one, many = Store(clock, random.Random(1)), Store(clock, random.Random(1))
+    one.configure(codec=ZstdCodec(min_bytes=1024)), many.configure(codec=ZstdCodec(min_bytes=1024))
+    stored = sum(one.restore(*e) for e in entries)
+    assert many.restore_many(entries, expected=10) == stored == len(entries)  # grows past `expected` too
+    check_invariants(many)
+    assert sorted(many.export()) == sorted(one.export())
+    assert (many.used_bytes, many.sets, many.expiring, many._version) == (one.used_bytes, 0, one.expiring, one._version)
