@@ -168,6 +168,15 @@ def command(role: str, entry: str, *args: str) -> list[str]:
             *sys.path]
 
 
+def replace_with(role: str, entry: str, *args: str) -> NoReturn:
+    """Become a fresh interpreter that runs ``entry(*args)`` (``command``): same pid, fds, environment."""
+    argv = command(role, entry, *args)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os.execv(argv[0], argv)
+
+
 def _exec(argv: list[str], pass_fds: tuple[int, ...]) -> int:
     """Start ``argv`` with ``pass_fds`` open in it and stdin on /dev/null; its pid.
 

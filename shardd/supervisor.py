@@ -2,7 +2,9 @@
 
 Theory of operation
 -------------------
-The supervisor imports none of the roles' modules: a child is named by its entry function
+``shardd serve`` parses its flags and checks the config, then becomes (exec, same pid) a fresh
+interpreter that runs ``main`` here: the daemon's main process carries none of the CLI's
+modules. It imports none of the roles' either: a child is named by its entry function
 ("module:function") and comes from the forkserver (shardd.process), which alone imports them.
 
 ``Arbiter.run`` prepares a private runtime directory for the ipc sockets, starts the workers
@@ -57,18 +59,19 @@ import select
 import shutil
 import signal
 import stat
+import sys
 import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import msgspec
 
 from shardd import process, snapshot, systemd, transport
-from shardd.config import RESTART_KEYS, Config  # RESTART_KEYS: settings a SIGHUP cannot change
+from shardd.config import RESTART_KEYS, Config, load_config  # RESTART_KEYS: settings a SIGHUP cannot change
 from shardd.control import ControlClient
-from shardd.errors import ExitCode, SharddError
+from shardd.errors import ConfigError, ExitCode, SharddError
 from shardd.logs import setup_logging
 from shardd.process import Child
 
@@ -498,6 +501,33 @@ def _terminate(procs: list[Child], deadline: float) -> None:
             log.warning("%s did not stop in time; killing it", proc.name)
             proc.kill()
             proc.join(5)
+
+
+def main(request: str) -> NoReturn:
+    """Entry of the supervisor's own interpreter, which ``shardd serve`` becomes once its flags are parsed.
+
+    ``request`` is JSON: {"config": the config file or null, "overrides": the flags}. Both are
+    read again here, and again on SIGHUP. A failure is one line on stderr and an exit code, as
+    from the CLI.
+    """
+    process.set_name("shardd")  # as the console script was called, not "python3"
+    import json  # (not msgspec.json: a path may hold surrogate escapes, which JSON carries as \udcXX)
+
+    args = json.loads(request)
+    path, overrides = args["config"], args["overrides"]
+    try:
+        config = load_config(path, overrides)
+        code = serve(config, lambda: load_config(path, overrides))
+    except ConfigError as exc:  # (the file changed since the CLI read it)
+        print(f"shardd: {exc}", file=sys.stderr)
+        code = ExitCode.CONFIG
+    except Exception as exc:  # a bug: still one line, with the way to see more
+        if os.environ.get("SHARDD_DEBUG"):
+            raise
+        print(f"shardd: unexpected error: {type(exc).__name__}: {exc} (SHARDD_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        code = ExitCode.FAILURE
+    sys.exit(code)
 
 
 def serve(config: Config, reload_config: Callable[[], Config] | None = None) -> int:
