@@ -6,15 +6,18 @@ it reads back (``pid``, ``exitcode``, ``sentinel``, ``ready``).
 
 Theory of operation
 -------------------
-Children come from a *forkserver* (DESIGN decision 3): a helper process the supervisor starts
-once as a fresh interpreter, so it inherits nothing of the supervisor but its environment,
-stdio and ``sys.path``. It imports the modules the roles need (``preload``), moves them out of
-the cyclic GC's reach (``gc.freeze``, so no collection in a child writes to their pages) and
-then forks one child per request. A child starts with its role's modules already imported and
-their pages shared, copy-on-write, with the forkserver and every other child: what a fresh
-interpreter per child (``spawn``) paid once per process is paid about once in all
-(bench/footprint.py measures it). A restarted worker runs the code the router runs, even if
-the installed package changed on disk meanwhile.
+Children come from a *forkserver* (DESIGN decision 3), a helper process that forks one child
+per request. The supervisor makes it first thing (``start_forkserver``), by forking itself
+while it is still single-threaded and holds no Context, socket or signal handler: the
+forkserver is the supervisor's freshly started interpreter and nothing else. It imports the
+roles' modules (``preload``), moves everything out of the cyclic GC's reach (``gc.freeze``:
+no collection then writes to those pages) and waits for requests. So one copy of the
+interpreter, msgspec, zmq, asyncio and shardd's modules serves every process of the daemon,
+shared copy-on-write: what a fresh interpreter per child (``spawn``) paid once per process is
+paid about once in all (bench/footprint.py). A restarted worker runs the code the router
+runs, even if the installed package changed on disk meanwhile. A forkserver started later
+(the first one died) cannot be a fork of a supervisor that has threads: it is a fresh
+interpreter, with the supervisor's flags and ``sys.path``.
 
 Each child is forked twice, forkserver → intermediate → child, and the intermediate exits at
 once: the child is re-parented to the supervisor, which made itself a child subreaper
@@ -25,16 +28,17 @@ only after it reaped the intermediate, when the child is the supervisor's alread
 
 ``SHARDD_START_METHOD=spawn`` starts every child as a fresh interpreter instead (nothing
 shared, no forkserver); it is also the fallback where the supervisor cannot be a subreaper.
-No resource tracker runs in either case: multiprocessing's is not used, nothing here needs one.
+No resource tracker runs in either case: multiprocessing is not used, nothing here needs one.
 
 Invariants:
 1. A child is handed only its entry function's name ("module:function") and arguments (a
    Config and a shard id), pickled through a pipe or the socketpair between the supervisor and
    its forkserver, which no other process can reach. It builds everything else itself:
-   ZeroMQ Context, sockets, CPU pinning.
-2. The forkserver stays single-threaded and creates nothing at import time but module
-   objects, so forking it is safe; it imports no module of the supervisor or of the CLI
-   (typer, rich, prometheus_client), so no child carries them.
+   ZeroMQ Context, sockets, CPU pinning, logging.
+2. The forkserver is single-threaded, holds no resource but its socket and never runs a
+   role's code; a child gets nothing from it but imported modules. It never imports the
+   CLI's modules (the supervisor it came from runs without them: shardd.supervisor.main),
+   nor prometheus_client (imported after boot, and only with metrics on).
 3. The entry function's return value is the child's exit code, so a worker that cannot start
    exits ``ExitCode.BOOT_FAILED`` and the supervisor can tell that from a crash. An exception
    is exit code 1 after its traceback on stderr; death by a signal is ``-signum``.
@@ -257,8 +261,11 @@ class _Forkserver:
     def _start(self) -> socket.socket:
         ours, theirs = socket.socketpair()
         try:
-            argv = command("shardd-forkserver", "shardd.process:_serve_forks", str(theirs.fileno()), *_preload)
-            self.pid = _exec(argv, (theirs.fileno(),))
+            if _single_threaded():
+                self.pid = _fork_forkserver(ours, theirs)
+            else:  # a fork of a process with threads is unsafe: a fresh interpreter, then
+                argv = command("shardd-forkserver", "shardd.process:_serve_forks", str(theirs.fileno()), *_preload)
+                self.pid = _exec(argv, (theirs.fileno(),))
         finally:
             theirs.close()
         ours.settimeout(_FORKSERVER_TIMEOUT)
@@ -278,9 +285,43 @@ class _Forkserver:
 _forkserver = _Forkserver()
 
 
+def start_forkserver() -> None:
+    """Start the forkserver now, if children are to come from one.
+
+    The supervisor calls this first, while it is single-threaded and holds no resource, so the
+    forkserver is a fork of it and shares its pages (see the theory of operation).
+    """
+    if start_method() == "forkserver" and _forkserver.usable() and _forkserver.sock is None:
+        _forkserver._start()
+
+
 def stop_forkserver() -> None:
     """Stop the forkserver, if one was started (the supervisor, last thing before it exits)."""
     _forkserver.close()
+
+
+def _single_threaded() -> bool:
+    """Whether this process has one thread (ZeroMQ's I/O threads included, unlike threading's count)."""
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return False
+
+
+def _fork_forkserver(ours: socket.socket, theirs: socket.socket) -> int:
+    """Fork this (single-threaded) process into the forkserver; its pid."""
+    gc.freeze()  # our own collections must not write to the pages we now share either
+    pid = os.fork()
+    if pid == 0:
+        try:
+            ours.close()
+            null = os.open(os.devnull, os.O_RDONLY)  # stdin, as a fresh interpreter gets it from _exec
+            os.dup2(null, 0)
+            os.close(null)
+            _serve_forks(str(theirs.fileno()), *_preload)
+        finally:
+            os._exit(0)  # never the supervisor's atexit handlers or finalizers
+    return pid
 
 
 def _reap(pid: int, timeout: float) -> None:

@@ -128,7 +128,16 @@ class Arbiter:
     # --- entry point --------------------------------------------------------------
 
     def run(self) -> int:
+        # First, while this process is single-threaded and holds nothing: the forkserver is a
+        # fork of it, so every process of the daemon shares one interpreter (shardd.process).
         process.preload(*_PRELOAD)
+        process.start_forkserver()
+        try:
+            return self._run()
+        finally:
+            process.stop_forkserver()
+
+    def _run(self) -> int:
         if self.config.auth_dir:
             try:
                 transport.ServerAuth(self.config.auth_dir)
@@ -152,7 +161,6 @@ class Arbiter:
                 self.control.close()
             self.stop()
             self.cleanup_runtime_dir()
-            process.stop_forkserver()
         return code
 
     # --- boot ---------------------------------------------------------------------
