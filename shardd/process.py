@@ -55,6 +55,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import importlib
+import math
 import os
 import pickle
 import select
@@ -66,6 +67,7 @@ import sys
 import time
 import traceback
 import weakref
+from collections.abc import Iterable
 from typing import Any, NoReturn
 
 _PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
@@ -158,8 +160,20 @@ class Child:
                 os.kill(self.pid, signum)
 
 
+def wait(fds: Iterable[int], timeout: float | None) -> list[int]:
+    """Those of ``fds`` that are readable (a child's sentinel once it exited), after waiting up to
+    ``timeout`` seconds for one (None: no limit).
+
+    poll(2), not select(2): a daemon of hundreds of shards has fds past select's 1024.
+    """
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    return [fd for fd, _ in poller.poll(None if timeout is None else math.ceil(max(0.0, timeout) * 1000))]
+
+
 def _readable(fd: int, timeout: float | None) -> bool:
-    return bool(select.select([fd], [], [], timeout)[0])
+    return bool(wait([fd], timeout))
 
 
 def command(role: str, entry: str, *args: str) -> list[str]:

@@ -55,7 +55,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import select
 import shutil
 import signal
 import stat
@@ -245,7 +244,7 @@ class Arbiter:
             sentinels = [child.sentinel for child in self.children()]
             wake_at = min([self.next_health_check, self.next_snapshot, *self.restart_at.values()])
             timeout = max(0.0, min(1.0, wake_at - self.clock()))
-            select.select([*sentinels, wakeup_r], [], [], timeout)
+            process.wait([*sentinels, wakeup_r], timeout)
             transport.drain_fd(wakeup_r)
             while self.signals:
                 signum = self.signals.popleft()
