@@ -286,6 +286,20 @@ class _Forkserver:
         self.sock = ours
         return ours
 
+    def reap(self) -> int | None:
+        """If the forkserver exited, reap and forget it (the next child starts another): its exit code."""
+        if self.pid is None:
+            return None
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            pid, status = self.pid, 255 << 8
+        if pid == 0:
+            return None
+        self.pid = None
+        self.close()
+        return os.waitstatus_to_exitcode(status)
+
     def close(self, timeout: float = 5.0) -> None:
         """Stop the forkserver (it exits when its socket closes) and reap it."""
         if self.sock is not None:
@@ -307,6 +321,11 @@ def start_forkserver() -> None:
     """
     if start_method() == "forkserver" and _forkserver.usable() and _forkserver.sock is None:
         _forkserver._start()
+
+
+def reap_forkserver() -> int | None:
+    """Reap the forkserver if it died (killed: it exits only when told); its exit code, else None."""
+    return _forkserver.reap()
 
 
 def stop_forkserver() -> None:

@@ -287,6 +287,9 @@ class Arbiter:
 
     def reap_children(self) -> int | None:
         """Forget exited workers and schedule their restart; the exit code if that is a stop."""
+        code = process.reap_forkserver()
+        if code is not None:  # (nothing is lost: the next worker start makes another)
+            log.warning("the forkserver exited (exit code %s); a worker that starts next will make another", code)
         if self.router is not None and not self.router.is_alive():
             log.error("router exited (exit code %s); stopping so the service manager restarts us",
                       self.router.exitcode)

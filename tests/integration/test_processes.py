@@ -82,12 +82,14 @@ def test_no_process_of_the_daemon_has_loaded_the_cli(make_daemon):
             assert "pydantic_core" not in maps.read(), below.get(pid, "supervisor")
 
 
-def test_a_killed_forkserver_is_replaced_when_a_worker_must_restart(make_daemon):
+def test_a_killed_forkserver_is_reaped_and_replaced_when_a_worker_must_restart(make_daemon):
     d = make_daemon(shards=2)
-    _, below = _daemon_processes(d)
+    supervisor, below = _daemon_processes(d)
     forkserver = next(pid for pid, role in below.items() if role == "forkserver")
     worker0 = next(pid for pid, role in below.items() if role == "worker 0")
     os.kill(forkserver, signal.SIGKILL)
+    wait_until(lambda: forkserver not in {p.pid for p in supervisor.children()}, what="the forkserver reaped")
+    assert "the forkserver exited (exit code -9)" in d.log()
     os.kill(worker0, signal.SIGKILL)
 
     def shard0_back() -> bool:
