@@ -176,35 +176,48 @@ def _readable(fd: int, timeout: float | None) -> bool:
     return bool(wait([fd], timeout))
 
 
-def command(role: str, entry: str, *args: str) -> list[str]:
-    """The argv of a fresh interpreter, with this one's flags and ``sys.path``, that calls
-    ``entry`` ("module:function") with ``args``; ``role`` is its ``sys.argv[1]``, for ``ps``."""
+# A fresh interpreter's whole program. What it runs, and this interpreter's sys.path, come in
+# $SHARDD_BOOT (JSON), so its command line stays short: ps shows what follows.
+_BOOT = ("import json, os, sys; boot = json.loads(os.environ.pop('SHARDD_BOOT')); sys.path[:] = boot['path']; "
+         "from shardd.process import _boot; _boot(*boot['call'])")
+
+
+def _fresh(entry: str, *args: str) -> tuple[list[str], dict[str, str]]:
+    """argv (before what ps should show) and environment of a fresh interpreter, with this one's
+    flags and ``sys.path``, that calls ``entry`` ("module:function") with ``args``."""
+    import json
+
+    argv = [sys.executable, *subprocess._args_from_interpreter_flags(), "-c", _BOOT]
+    return argv, {**os.environ, "SHARDD_BOOT": json.dumps({"path": sys.path, "call": [entry, *args]})}
+
+
+def _boot(entry: str, *args: str) -> None:
     module, _, function = entry.partition(":")
-    code = ("import sys; n = int(sys.argv[2]); sys.path[:] = sys.argv[3 + n:]; "
-            f"from {module} import {function}; {function}(*sys.argv[3:3 + n])")
-    return [sys.executable, *subprocess._args_from_interpreter_flags(), "-c", code, role, str(len(args)), *args,
-            *sys.path]
+    getattr(importlib.import_module(module), function)(*args)
 
 
-def replace_with(role: str, entry: str, *args: str) -> NoReturn:
-    """Become a fresh interpreter that runs ``entry(*args)`` (``command``): same pid, fds, environment."""
-    argv = command(role, entry, *args)
+def replace_with(entry: str, *args: str) -> NoReturn:
+    """Become a fresh interpreter that calls ``entry(*args)`` (``_fresh``): same pid, fds and
+    environment, and the same command line after ``python -c ...``."""
+    argv, env = _fresh(entry, *args)
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
-    os.execv(argv[0], argv)
+    os.execve(argv[0], [*argv, *sys.argv], env)
 
 
-def _exec(argv: list[str], pass_fds: tuple[int, ...]) -> int:
-    """Start ``argv`` with ``pass_fds`` open in it and stdin on /dev/null; its pid.
+def _exec(role: str, entry: str, args: tuple[str, ...], pass_fds: tuple[int, ...]) -> int:
+    """Start a fresh interpreter that calls ``entry(*args)``, with ``pass_fds`` open in it and stdin
+    on /dev/null; its pid. ``role`` is its command line, for ps.
 
     ``os.posix_spawn`` and not ``subprocess.Popen``: a Popen reaps its process by itself
     (subprocess's clean-up of Popen objects that were collected), taking the exit status from us.
     """
+    argv, env = _fresh(entry, *args)
     for fd in pass_fds:
         os.set_inheritable(fd, True)
     try:
-        return os.posix_spawn(sys.executable, argv, os.environ,
+        return os.posix_spawn(argv[0], [*argv, role], env,
                               file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)])
     finally:
         for fd in pass_fds:
@@ -217,7 +230,7 @@ def _exec(argv: list[str], pass_fds: tuple[int, ...]) -> int:
 def _spawn(request: tuple[str, str, tuple[Any, ...]], sentinel: int) -> int:
     r, w = os.pipe()
     try:
-        pid = _exec(command(request[0], "shardd.process:_spawned", str(r)), (r, sentinel))
+        pid = _exec(request[0], "shardd.process:_spawned", (str(r),), (r, sentinel))
     finally:
         os.close(r)
     with os.fdopen(w, "wb") as pipe:
@@ -278,8 +291,8 @@ class _Forkserver:
             if _single_threaded():
                 self.pid = _fork_forkserver(ours, theirs)
             else:  # a fork of a process with threads is unsafe: a fresh interpreter, then
-                argv = command("shardd-forkserver", "shardd.process:_serve_forks", str(theirs.fileno()), *_preload)
-                self.pid = _exec(argv, (theirs.fileno(),))
+                self.pid = _exec("shardd-forkserver", "shardd.process:_serve_forks", (str(theirs.fileno()), *_preload),
+                                 (theirs.fileno(),))
         finally:
             theirs.close()
         ours.settimeout(_FORKSERVER_TIMEOUT)

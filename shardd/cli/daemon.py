@@ -56,8 +56,7 @@ def serve(
     from shardd import process
 
     with contextlib.suppress(OSError):  # (if exec fails, serve from here)
-        process.replace_with("shardd-supervisor", "shardd.supervisor:main",
-                             json.dumps({"config": config, "overrides": overrides}))
+        process.replace_with("shardd.supervisor:main", json.dumps({"config": config, "overrides": overrides}))
     from shardd.supervisor import serve as run_daemon
 
     # SIGHUP re-reads the same sources: the file as it is now, then the same flags.
