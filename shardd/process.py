@@ -249,7 +249,8 @@ def _spawned(fd: str) -> NoReturn:
 
 
 class _Forkserver:
-    """The supervisor's end: starts the forkserver on first use and asks it for children."""
+    """The supervisor's end: starts the forkserver (``start_forkserver``, or again on the first
+    request after it died) and asks it for children."""
 
     def __init__(self) -> None:
         self.sock: socket.socket | None = None
