@@ -55,17 +55,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def tree_rss(pid: int) -> tuple[int, list[int]]:
-    """RSS of a process and its descendants; and each worker's (shardd-worker-*) RSS."""
+def tree_rss(pid: int, worker_pids: set[int] = frozenset()) -> tuple[int, list[int]]:
+    """RSS of a process and its descendants; and that of each of ``worker_pids`` (from ``stats``)."""
     root = psutil.Process(pid)
     total, workers = 0, []
     for proc in [root, *root.children(recursive=True)]:
         with contextlib.suppress(psutil.NoSuchProcess):
             rss = proc.memory_info().rss
             total += rss
-            if "multiprocessing.spawn" in " ".join(proc.cmdline()) and proc.pid != root.pid:
+            if proc.pid in worker_pids:
                 workers.append(rss)
     return total, workers
+
+
+def worker_pids(client: Any) -> set[int]:
+    return {row["pid"] for row in client.stats()["shards"] if row.get("pid")}
 
 
 @contextlib.contextmanager
@@ -104,14 +108,15 @@ def shardd_daemon(shards: int, settings: dict[str, Any]):
 
 def footprint_shardd(n: int, size: int, shards: int, batch: int) -> dict[str, Any]:
     with shardd_daemon(shards, {"max_memory": "64GiB"}) as (proc, client):
-        idle_total, idle_workers = tree_rss(proc.pid)
+        pids = worker_pids(client)
+        idle_total, idle_workers = tree_rss(proc.pid, pids)
         value = b"v" * size
         t = time.perf_counter()
         for start in range(0, n, batch):
             client.set_many([(b"key:%d" % i, value) for i in range(start, min(n, start + batch))])
         load_s = time.perf_counter() - t
         total = client.stats()["total"]
-        rss_total, workers = tree_rss(proc.pid)
+        rss_total, workers = tree_rss(proc.pid, pids)
     assert total["keys"] == n and total["evicted"] == 0
     return {
         "keys": n, "value_bytes": size, "shards": shards, "load_s": round(load_s, 1),

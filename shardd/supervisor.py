@@ -2,12 +2,17 @@
 
 Theory of operation
 -------------------
+``shardd serve`` parses its flags and checks the config, then becomes (exec, same pid) a fresh
+interpreter that runs ``main`` here: the daemon's main process carries none of the CLI's
+modules. It imports none of the roles' either: a child is named by its entry function
+("module:function") and comes from the forkserver (shardd.process), which alone imports them.
+
 ``Arbiter.run`` prepares a private runtime directory for the ipc sockets, starts the workers
 (through ``manage_workers``) and then the router, each a :class:`shardd.process.Child`
-(``spawn`` start method: children get a picklable Config and a shard id, and build everything
-else themselves), waits until a ping through the router is answered by every shard, reports
-ready (a log line and ``READY=1`` to systemd), then sleeps on its children's sentinels, a
-signal wake-up pipe and its next timer (restart backoff, health check, snapshot).
+(children get a picklable Config and a shard id, and build everything else themselves),
+waits until a ping through the router is answered by every shard, reports ready (a log line
+and ``READY=1`` to systemd), then sleeps on its children's sentinels, a signal wake-up pipe
+and its next timer (restart backoff, health check, snapshot).
 
 ``manage_workers`` is the one reconcile step (gunicorn's ``manage_workers``): from the wanted
 shard ids, ``range(max(config.shards, target))``, to the running workers. It reaps workers
@@ -41,35 +46,33 @@ Invariants:
    the layout in force); the router tells each worker the rest.
 6. If the router dies the daemon exits CHILD_FAILED, so systemd restarts it whole.
 7. Stop order: router first (it stops accepting and drains what is in flight), then the
-   workers; anything still alive at the deadline is killed. The runtime directory is
-   removed if we created it. Exit 0 on a requested stop.
+   workers; anything still alive at the deadline is killed; the forkserver goes last. The
+   runtime directory is removed if we created it. Exit 0 on a requested stop.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import multiprocessing.connection
 import os
 import shutil
 import signal
 import stat
+import sys
 import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import msgspec
 
-from shardd import metrics, snapshot, systemd, transport
-from shardd.config import RESTART_KEYS, Config  # RESTART_KEYS: settings a SIGHUP cannot change
+from shardd import process, snapshot, systemd, transport
+from shardd.config import RESTART_KEYS, Config, load_config  # RESTART_KEYS: settings a SIGHUP cannot change
 from shardd.control import ControlClient
-from shardd.errors import ExitCode, SharddError
+from shardd.errors import ConfigError, ExitCode, SharddError
 from shardd.logs import setup_logging
-from shardd.process import Child, stop_resource_tracker
-from shardd.router import run_router
-from shardd.worker import run_worker
+from shardd.process import Child
 
 log = logging.getLogger("shardd.supervisor")
 
@@ -86,6 +89,11 @@ _HEALTH_INTERVAL = 5.0
 _READY_POLL = 0.1
 # SIGUSR1 comes from the router: a resize changed phase (see the theory of operation).
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+# The roles' entry functions, by name: the supervisor never imports a role's modules. The
+# forkserver imports them once for every child (shardd.process): _PRELOAD is all they import.
+_WORKER = "shardd.worker:run_worker"
+_ROUTER = "shardd.router:run_router"
+_PRELOAD = ("shardd.worker", "shardd.router_main")
 
 
 class Arbiter:
@@ -114,11 +122,21 @@ class Arbiter:
         self.deaths: dict[int, deque[float]] = {}
         self.signals: deque[int] = deque()
         self.owns_runtime_dir = False
-        self.metrics: metrics.MetricsServer | None = None
+        self.metrics: Any = None  # the /metrics server (shardd.metrics), when metrics_bind is set
 
     # --- entry point --------------------------------------------------------------
 
     def run(self) -> int:
+        # First, while this process is single-threaded and holds nothing: the forkserver is a
+        # fork of it, so every process of the daemon shares one interpreter (shardd.process).
+        process.preload(*_PRELOAD)
+        process.start_forkserver()
+        try:
+            return self._run()
+        finally:
+            process.stop_forkserver()
+
+    def _run(self) -> int:
         if self.config.auth_dir:
             try:
                 transport.ServerAuth(self.config.auth_dir)
@@ -142,7 +160,6 @@ class Arbiter:
                 self.control.close()
             self.stop()
             self.cleanup_runtime_dir()
-            stop_resource_tracker()
         return code
 
     # --- boot ---------------------------------------------------------------------
@@ -195,20 +212,23 @@ class Arbiter:
         if loading:
             snapshot.consume(cfg.state_dir)  # loaded: a later crash must not bring it back
         self.schedule_snapshot()
-        self.metrics = metrics.start(cfg)  # /metrics (a thread here, never on the data path); None if off
+        if cfg.metrics_address() is not None:  # (prometheus_client is loaded only then)
+            from shardd import metrics
+
+            self.metrics = metrics.start(cfg)  # /metrics (a thread here, never on the data path); None if off
         log.info("ready: %d shards behind %s (pid %d)", cfg.shards, cfg.bind, os.getpid())
         systemd.notify("READY=1", f"STATUS=serving {cfg.shards} shards on {cfg.bind}", f"MAINPID={os.getpid()}")
         return ExitCode.OK
 
     def spawn_worker(self, shard: int) -> None:
-        child = self.process(f"shardd-worker-{shard}", run_worker, (self.config, shard), shard)
+        child = self.process(f"shardd-worker-{shard}", _WORKER, (self.config, shard), shard)
         child.start()
         self.workers[shard] = child
         if self.ready:  # a restart or a resize: watch for it to serve (check_health marks it ready)
             self.next_health_check = min(self.next_health_check, time.monotonic() + _READY_POLL)
 
     def spawn_router(self) -> None:
-        self.router = self.process("shardd-router", run_router, (self.config,))
+        self.router = self.process("shardd-router", _ROUTER, (self.config,))
         self.router.start()
 
     def children(self) -> list[Child]:
@@ -224,7 +244,7 @@ class Arbiter:
             sentinels = [child.sentinel for child in self.children()]
             wake_at = min([self.next_health_check, self.next_snapshot, *self.restart_at.values()])
             timeout = max(0.0, min(1.0, wake_at - self.clock()))
-            multiprocessing.connection.wait([*sentinels, wakeup_r], timeout=timeout)
+            process.wait([*sentinels, wakeup_r], timeout)
             transport.drain_fd(wakeup_r)
             while self.signals:
                 signum = self.signals.popleft()
@@ -267,6 +287,9 @@ class Arbiter:
 
     def reap_children(self) -> int | None:
         """Forget exited workers and schedule their restart; the exit code if that is a stop."""
+        code = process.reap_forkserver()
+        if code is not None:  # (nothing is lost: the next worker start makes another)
+            log.warning("the forkserver exited (exit code %s); a worker that starts next will make another", code)
         if self.router is not None and not self.router.is_alive():
             log.error("router exited (exit code %s); stopping so the service manager restarts us",
                       self.router.exitcode)
@@ -488,6 +511,33 @@ def _terminate(procs: list[Child], deadline: float) -> None:
             log.warning("%s did not stop in time; killing it", proc.name)
             proc.kill()
             proc.join(5)
+
+
+def main(request: str) -> NoReturn:
+    """Entry of the supervisor's own interpreter, which ``shardd serve`` becomes once its flags are parsed.
+
+    ``request`` is JSON: {"config": the config file or null, "overrides": the flags}. Both are
+    read again here, and again on SIGHUP. A failure is one line on stderr and an exit code, as
+    from the CLI.
+    """
+    process.set_name("shardd")  # as the console script was called, not "python3"
+    import json  # (not msgspec.json: a path may hold surrogate escapes, which JSON carries as \udcXX)
+
+    args = json.loads(request)
+    path, overrides = args["config"], args["overrides"]
+    try:
+        config = load_config(path, overrides)
+        code = serve(config, lambda: load_config(path, overrides))
+    except ConfigError as exc:  # (the file changed since the CLI read it)
+        print(f"shardd: {exc}", file=sys.stderr)
+        code = ExitCode.CONFIG
+    except Exception as exc:  # a bug: still one line, with the way to see more
+        if os.environ.get("SHARDD_DEBUG"):
+            raise
+        print(f"shardd: unexpected error: {type(exc).__name__}: {exc} (SHARDD_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        code = ExitCode.FAILURE
+    sys.exit(code)
 
 
 def serve(config: Config, reload_config: Callable[[], Config] | None = None) -> int:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 from typing import Annotated, Any
@@ -47,6 +49,14 @@ def serve(
         cfg = load_config(config, overrides)
     except ConfigError as exc:
         raise fail(str(exc), ExitCode.CONFIG) from None
+    # The daemon's main process should not carry the CLI: typer (which loads pydantic to convert
+    # options) is ~13 MiB that the supervisor never uses. The flags are parsed and the config
+    # checked here, then this process becomes a fresh interpreter running only the supervisor,
+    # with the same pid (systemd's MAINPID), fds and environment.
+    from shardd import process
+
+    with contextlib.suppress(OSError):  # (if exec fails, serve from here)
+        process.replace_with("shardd.supervisor:main", json.dumps({"config": config, "overrides": overrides}))
     from shardd.supervisor import serve as run_daemon
 
     # SIGHUP re-reads the same sources: the file as it is now, then the same flags.
