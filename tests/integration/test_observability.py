@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import time
 import urllib.request
 
@@ -86,7 +87,8 @@ def test_prometheus_metrics_scrape(make_daemon, tmp_path):
     port = free_port()
     d = make_daemon(config=write_config(tmp_path, metrics_bind=f"127.0.0.1:{port}", max_memory="8MiB"))
     with shardd.Client(d.endpoint, timeout=5) as client:
-        client.set_many({f"m{i}": b"x" * 2000 for i in range(5000)})  # ~11 MiB: evicts
+        noise = random.Random(1).randbytes(2000)  # incompressible: zstd would shrink b"x" * 2000 to nothing
+        client.set_many({f"m{i}": noise for i in range(5000)})  # ~11 MiB: evicts
         client.get("m1")
     deadline = time.monotonic() + 60  # against a hang only
     while True:
@@ -105,6 +107,7 @@ def test_prometheus_metrics_scrape(make_daemon, tmp_path):
     assert families["shardd_ops"].type == "counter"
     assert samples[("shardd_ops_total", (("shard", "0"),))] > 0
     assert samples[("shardd_memory_max_bytes", (("shard", "0"),))] == 4 * 1024 * 1024
+    assert samples[("shardd_memory_arena_bytes", (("shard", "0"),))] > 0
     assert sum(v for (name, _), v in samples.items() if name == "shardd_evicted_keys_total") > 0
     assert families["shardd_service_seconds"].type == "histogram"
     inf = samples[("shardd_service_seconds_bucket", (("le", "+Inf"), ("shard", "0")))]
