@@ -1,4 +1,4 @@
 from shardd.cli import main
 
-if __name__ == "__main__":  # spawned children import this module as __mp_main__
+if __name__ == "__main__":  # `python -m shardd`; an imported module (no __main__) runs nothing
     main()

@@ -33,7 +33,7 @@ def test_workers_are_pinned_one_per_cpu(make_daemon):
 def test_stop_signal_leaves_nothing_behind(make_daemon, sig):
     d = make_daemon(shards=2)
     kids = d.children()
-    assert len(kids) >= 3  # router + 2 workers (+ spawn's resource tracker, if any)
+    assert len(kids) >= 3  # router + 2 workers (+ the forkserver)
     with Client(d.endpoint) as c:
         c.set("x", b"1")
     code = d.stop(sig, timeout=60)  # a deadline against a hang; a clean stop is exit 0, nothing killed
