@@ -528,7 +528,25 @@ class Store:
                     return False
             elif hd < 0:
                 return False
-        self._write(key, h, i, hd, value, self._clock() + ttl_ms if ttl_ms is not None else 0)
+        expires = self._clock() + ttl_ms if ttl_ms is not None else 0
+        codec = self._codec
+        plain = len(value) < (self._large if codec is None else min(self._large, codec.min_bytes))
+        if hd >= 0 and plain and not expires and self._overwrite_plain(i, hd, value):
+            self._clean(len(value) + len(key) + _BASE)
+            return True
+        if hd < 0 and plain:
+            # A new key whose value is stored as it is: _write's common case, without its branches.
+            cost = entry_cost(len(key), len(value), expires != 0)
+            if self.used_bytes + cost > self._limit and self._make_room(cost, cost, (key,)):
+                i = self._find(key, h)[0]
+            if self._count >= self._grow_at:
+                self._grow()
+                i = self._find(key, h)[0]
+            self._version += 1
+            self._append_plain(key, h, i, value, expires, self._version, cost)
+            self.sets += 1
+            return True
+        self._write(key, h, i, hd, value, expires)
         self._clean(len(value) + len(key) + _BASE)
         return True
 
@@ -540,11 +558,14 @@ class Store:
         ttl = ttl_ms is not None
         each = not self._reserve_many(items, ttl)
         clock = self._clock
-        find = self._find
+        find, hash_ = self._find, self._hash
         write = self._write
+        codec = self._codec
+        plain_below = min(self._large, codec.min_bytes if codec is not None else self._large)
+        extra = TTL_OVERHEAD if ttl else 0
         written = 0
         for key, value in items:
-            h = self._hash(key)
+            h = hash_(key)
             i, hd = find(key, h)
             if hd >= 0:
                 expires = self._expires(hd)
@@ -554,7 +575,19 @@ class Store:
                     i, hd = find(key, h)
             if each and self._reserve(key, hd, value, ttl):
                 i, hd = find(key, h)
-            write(key, h, i, hd, value, clock() + ttl_ms if ttl_ms is not None else 0, reserved=True)
+            deadline = clock() + ttl_ms if ttl_ms is not None else 0
+            if hd >= 0 and not deadline and len(value) < plain_below and self._overwrite_plain(i, hd, value):
+                pass
+            elif hd < 0 and len(value) < plain_below:
+                if self._count >= self._grow_at:
+                    self._grow()
+                    i = find(key, h)[0]
+                self._version += 1
+                self._append_plain(key, h, i, value, deadline, self._version,
+                                   ENTRY_OVERHEAD + len(key) + len(value) + extra)
+                self.sets += 1
+            else:
+                write(key, h, i, hd, value, deadline, reserved=True)
             written += len(key) + len(value) + _BASE
         self._clean(written)
         return len(items)
@@ -821,8 +854,6 @@ class Store:
         find, hash_ = self._find, self._hash
         codec = self._codec
         plain_below = min(self._large, codec.min_bytes if codec is not None else self._large)
-        pack_header, pack_ttl = _HEADER.pack_into, _TTL_EXT.pack_into
-        ttl_array, meta = self._ttl, self.lru_clock << 24 | 1
         stored = fast = 0
         top = self._version
         for key, value, expires, version in entries:
@@ -836,24 +867,8 @@ class Store:
             if self._count >= self._grow_at:
                 self._grow()
                 i = find(key, h)[0]
-            # _write inlined for a new key whose value is stored as it is: most of a snapshot.
-            size = (_WITH_TTL if expires else _BASE) + klen + vlen
-            new = self._alloc(size)
-            seg = self._segs[new >> _SEG_BITS]
-            p = new & _OFFSET_MASK
-            k = p + _BASE
-            if expires:
-                pack_header(seg, p, klen | _TTL, vlen, version, meta)  # type: ignore[arg-type]
-                pack_ttl(seg, k, expires, len(ttl_array))  # type: ignore[arg-type]
-                ttl_array.append(new)
-                k += _TTL_EXT.size
-            else:
-                pack_header(seg, p, klen, vlen, version, meta)  # type: ignore[arg-type]
-            seg[k:k + klen] = key  # type: ignore[index]
-            seg[k + klen:k + klen + vlen] = value  # type: ignore[index]
-            self._table[i] = (h >> 40) << _HANDLE_BITS | (new + 1)  # not a local: restore() may grow it
-            self._count += 1
-            self.used_bytes += cost
+            # Most of a snapshot: a new key whose value is stored as it is.
+            self._append_plain(key, h, i, value, expires, version, cost)
             fast += 1
             if version > top:
                 top = version
@@ -863,6 +878,67 @@ class Store:
         return stored + fast
 
     # --- the write primitive -------------------------------------------------------------
+
+    def _overwrite_plain(self, i: int, hd: int, value: bytes) -> bool:
+        """_write's common case for a live key: a value stored as it is replaces one stored as it is,
+        neither with a TTL. Returns False, having done nothing, if that is not the case or the
+        write needs room first (then _write does it)."""
+        seg = self._segs[hd >> _SEG_BITS]
+        p = hd & _OFFSET_MASK
+        kf, vlen, _, meta = _HEADER.unpack_from(seg, p)  # type: ignore[arg-type]
+        if kf & (_TTL | _PACKED | _ASIDE):
+            return False
+        grow = len(value) - vlen
+        if grow > 0 and self.used_bytes + grow > self._limit:
+            return False
+        now = self.lru_clock
+        hits = meta & _HITS_MAX
+        idle = now - (meta >> 24)
+        if idle >= LFU_HALF_LIFE_MS:
+            hits >>= idle // LFU_HALF_LIFE_MS
+        meta = now << 24 | (hits + 1 if hits < _HITS_MAX else hits)
+        self._version = version = self._version + 1
+        klen = kf & _KEY_MASK
+        if grow:
+            size = _BASE + klen + len(value)
+            new = self._alloc(size)
+            nseg = self._segs[new >> _SEG_BITS]
+            q = new & _OFFSET_MASK
+            nseg[q + _BASE:q + _BASE + klen] = seg[p + _BASE:p + _BASE + klen]  # type: ignore[index]
+            _U32.pack_into(seg, p, kf | _DEAD)  # type: ignore[arg-type]
+            old_size = _BASE + klen + vlen
+            self._seg_live[hd >> _SEG_BITS] -= old_size
+            self._garbage += old_size
+            self._table[i] = (self._table[i] & ~_HANDLE_MASK) | (new + 1)
+            seg, p = nseg, q
+        _HEADER.pack_into(seg, p, kf, len(value), version, meta)  # type: ignore[arg-type]
+        v = p + _BASE + klen
+        seg[v:v + len(value)] = value  # type: ignore[index]
+        self.used_bytes += grow
+        self.sets += 1
+        return True
+
+    def _append_plain(self, key: bytes, h: int, i: int, value: bytes, expires: int, version: int,
+                      cost: int) -> None:
+        """_write for a new key (``i``: its empty slot, the index not full) whose value is stored
+        as it is (not compressed, not aside) and whose room is already made: bulk loads' path."""
+        klen, vlen = len(key), len(value)
+        new = self._alloc((_WITH_TTL if expires else _BASE) + klen + vlen)
+        seg = self._segs[new >> _SEG_BITS]
+        p = new & _OFFSET_MASK
+        k = p + _BASE
+        if expires:
+            _HEADER.pack_into(seg, p, klen | _TTL, vlen, version, self.lru_clock << 24 | 1)  # type: ignore[arg-type]
+            _TTL_EXT.pack_into(seg, k, expires, len(self._ttl))  # type: ignore[arg-type]
+            self._ttl.append(new)
+            k += _TTL_EXT.size
+        else:
+            _HEADER.pack_into(seg, p, klen, vlen, version, self.lru_clock << 24 | 1)  # type: ignore[arg-type]
+        seg[k:k + klen] = key  # type: ignore[index]
+        seg[k + klen:k + klen + vlen] = value  # type: ignore[index]
+        self._table[i] = (h >> 40) << _HANDLE_BITS | (new + 1)
+        self._count += 1
+        self.used_bytes += cost
 
     def _write(self, key: bytes, h: int, i: int, hd: int, value: bytes, expires: int,
                version: int = 0, reserved: bool = False) -> None:
