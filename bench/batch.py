@@ -1,0 +1,160 @@
+"""get_many(100) side by side: shardd through the router, shardd direct, pymemcache → memcached.
+
+    python bench/batch.py                   # 100k keys x 100 B, 3 rounds x 5 s per system
+    python bench/batch.py --rounds 1 --duration 2     # quick look
+    python bench/batch.py --profile router  # also cProfile the client for one system
+
+Theory of operation
+-------------------
+Starts a memcached and a 2-shard shardd daemon on free loopback ports (bench/compare.py's
+``start_memcached`` / ``start_shardd``: no persistence, stopped on every exit path), loads the
+same ``--keys`` keys of ``--value-size`` bytes into both, then, in this one process, runs
+``get_many`` of ``--batch`` distinct keys (pre-drawn, the same batches for every system) in a
+closed loop for ``--duration`` seconds per system. Systems take turns for ``--rounds`` rounds,
+so a burst of load elsewhere on the machine hits them alike; each system's figure is its
+median round, in keys/s. Every batch must find all its keys (a miss is an error).
+
+Targets (issue 12, item 6): direct ≥ 1.5x pymemcache's get_many; router ≥ 1.0x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import cProfile
+import importlib.util
+import pstats
+import random
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+
+
+def _load_compare() -> Any:
+    name = "shardd_bench_compare"
+    module = sys.modules.get(name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(name, HERE / "compare.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return module
+
+
+compare = _load_compare()
+
+SYSTEMS = ("router", "direct", "memcached")
+TARGETS = {"direct": 1.5, "router": 1.0}  # x memcached's keys/s
+
+
+def run_for(mget: Any, batches: list[list[bytes]], seconds: float) -> float:
+    """keys/s of ``mget`` over ``batches`` (cycled) for ``seconds``, after a short warm-up."""
+    size = len(batches[0])
+    count = len(batches)
+    warm_until = time.perf_counter() + min(0.5, seconds / 4)
+    i = 0
+    while time.perf_counter() < warm_until:
+        mget(batches[i % count])
+        i += 1
+    start = time.perf_counter()
+    stop = start + seconds
+    done = 0
+    while True:
+        found = mget(batches[done % count])
+        if found != size:
+            raise RuntimeError(f"a get_many of {size} keys found {found}")
+        done += 1
+        if not done & 15 and time.perf_counter() >= stop:
+            break
+    return done * size / (time.perf_counter() - start)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--keys", type=int, default=100_000, help="keys loaded (default 100000)")
+    ap.add_argument("--value-size", type=int, default=100, help="bytes per value (default 100)")
+    ap.add_argument("--batch", type=int, default=100, help="keys per get_many (default 100)")
+    ap.add_argument("--shards", type=int, default=2, help="shardd shards (default 2)")
+    ap.add_argument("--duration", type=float, default=5.0, help="seconds per system per round (default 5)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds; the median is reported (default 3)")
+    ap.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of " + ",".join(SYSTEMS))
+    ap.add_argument("--profile", choices=SYSTEMS, help="cProfile this process for one extra round of that system")
+    ap.add_argument("--seed", type=int, default=1)
+    args = ap.parse_args()
+    systems = [s for s in args.systems.split(",") if s]
+    if unknown := set(systems) - set(SYSTEMS):
+        ap.error(f"unknown systems {sorted(unknown)}")
+
+    atexit.register(compare.stop_all)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    from pymemcache.client.base import Client as MemcacheClient
+
+    from shardd import Client
+
+    value = b"v" * args.value_size
+    rng = random.Random(args.seed)
+    batches = compare.key_batches(rng, args.keys, args.batch)
+    with tempfile.TemporaryDirectory(prefix="shardd-batch-") as tmp:
+        try:
+            memcached = compare.start_memcached(Path(tmp), args.keys, args.value_size)
+            shardd, _ = compare.start_shardd(Path(tmp), args.shards, direct=True)
+        except compare.SetupError as exc:
+            print(f"batch: {exc}", file=sys.stderr)
+            return 2
+        compare.make_adapter("memcached", memcached.port).load(0, args.keys, value)
+        compare.make_adapter("shardd", shardd.port).load(0, args.keys, value)
+        endpoint = f"tcp://127.0.0.1:{shardd.port}"
+        router = Client(endpoint, timeout=5)
+        direct = Client(endpoint, timeout=5, direct=True)
+        direct.ping()
+        mc = MemcacheClient(("127.0.0.1", memcached.port), no_delay=True, connect_timeout=5, timeout=5)
+        mgets = {
+            "router": lambda keys: len(router.get_many(keys)),
+            "direct": lambda keys: len(direct.get_many(keys)),
+            "memcached": lambda keys: len(mc.get_many(keys)),
+        }
+        runs: dict[str, list[float]] = {s: [] for s in systems}
+        for r in range(args.rounds):
+            for system in systems:
+                runs[system].append(run_for(mgets[system], batches, args.duration))
+            print(f"round {r + 1}: " + "  ".join(f"{s} {runs[s][-1]:,.0f}" for s in systems), flush=True)
+        if args.profile:
+            prof = cProfile.Profile()
+            prof.enable()
+            run_for(mgets[args.profile], batches, args.duration)
+            prof.disable()
+            pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+        router.close()
+        direct.close()
+        mc.close()
+        compare.stop_all()
+
+    median = {s: statistics.median(v) for s, v in runs.items()}
+    base = median.get("memcached")
+    print(f"\nget_many({args.batch}) of {args.value_size}-byte values, {args.keys:,} keys, {args.shards} shards; "
+          f"median of {args.rounds} x {args.duration:g} s")
+    print(f"{'system':<12}{'keys/s':>12}{'x memcached':>14}  target")
+    met = True
+    for system in systems:
+        ratio = median[system] / base if base else None
+        goal = TARGETS.get(system)
+        if goal is None or ratio is None:
+            verdict = ""
+        else:
+            ok = ratio >= goal
+            met &= ok
+            verdict = f"≥ {goal:g}x: {'met' if ok else 'NOT met'}"
+        shown = f"{ratio:.2f}x" if ratio is not None else "—"
+        print(f"{system:<12}{median[system]:>12,.0f}{shown:>14}  {verdict}")
+    return 0 if met else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
