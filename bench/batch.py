@@ -12,7 +12,9 @@ same ``--keys`` keys of ``--value-size`` bytes into both, then, in this one proc
 ``get_many`` of ``--batch`` distinct keys (pre-drawn, the same batches for every system) in a
 closed loop for ``--duration`` seconds per system. Systems take turns for ``--rounds`` rounds,
 so a burst of load elsewhere on the machine hits them alike; each system's figure is its
-median round, in keys/s. Every batch must find all its keys (a miss is an error).
+median round, in keys/s. Every batch must find all its keys (a miss is an error). The load
+average is printed with the figures: shardd's path crosses four processes and their ZeroMQ I/O
+threads, so other work on the machine costs it more than it costs pymemcache's single thread.
 
 Targets (issue 12, item 6): direct ≥ 1.5x pymemcache's get_many; router ≥ 1.0x.
 """
@@ -121,6 +123,7 @@ def main() -> int:
             "memcached": lambda keys: len(mc.get_many(keys)),
         }
         runs: dict[str, list[float]] = {s: [] for s in systems}
+        load_before = compare.loadavg()
         for r in range(args.rounds):
             for system in systems:
                 runs[system].append(run_for(mgets[system], batches, args.duration))
@@ -139,7 +142,8 @@ def main() -> int:
     median = {s: statistics.median(v) for s, v in runs.items()}
     base = median.get("memcached")
     print(f"\nget_many({args.batch}) of {args.value_size}-byte values, {args.keys:,} keys, {args.shards} shards; "
-          f"median of {args.rounds} x {args.duration:g} s")
+          f"median of {args.rounds} x {args.duration:g} s; load average before {load_before}, after {compare.loadavg()}"
+          " (past ~1 on 2 cores other work is competing: shardd's 4 processes suffer more than one memcached thread)")
     print(f"{'system':<12}{'keys/s':>12}{'x memcached':>14}  target")
     met = True
     for system in systems:
