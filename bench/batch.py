@@ -23,7 +23,7 @@ socket (as bench/client_overhead.py): the client (a fake socket answers at once)
 through the router and on its own endpoint, hot-key tracking on and off). Thread CPU time, best
 of ``--rounds`` runs: on a busy machine the minimum is the stable figure.
 
-Targets (issue 12, item 6): direct ≥ 1.5x pymemcache's get_many; router ≥ 1.0x.
+Targets: direct ≥ 1.5x pymemcache's get_many; router ≥ 1.0x.
 """
 
 from __future__ import annotations
