@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from itertools import compress, repeat
+from operator import is_not
 from typing import Any, TypeVar, Union
 
 from shardd import protocol
@@ -109,6 +111,49 @@ def _key_list(keys: object) -> list[Any]:
     if isinstance(keys, str | bytes | bytearray | memoryview):
         raise TypeError("keys must be an iterable of keys, not a single key")
     return list(keys)  # type: ignore[call-overload]
+
+
+def keys_bytes(keys: list[Any]) -> list[bytes]:
+    """``[key_bytes(k) for k in keys]``, with no Python call per key when the keys are all bytes
+    or all str (one C-level pass over their types decides). ``keys`` itself may come back."""
+    kinds = set(map(type, keys))
+    if kinds <= _BYTES:
+        return keys
+    if kinds == _STR:
+        return list(map(str.encode, keys))
+    return [key_bytes(k) for k in keys]
+
+
+def _pairs_bytes(items: Items, dumps: Callable[[Any], bytes]) -> list[tuple[bytes, bytes]]:
+    """set_many's (key, value) pairs as wire bytes; a mapping, or 2-tuples / 2-lists, in C-level passes."""
+    if isinstance(items, Mapping):
+        keys: Any = list(items.keys())
+        values: Any = list(items.values())
+    else:
+        pairs = list(items)
+        if not pairs:
+            return []
+        if not (set(map(type, pairs)) <= _PAIR_TYPES and set(map(len, pairs)) == _TWO):
+            return [_pair_bytes(pair, dumps) for pair in pairs]  # anything else: checked one by one
+        keys, values = zip(*pairs, strict=True)
+    if dumps is value_bytes and set(map(type, values)) <= _BYTES:
+        return list(zip(keys_bytes(list(keys)), values, strict=True))
+    return list(zip(keys_bytes(list(keys)), map(dumps, values), strict=True))
+
+
+def _pair_bytes(pair: Any, dumps: Callable[[Any], bytes]) -> tuple[bytes, bytes]:
+    try:
+        key, value = pair
+    except (TypeError, ValueError):
+        raise TypeError(f"set_many wants a mapping or (key, value) pairs, got item {pair!r}") from None
+    return key_bytes(key), dumps(value)
+
+
+_BYTES = frozenset((bytes,))
+_STR = frozenset((str,))
+_BYTES_OR_NONE = frozenset((bytes, type(None)))
+_PAIR_TYPES = frozenset((tuple, list))
+_TWO = frozenset((2,))
 
 
 def _incr(key: Key, delta: int) -> protocol.Incr:
@@ -227,15 +272,13 @@ class Codec:
         loads = None if self.loads is _identity else self.loads
 
         def convert(values: Any) -> dict[Any, Any]:
+            # C-level passes only: check the types, then keep the pairs whose value is not None.
             if type(values) is not list or len(values) != len(originals):
                 raise bad_reply(f"a list of {len(originals)} values", values)
-            found = {}
-            for key, value in zip(originals, values, strict=True):
-                if value is not None:
-                    if type(value) is not bytes:
-                        raise bad_reply("bytes or nil", value)
-                    found[key] = value if loads is None else loads(value)
-            return found
+            if not set(map(type, values)) <= _BYTES_OR_NONE:
+                raise bad_reply("bytes or nil", next(v for v in values if v is not None and type(v) is not bytes))
+            found = dict(compress(zip(originals, values, strict=True), map(is_not, values, repeat(None))))
+            return found if loads is None else {key: loads(value) for key, value in found.items()}
 
         return convert
 
@@ -319,23 +362,15 @@ class Commands:
     def get_many(self, keys: Iterable[Key]) -> Response[dict[Any, Any]]:
         """The values of the keys that exist, keyed by the key objects given."""
         originals = _key_list(keys)
-        return self._call(protocol.GetMany([key_bytes(k) for k in originals]), self._codec.many(originals))
+        return self._call(protocol.GetMany(keys_bytes(originals)), self._codec.many(originals))
 
     def set_many(self, items: Items, ttl: float | None = None) -> Response[int]:
         """Store every (key, value) of a mapping or iterable of pairs; the number stored."""
-        dumps = self._codec.dumps
-        wire = []
-        for pair in items.items() if isinstance(items, Mapping) else items:
-            try:
-                key, value = pair
-            except (TypeError, ValueError):
-                raise TypeError(f"set_many wants a mapping or (key, value) pairs, got item {pair!r}") from None
-            wire.append((key_bytes(key), dumps(value)))
-        return self._call(protocol.SetMany(wire, _opt_ttl_ms(ttl)), to_int)
+        return self._call(protocol.SetMany(_pairs_bytes(items, self._codec.dumps), _opt_ttl_ms(ttl)), to_int)
 
     def delete_many(self, keys: Iterable[Key]) -> Response[int]:
         """Remove the keys; the number that existed."""
-        return self._call(protocol.DeleteMany([key_bytes(k) for k in _key_list(keys)]), to_int)
+        return self._call(protocol.DeleteMany(keys_bytes(_key_list(keys))), to_int)
 
     def flush(self) -> Response[int]:
         """Remove every key on every shard; the number removed."""

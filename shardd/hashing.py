@@ -46,3 +46,46 @@ def shard_for(key: bytes, shards: int) -> int:
     if shards == 1:
         return 0
     return jump_hash(_xxh3_64(key), shards)
+
+
+def shards_for(keys: list[bytes], shards: int) -> list[int]:
+    """``[shard_for(key, shards) for key in keys]``, without a Python call per key.
+
+    Multi-key ops place every key (client, router and worker alike), so this is their hot
+    path. The hashes come from one C-level ``map``; for 2 shards jump_hash has a closed form:
+    its first step gives bucket 1 only if ``2**31 / ((k >> 33) + 1) < 2``, i.e. the stepped
+    key ``k`` is at least 2**63, and the step after that always ends the loop (the division
+    is exact enough at that boundary: tests/unit/test_hashing.py compares against shard_for).
+    """
+    if shards == 1:
+        return [0] * len(keys)
+    if shards == 2:
+        return [((h * _JUMP_MULTIPLIER + 1) & _MASK64) >> 63 for h in map(_xxh3_64, keys)]
+    if shards <= 0:
+        raise ValueError(f"buckets must be positive, got {shards}")
+    out = []
+    append = out.append
+    for key in map(_xxh3_64, keys):
+        b, j = -1, 0
+        while j < shards:
+            b = j
+            key = (key * _JUMP_MULTIPLIER + 1) & _MASK64
+            j = int((b + 1) * (2147483648.0 / ((key >> 33) + 1)))
+        append(b)
+    return out
+
+
+def group_positions(shards: list[int]) -> dict[int, list[int]]:
+    """Shard → the positions holding it in ``shards`` (a ``shards_for`` result), in order.
+
+    One pass whatever the shard count (a comprehension per shard would be one pass each).
+    """
+    groups: dict[int, list[int]] = {}
+    get = groups.get
+    for position, shard in enumerate(shards):
+        group = get(shard)
+        if group is None:
+            groups[shard] = [position]
+        else:
+            group.append(position)
+    return groups

@@ -43,12 +43,13 @@ Rule 5: a Placement holds one client's view of the topology: give each client it
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Generator
 from typing import Any
 
 from shardd import protocol
 from shardd.errors import NotSent, ProtocolError, Timeout
-from shardd.hashing import shard_for
+from shardd.hashing import group_positions, shard_for, shards_for
 
 __all__ = ["PLAN", "REDIRECTS", "REFRESH", "ROUTER", "Placement", "merge_split", "split_by_shard"]
 
@@ -177,18 +178,22 @@ class Placement:
 
 
 def split_by_shard(op: Any, shards: int, hasher: Hasher = shard_for) -> dict[int, tuple[Any, list[int]]]:
-    """One sub-op per owning shard of a multi-key op, with the positions of its keys in ``op``."""
+    """One sub-op per owning shard of a multi-key op, with the positions of its keys in ``op``.
+
+    With the daemon's own hasher every key is placed by one ``shards_for`` call and each part
+    picked by C-level maps: no Python call per key. Keys all on one shard: ``op`` itself.
+    """
     is_set = type(op) is protocol.SetMany
-    keys = [item[0] for item in op.items] if is_set else op.keys
-    groups: dict[int, list[int]] = {}
-    for position, key in enumerate(keys):
-        groups.setdefault(hasher(key, shards), []).append(position)
+    pairs = op.items if is_set else op.keys
+    keys = next(zip(*pairs, strict=True), ()) if is_set else pairs
+    owners = shards_for(keys, shards) if hasher is shard_for else [hasher(key, shards) for key in keys]
+    if owners and owners.count(owners[0]) == len(owners):
+        return {owners[0]: (op, list(range(len(owners))))}
+    pick = pairs.__getitem__
     parts = {}
-    for shard, positions in groups.items():
-        if is_set:
-            sub: Any = protocol.SetMany([op.items[i] for i in positions], op.ttl_ms)
-        else:
-            sub = type(op)([op.keys[i] for i in positions])
+    for shard, positions in group_positions(owners).items():
+        picked = list(map(pick, positions))
+        sub: Any = protocol.SetMany(picked, op.ttl_ms) if is_set else type(op)(picked)
         parts[shard] = (sub, positions)
     return parts
 
@@ -196,9 +201,16 @@ def split_by_shard(op: Any, shards: int, hasher: Hasher = shard_for) -> dict[int
 def merge_split(op: Any, results: dict[int, tuple[Any, list[int]]]) -> protocol.Reply:
     """The Reply the router would have sent for ``op``, from each part's OK value and positions."""
     if type(op) is protocol.GetMany:
-        values: list[Any] = [None] * len(op.keys)
+        size = len(op.keys)
+        if len(results) == 1:  # one part with every key, in order
+            [(part, positions)] = results.values()
+            if type(part) is list and len(part) == size:
+                return protocol.Reply(0, protocol.OK, part)
+        values: list[Any] = [None] * size
+        put = values.__setitem__
         for part, positions in results.values():
-            for position, value in zip(positions, part, strict=True):
-                values[position] = value
+            if type(part) is not list or len(part) != len(positions):
+                raise ProtocolError(f"expected a list of {len(positions)} values in reply, got {part!r:.80}")
+            deque(map(put, positions, part), 0)  # values[positions[i]] = part[i], in C
         return protocol.Reply(0, protocol.OK, values)
     return protocol.Reply(0, protocol.OK, sum(part for part, _ in results.values()))

@@ -612,12 +612,15 @@ def check_op(op: Op, limits: Limits) -> tuple[int, str] | None:
     if ttl is not None and not 0 < ttl <= MAX_TTL_MS:
         return BAD_REQUEST, f"ttl_ms must be between 1 and {MAX_TTL_MS} milliseconds (MAX_TTL_MS = 2**53-1), got {ttl}"
     cls = type(op)
+    # Multi-key ops: one C-level pass over the lengths; the loops only name the first culprit.
     if cls is GetMany or cls is DeleteMany:
-        for k in op.keys:
+        for k in op.keys if op.keys and max(map(len, op.keys)) > max_key else ():
             if len(k) > max_key:
                 return TOO_LARGE, f"a key is {len(k)} bytes; the limit is {max_key} (max_key_bytes)"
     elif cls is SetMany:
-        for k, v in op.items:
+        keys, values = zip(*op.items, strict=True) if op.items else ((), ())
+        over = keys and (max(map(len, keys)) > max_key or max(map(len, values)) > limits.max_value_bytes)
+        for k, v in op.items if over else ():
             if len(k) > max_key:
                 return TOO_LARGE, f"a key is {len(k)} bytes; the limit is {max_key} (max_key_bytes)"
             if len(v) > limits.max_value_bytes:

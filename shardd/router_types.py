@@ -10,11 +10,12 @@ A part is (shard, context, value): ``context`` is what the split remembered abou
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from shardd import protocol as p
-from shardd.hashing import shard_for
+from shardd.hashing import group_positions, shards_for
 
 log = logging.getLogger("shardd.router")
 
@@ -85,40 +86,56 @@ def split_multi(op: Any, n: int, per_key: bool) -> tuple[list[tuple[int, p.Op, A
     """A get_many / set_many / delete_many as (shard, sub-op, context) parts, how to combine the
     answers, and the answer when there are no keys.
 
-    Normally one sub-op per shard involved. ``per_key`` (while a resize runs): one single-key op
-    per key, so each can be re-routed on MOVED on its own.
+    Normally one sub-op per shard involved, its context the positions of its keys in ``op``.
+    ``per_key`` (while a resize runs): one single-key op per key, so each can be re-routed on
+    MOVED on its own.
+
+    Every key is placed by one ``shards_for`` call and each shard's keys are picked with list
+    comprehensions: no Python call per key (a get_many of 100 keys spent ~3/4 of the router's
+    time in per-key placement before).
     """
     cls = type(op)
     pairs = op.items if cls is p.SetMany else op.keys
     empty = [] if cls is p.GetMany else 0
+    keys = [item[0] for item in pairs] if cls is p.SetMany else pairs
+    shards = shards_for(keys, n)
     if per_key:
         if cls is p.SetMany:
-            subs = [(item[0], p.Set(item[0], item[1], op.ttl_ms)) for item in op.items]
+            ttl_ms = op.ttl_ms
+            subs: list[Any] = [p.Set(key, value, ttl_ms) for key, value in pairs]
         elif cls is p.GetMany:
-            subs = [(key, p.Get(key)) for key in pairs]
+            subs = [p.Get(key) for key in pairs]
         else:
-            subs = [(key, p.Delete(key)) for key in pairs]
-        parts = [(shard_for(key, n), sub, pos) for pos, (key, sub) in enumerate(subs)]
+            subs = [p.Delete(key) for key in pairs]
+        parts = list(zip(shards, subs, range(len(subs)), strict=True))
         return parts, (_scatter_one(len(subs)) if cls is p.GetMany else count_truthy), empty
-    groups: dict[int, list[int]] = {}
-    if cls is p.SetMany:
-        for pos, item in enumerate(pairs):
-            groups.setdefault(shard_for(item[0], n), []).append(pos)
-        parts = [(shard, p.SetMany([pairs[i] for i in positions], op.ttl_ms), positions)
-                 for shard, positions in groups.items()]
+    if not pairs:
+        return [], sum_parts, empty
+    first = shards[0]
+    if shards.count(first) == len(shards):  # every key on one shard: the op as it came
+        parts = [(first, op, None)]
     else:
-        for pos, key in enumerate(pairs):
-            groups.setdefault(shard_for(key, n), []).append(pos)
-        parts = [(shard, cls([pairs[i] for i in positions]), positions) for shard, positions in groups.items()]
+        pick = pairs.__getitem__
+        parts = []
+        for shard, positions in group_positions(shards).items():
+            picked = list(map(pick, positions))
+            parts.append((shard, p.SetMany(picked, op.ttl_ms) if cls is p.SetMany else cls(picked), positions))
     return parts, (_scatter_many(len(pairs)) if cls is p.GetMany else sum_parts), empty
 
 
 def _scatter_many(size: int) -> Combine:
     def combine(parts: list[Part]) -> list[Any]:
+        if len(parts) == 1 and parts[0][1] is None:  # one part holding every key, in order
+            values = parts[0][2]
+            if type(values) is not list or len(values) != size:
+                raise ValueError(f"a shard answered {values!r:.60} for {size} keys")
+            return values
         out: list[Any] = [None] * size
+        put = out.__setitem__
         for _, positions, values in parts:
-            for pos, value in zip(positions, values, strict=True):
-                out[pos] = value
+            if len(values) != len(positions):
+                raise ValueError(f"a shard answered {len(values)} values for {len(positions)} keys")
+            deque(map(put, positions, values), 0)  # out[positions[i]] = values[i], in C
         return out
     return combine
 

@@ -24,6 +24,7 @@ import logging
 import os
 import signal
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -35,7 +36,7 @@ from shardd import protocol as p
 from shardd.codec import codec_for
 from shardd.config import RESTART_KEYS, Config, allowed_cpus, build_config
 from shardd.errors import BadRequest, ConfigError, ExitCode, InternalError, ServerError
-from shardd.hashing import shard_for
+from shardd.hashing import shard_for, shards_for
 from shardd.hotkeys import HotKeys
 from shardd.logs import setup_logging
 from shardd.memory import tune_allocator
@@ -182,11 +183,9 @@ class Shard:
             if cls in _KEYED:
                 track(op.key)
             elif cls in _MULTI_KEYS:
-                for key in op.keys:
-                    track(key)
+                deque(map(track, op.keys), 0)  # no Python loop per key
             elif cls is p.SetMany:
-                for key, _ in op.items:
-                    track(key)
+                deque(map(track, next(zip(*op.items, strict=True), ())), 0)
         if self.new_shards is not None and cls in _MOVES:
             key = op.key
             if shard_for(key, self.new_shards) != self.shard_id and not self.store.exists(key):
@@ -248,19 +247,19 @@ class Shard:
         if self.maintenance and p.is_write(p.OPS[cls], op):
             return p.encode_reply(request_id, p.MAINTENANCE,
                                   "the daemon is in maintenance mode: writes are refused, reads work; retry later")
+        shards, me = self.shards, self.shard_id
         if cls in _KEYED:
             keys: Any = (op.key,)
-        elif cls is p.SetMany:
-            keys = [key for key, _ in op.items]
-        else:
-            keys = getattr(op, "keys", ())
-        shards, me = self.shards, self.shard_id
-        for key in keys:
-            owner = shard_for(key, shards)
-            if self.new_shards is None:
-                if owner != me:
-                    return p.encode_reply(request_id, p.MOVED, {"epoch": self.epoch, "shard": owner})
-                continue
+            owners: Any = (shard_for(op.key, shards),)
+        else:  # a multi-key op: every key placed in one call (hashing.shards_for)
+            keys = next(zip(*op.items, strict=True), ()) if cls is p.SetMany else getattr(op, "keys", ())
+            owners = shards_for(keys, shards)
+        if self.new_shards is None:
+            if owners.count(me) == len(owners):
+                return None
+            owner = next(owner for owner in owners if owner != me)
+            return p.encode_reply(request_id, p.MOVED, {"epoch": self.epoch, "shard": owner})
+        for key, owner in zip(keys, owners, strict=True):
             refusal = self._refusal_while_resizing(key, owner)
             if refusal is not None:
                 return p.encode_reply(request_id, *refusal)
