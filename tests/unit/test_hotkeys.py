@@ -6,6 +6,8 @@ import random
 from collections import Counter
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shardd import histogram
 from shardd.hotkeys import HotKeys, SpaceSaving
@@ -176,3 +178,22 @@ def test_hotkeys_capacity_applies_live_on_a_worker() -> None:
     assert len(shard.hot.current.counts) <= 2 * 8  # shrunk at once (Rule 3), the hot key kept
     assert _hotkeys(shard, 1)[0][:1] == [b"k7"]
     assert shard.config.hotkeys_capacity == 8
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.integers(0, 40), max_size=600), st.integers(1, 8))
+def test_space_saving_rules_hold_on_any_stream_with_ties(stream: list[int], capacity: int) -> None:
+    # Small key spaces make many equal counts: the prune's cut must keep exactly `capacity` keys
+    # and raise the floor to the highest count it dropped, whichever of the tied keys it keeps.
+    ss = SpaceSaving(capacity)
+    true: dict[bytes, int] = {}
+    for i in stream:
+        key = b"k%d" % i
+        ss.add(key)
+        true[key] = true.get(key, 0) + 1
+        assert len(ss.counts) <= 2 * capacity  # Rule 3
+    for key, count in ss.counts.items():
+        assert true[key] <= count <= true[key] + ss.errors.get(key, 0)  # Rule 1
+    for key, count in true.items():
+        if count > ss.floor:
+            assert key in ss.counts, (key, count, ss.floor)  # Rule 2
