@@ -483,8 +483,60 @@ class Store:
 
     def get_many(self, keys: Iterable[bytes]) -> list[bytes | None]:
         """Values in the order of ``keys``; None for each missing key."""
-        get = self.get
-        return [get(key) for key in keys]
+        # get() inlined with its lookups hoisted out of the loop: a batch is where a GET's
+        # fixed costs add up (~0.5 us a key saved against calling get()).
+        hash_, seed = xxh3_64_intdigest, self._seed
+        table, mask, segs, shift = self._table, self._mask, self._segs, self._shift
+        unpack_header, pack_meta = _HEADER.unpack_from, _U64.pack_into
+        now = self.lru_clock
+        out: list[bytes | None] = []
+        append = out.append
+        hits = 0
+        for key in keys:
+            h = hash_(key, seed)
+            tag = h >> 40
+            klen = len(key)
+            i = h >> shift
+            while True:
+                s = table[i]
+                if not s:
+                    hd = -1
+                    break
+                if s >> _HANDLE_BITS == tag:
+                    hd = (s & _HANDLE_MASK) - 1
+                    seg = segs[hd >> _SEG_BITS]
+                    p = hd & _OFFSET_MASK
+                    kf, vlen, _, meta = unpack_header(seg, p)  # type: ignore[arg-type]
+                    if kf & _KEY_MASK == klen:
+                        k = p + (_WITH_TTL if kf & _TTL else _BASE)
+                        if seg[k:k + klen] == key:  # type: ignore[index]
+                            break
+                i = (i + 1) & mask
+            if hd < 0:
+                append(None)
+                continue
+            if kf & (_TTL | _ASIDE | _PACKED):  # the rare kinds: get() knows them all
+                counted = self.hits, self.misses  # get() counts its lookup; the batch counts its own
+                value = self.get(key)
+                self.hits, self.misses = counted
+                table, segs = self._table, self._segs  # an expired key was reclaimed: may have moved
+                mask, shift = self._mask, self._shift
+            else:
+                count = meta & _HITS_MAX
+                idle = now - (meta >> 24)
+                if idle >= LFU_HALF_LIFE_MS:
+                    count >>= idle // LFU_HALF_LIFE_MS
+                pack_meta(seg, p + 16, now << 24 | (count + 1 if count < _HITS_MAX else count))  # type: ignore[arg-type]
+                v = k + klen
+                value = seg[v:v + vlen]  # type: ignore[index]
+            if value is None:
+                append(None)
+            else:
+                hits += 1
+                append(value)
+        self.hits += hits
+        self.misses += len(out) - hits
+        return out
 
     def exists(self, key: bytes) -> bool:
         return self._live(key)[1] >= 0

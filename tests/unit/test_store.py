@@ -867,3 +867,21 @@ def test_restore_many_is_restore_for_each_entry(clock: FakeClock) -> None:
     check_invariants(many)
     assert sorted(many.export()) == sorted(one.export())
     assert (many.used_bytes, many.sets, many.expiring, many._version) == (one.used_bytes, 0, one.expiring, one._version)
+
+
+def test_get_many_agrees_with_get_for_every_kind_of_entry(clock: FakeClock) -> None:
+    def filled() -> Store:
+        s = Store(clock, random.Random(1), codec=ZstdCodec(min_bytes=1024))
+        s.set(b"plain", b"p")
+        s.set(b"ttl", b"t", ttl_ms=1000)
+        s.set(b"gone", b"g", ttl_ms=5)
+        s.set(b"packed", b"z" * 5000)
+        s.set(b"aside", random.Random(2).randbytes(20_000))
+        return s
+
+    keys = [b"plain", b"ttl", b"gone", b"packed", b"aside", b"missing", b"plain"]
+    one, many = filled(), filled()
+    clock.now += 10  # b"gone" has expired, unreclaimed
+    assert many.get_many(keys) == [one.get(k) for k in keys]
+    assert (many.hits, many.misses, many.expired) == (one.hits, one.misses, one.expired) == (5, 2, 1)
+    check_invariants(many)
