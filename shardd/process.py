@@ -6,7 +6,7 @@ it reads back (``pid``, ``exitcode``, ``sentinel``, ``ready``).
 
 Theory of operation
 -------------------
-Children come from a *forkserver* (DESIGN decision 3), a helper process that forks one child
+Children come from a *forkserver* (docs/design.md, decision 3), a helper process that forks one child
 per request. The supervisor makes it first thing (``start_forkserver``), by forking itself
 while it is still single-threaded and holds no Context, socket or signal handler: the
 forkserver is the supervisor's freshly started interpreter and nothing else. It imports the
