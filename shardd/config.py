@@ -69,6 +69,13 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     snapshot_timeout: float = 60.0
     allow_remote_without_auth: bool = False
     auth_dir: str = ""
+    # Cluster mode (docs/cluster.md): on when cluster_etcd names at least one etcd endpoint.
+    cluster_etcd: list[str] = msgspec.field(default_factory=list)
+    cluster_name: str = "shardd"
+    cluster_node_id: str = ""       # "": the advertised endpoint
+    cluster_advertise: str = ""     # "": bind (which must then not be a wildcard or ipc)
+    cluster_lease_ttl: int = 5
+    cluster_leave_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         if not _ENDPOINT_RE.match(self.bind):
@@ -106,6 +113,18 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             ("metrics_bind", self.metrics_bind == "" or _HOST_PORT_RE.match(self.metrics_bind) is not None,
              '"" (off) or HOST:PORT, e.g. "127.0.0.1:9400"'),
         ]
+        if self.cluster_etcd:
+            checks += [
+                ("cluster_etcd", all(re.match(r"^https?://[^\s/]+:\d+$", e) for e in self.cluster_etcd),
+                 'a list of etcd client URLs like ["http://127.0.0.1:2379"]'),
+                ("cluster_name", re.match(r"^[A-Za-z0-9_.-]{1,64}$", self.cluster_name) is not None,
+                 "1-64 letters, digits, '.', '_' or '-'"),
+                ("cluster_advertise", _advertisable(self.advertised_endpoint()),
+                 "tcp://HOST:PORT other nodes and clients can reach (bind is a wildcard or ipc: set it)"),
+                ("cluster_lease_ttl", 2 <= self.cluster_lease_ttl <= 300,
+                 "between 2 (etcd's shortest lease) and 300 seconds"),
+                ("cluster_leave_timeout", 0 < self.cluster_leave_timeout <= 3600, "between 0 and 3600 seconds"),
+            ]
         for key, ok, expected in checks:
             if not ok:
                 raise ValueError(f"must be {expected}, got {getattr(self, key)!r} - at `$.{key}`")
@@ -122,6 +141,26 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         """``metrics_bind`` as (host, port), or None when the metrics endpoint is off."""
         m = _HOST_PORT_RE.match(self.metrics_bind)
         return (m.group(1).strip("[]"), int(m.group(2))) if m else None
+
+    @property
+    def clustered(self) -> bool:
+        return bool(self.cluster_etcd)
+
+    def advertised_endpoint(self) -> str:
+        """The public endpoint other nodes and clients are told about (cluster mode)."""
+        return self.cluster_advertise or self.bind
+
+    def node_id(self) -> str:
+        """This node's id in the cluster: as configured, else its advertised endpoint."""
+        return self.cluster_node_id or self.advertised_endpoint()
+
+    def cluster_prefix(self) -> str:
+        """Where this cluster's keys live in etcd."""
+        return f"/shardd/{self.cluster_name}/"
+
+    def agent_endpoint(self) -> str:
+        """The cluster agent's local endpoint (the supervisor asks it to leave)."""
+        return f"ipc://{os.path.join(self.runtime_dir, 'agent.ipc')}"
 
     def shard_count(self) -> int:
         """The number of shards: as configured, or one per CPU this process may run on."""
@@ -171,6 +210,12 @@ SETTINGS: dict[str, Setting] = {
     "state_dir": Setting(RESTART),
     "allow_remote_without_auth": Setting(RESTART),
     "auth_dir": Setting(RESTART),
+    "cluster_etcd": Setting(RESTART),
+    "cluster_name": Setting(RESTART),
+    "cluster_node_id": Setting(RESTART),
+    "cluster_advertise": Setting(RESTART),
+    "cluster_lease_ttl": Setting(RESTART),
+    "cluster_leave_timeout": Setting(RESTART),
     "mailbox_limit": Setting(frozenset({ROUTER, WORKER})),  # workers: direct clients' bound
     "max_memory": Setting(frozenset({WORKER})),
     "eviction_policy": Setting(frozenset({WORKER})),
@@ -220,6 +265,13 @@ def is_local_endpoint(endpoint: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _advertisable(endpoint: str) -> bool:
+    if not endpoint.startswith("tcp://") or not _ENDPOINT_RE.match(endpoint):
+        return False
+    host = endpoint.removeprefix("tcp://").rsplit(":", 1)[0]
+    return host not in ("*", "0.0.0.0", "[::]", "::")
 
 
 def allowed_cpus() -> list[int]:

@@ -335,6 +335,71 @@ class Snapshot(_Op, tag="snapshot"):
     directory: str
 
 
+# --- cluster ops (docs/cluster.md, "Node-to-node and agent ops") ---------------------
+
+
+class ClusterSet(_Op, tag="cluster_set"):
+    """Control only (the node's cluster agent): install a slot map (``shardd.slots.SlotMap`` as
+    builtins) and/or extend the lease: serve nothing at or after ``valid_until`` (monotonic seconds
+    on this machine) until the next ``cluster_set``."""
+
+    map: dict[str, Any] | None
+    valid_until: float
+
+
+class SlotFreeze(_Op, tag="slot_freeze"):
+    """Control only: answer TRYAGAIN for these slots (a handoff is about to take their entries)."""
+
+    slots: list[int]
+
+
+class SlotGive(_Op, tag="slot_give"):
+    """Control only: these slots were handed to their map owner; answer MOVED for them."""
+
+    slots: list[int]
+
+
+class SlotTake(_Op, tag="slot_take"):
+    """Control only, fanned out: every shard removes and returns up to ``limit`` entries of these
+    slots as ``[key, value, ttl_ms (0: none), version]``, with ``more`` when some are left."""
+
+    slots: list[int]
+    limit: int | None = 1000  # nil on the wire: 1000
+
+    def __post_init__(self) -> None:
+        if self.limit is None:
+            _force_setattr(self, "limit", 1000)
+
+
+class SlotDrop(_Op, tag="slot_drop"):
+    """Router → worker: delete every entry of these slots (a slot about to be served from empty)."""
+
+    slots: list[int]
+
+
+class SlotPut(_Op, tag="slot_put"):
+    """Router → worker: store entries handed over by another node: ``[key, value, ttl_ms, version]``."""
+
+    entries: list[tuple[bytes, bytes, int, int]]
+
+
+class SlotImport(_Op, tag="slot_import"):
+    """Node → node (admin): ``slots`` and not ``adopt``: delete what this node holds for them, then
+    store ``entries``; ``adopt``: serve ``slots`` from now on (every entry has been sent)."""
+
+    slots: list[int]
+    entries: list[tuple[bytes, bytes, int, int]]
+    adopt: bool | None = False  # nil on the wire: false
+
+    def __post_init__(self) -> None:
+        if self.adopt is None:
+            _force_setattr(self, "adopt", False)
+
+
+class Leave(_Op, tag="leave"):
+    """Admin: hand this node's slots to the other members, then shut the node down (SIGTERM)."""
+
+
 class DebugSleep(_Op, tag="debug_sleep"):
     """Test-only: make one shard sleep ``ms`` milliseconds. Refused unless enabled in config."""
 
@@ -346,7 +411,8 @@ Op = (
     Get | Set | Delete | Exists | Expire | Ttl | Persist | Incr | Append | GetDel | Touch | Gets | Cas
     | GetMany | SetMany | DeleteMany | Ping | Stats | Flush | DebugSleep | Maintenance | Health | Configure
     | Drain | Snapshot | Hotkeys | Tune | Topology | Resize | ResizeStart | Migrate | MigrateOut | MigrateIn
-    | MigrateDone | SetTopology | SetMaintenance | Describe
+    | MigrateDone | SetTopology | SetMaintenance | Describe | ClusterSet | SlotFreeze | SlotGive | SlotTake | SlotDrop
+    | SlotPut | SlotImport | Leave
 )
 
 
@@ -449,6 +515,14 @@ OPS: dict[type, OpSpec] = {
     SetMaintenance: OpSpec(INTERNAL),
     SetTopology: OpSpec(INTERNAL),
     Describe: OpSpec(INTERNAL),
+    ClusterSet: OpSpec(ROUTER, control=True),
+    SlotFreeze: OpSpec(ROUTER, control=True),
+    SlotGive: OpSpec(ROUTER, control=True),
+    SlotTake: OpSpec(FANOUT, control=True, resize=REFUSE),
+    SlotImport: OpSpec(ROUTER, admin=True, resize=REFUSE),
+    Leave: OpSpec(ROUTER, admin=True),
+    SlotDrop: OpSpec(INTERNAL),
+    SlotPut: OpSpec(INTERNAL),
 }
 if set(OPS) != set(Op.__args__):  # type: ignore[attr-defined]
     raise ImportError(f"ops without a spec in protocol.OPS: {set(Op.__args__) ^ set(OPS)}")  # type: ignore[attr-defined]
@@ -597,6 +671,10 @@ def decode_envelope(frame: bytes, limits: Limits) -> Envelope | bytes:
     return env
 
 
+CLUSTER_SLOTS = 4096  # shardd.slots.SLOTS (protocol may not import it: same layer, kept equal by a test)
+_SLOT_OPS = (SlotFreeze, SlotGive, SlotTake, SlotDrop, SlotImport)
+
+
 def check_op(op: Op, limits: Limits) -> tuple[int, str] | None:
     """Return (status, message) if ``op`` breaks a size limit or has a bad argument, else None."""
     max_key = limits.max_key_bytes
@@ -644,6 +722,11 @@ def check_op(op: Op, limits: Limits) -> tuple[int, str] | None:
         return BAD_REQUEST, f"migrate_out limit/scan out of range: {op.limit}/{op.scan}"
     elif cls is Health and not 1 <= op.deadline_ms <= 60_000:
         return BAD_REQUEST, f"health deadline_ms must be in [1, 60000], got {op.deadline_ms}"
+    elif cls in _SLOT_OPS:
+        if op.slots and not (0 <= min(op.slots) and max(op.slots) < CLUSTER_SLOTS):
+            return BAD_REQUEST, f"slots must be in [0, {CLUSTER_SLOTS}); got {min(op.slots)}..{max(op.slots)}"
+        if cls is SlotTake and not 1 <= op.limit <= 100_000:
+            return BAD_REQUEST, f"slot_take limit must be in [1, 100000], got {op.limit}"
     return None
 
 

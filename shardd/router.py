@@ -61,6 +61,8 @@ from typing import Any
 import msgspec
 
 from shardd import protocol as p
+from shardd import router_cluster
+from shardd.cluster_view import ClusterView
 from shardd.config import RESTART_KEYS, Config, build_config
 from shardd.errors import ConfigError
 from shardd.hashing import shard_for
@@ -77,6 +79,7 @@ from shardd.router_types import ControlPeer, Gather, by_shard, count_parts, spli
 from shardd.shard_link import ShardLink
 
 log = logging.getLogger("shardd.router")
+_monotonic = time.monotonic
 
 # Messages taken from the inbox per pass before outboxes are flushed: bounds the latency
 # batching adds, while a burst still becomes one Batch per shard.
@@ -126,6 +129,7 @@ class Router:
             p.Configure: (count_parts, False),
             p.Hotkeys: (combine_hotkeys, True),
             p.Snapshot: (by_shard, False),
+            p.SlotTake: (router_cluster.combine_take, False),
         }
         self.drain_waiters: list[tuple[Any, int]] = []
         # Placement: ``n`` shards at ``epoch``. During a resize ``n`` stays the old count (requests
@@ -135,6 +139,9 @@ class Router:
         # Shards removed by a shrink, still answering what was sent to them (MOVED, mostly);
         # closed, and their workers stopped, once nothing is in flight to them.
         self.retiring: list[ShardLink] = []
+        # Cluster mode (docs/cluster.md): which slots this node serves; None on a single node.
+        self.cluster: ClusterView | None = (ClusterView(config.cluster_name, config.node_id())
+                                            if config.clustered else None)
 
     # Hooks for the transport loop: start / stop watching a shard added / removed by a resize.
     def on_new_link(self, link: ShardLink) -> None:
@@ -221,6 +228,11 @@ class Router:
                 self.reply(peer, env.id, *problem)
                 return
         if spec.kind == _KEYED:
+            if self.cluster is not None:
+                problem = self.cluster.refusal(op.key, _monotonic())
+                if problem is not None:
+                    self.reply(peer, env.id, *problem)
+                    return
             link = self.links[shard_for(op.key, self.n)]
             problem = self._refusal(link)
             if problem is not None:
@@ -377,6 +389,7 @@ class Router:
             "requests": self.requests,
             "maintenance": self.maintenance,
             "clients_in_flight": len(self.peer_inflight),  # connections with requests unanswered (Rule 5)
+            **({"cluster": self.cluster.stats(_monotonic())} if self.cluster is not None else {}),
         }
 
     def _combine_stats(self, parts: list[tuple[int, Any, Any]]) -> dict[str, Any]:
@@ -426,9 +439,13 @@ class Router:
             targets, frames = entry
             # Only an old shard during (or just after) a resize can answer MOVED: peek then.
             check_moved = batch.seq < link.moved_until
+            # A cluster node whose lease lapsed while these were in flight passes on no answer.
+            lapsed = self.cluster is not None and self.cluster.lapsed(_monotonic())
             for target, raw, frame in zip(targets, batch.replies, frames, strict=False):
                 if check_moved and self._rerouted(target, raw, frame):
                     continue
+                if lapsed and type(target) is not MigrationStep:
+                    raw = router_cluster.lapsed_reply(raw, self.cluster.node_id)  # type: ignore[union-attr]
                 if type(target) is tuple:
                     self._on_part(target, link.shard, raw)
                 elif type(target) is MigrationStep:
@@ -501,8 +518,10 @@ class Router:
             "hash": "jump_hash(xxh3_64(key, seed=0), shards)",
             # Every connected worker's own endpoint, new shards of a running resize included
             # (MOVED names them); None until the worker has told us.
-            "endpoints": [link.direct for link in self.links],
+            # In cluster mode workers do not check slot ownership: no direct mode (docs/cluster.md).
+            "endpoints": [None if self.cluster else link.direct for link in self.links],
             **(mig.topology_fields() if mig is not None else {"resizing": None, "pending_resize": None}),
+            **({"cluster": self.cluster.describe()} if self.cluster is not None else {}),
         }
 
     def _request_resize(self, peer: Any, request_id: int, op: p.Resize) -> None:
@@ -637,6 +656,12 @@ def _gate(router: Router, spec: p.OpSpec, op: p.Op, privileged: bool) -> tuple[i
 
 def _multi(router: Router, peer: Any, request_id: int, op: Any) -> None:
     cls = type(op)
+    if router.cluster is not None:  # a part of a cluster client's split: all served here, or none applied
+        keys = [key for key, _ in op.items] if cls is p.SetMany else op.keys
+        problem = router.cluster.refusal_many(keys, _monotonic())
+        if problem is not None:
+            router.reply(peer, request_id, *problem)
+            return
     if router.migration is not None:  # resize = SPLIT: one sub-op per key, each may move
         router._split_per_key(peer, request_id, op, cls)
     elif cls is p.SetMany:
@@ -671,6 +696,7 @@ _ROUTER_LOCAL: dict[type, Callable[[Router, Any, int, Any], None]] = {
     p.ResizeStart: Router._start_resize,
     p.Drain: _drain,
     p.DebugSleep: Router._debug_sleep,
+    **router_cluster.HANDLERS,
 }
 _BY_KIND: dict[str, Callable[[Router, Any, int, Any], None]] = {
     p.MULTI: _multi, p.FANOUT: Router._fan_out, p.INTERNAL: _internal,

@@ -93,6 +93,8 @@ _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 # forkserver imports them once for every child (shardd.process): _PRELOAD is all they import.
 _WORKER = "shardd.worker:run_worker"
 _ROUTER = "shardd.router:run_router"
+# Cluster mode only; not preloaded: it imports the etcd client (grpc), which no other role needs.
+_AGENT = "shardd.cluster_agent:run_agent"
 _PRELOAD = ("shardd.worker", "shardd.router_main")
 
 
@@ -119,6 +121,8 @@ class Arbiter:
         self.ready = False
         self.workers: dict[int, Child] = {}
         self.router: Child | None = None
+        self.agent: Child | None = None  # the cluster agent (cluster mode), started once we serve
+        self.agent_restart_at: float | None = None
         self.deaths: dict[int, deque[float]] = {}
         self.signals: deque[int] = deque()
         self.owns_runtime_dir = False
@@ -216,6 +220,8 @@ class Arbiter:
             from shardd import metrics
 
             self.metrics = metrics.start(cfg)  # /metrics (a thread here, never on the data path); None if off
+        if cfg.clustered:
+            self.spawn_agent()
         log.info("ready: %d shards behind %s (pid %d)", cfg.shards, cfg.bind, os.getpid())
         systemd.notify("READY=1", f"STATUS=serving {cfg.shards} shards on {cfg.bind}", f"MAINPID={os.getpid()}")
         return ExitCode.OK
@@ -231,8 +237,13 @@ class Arbiter:
         self.router = self.process("shardd-router", _ROUTER, (self.config,))
         self.router.start()
 
+    def spawn_agent(self) -> None:
+        self.agent = self.process("shardd-cluster-agent", _AGENT, (self.config,))
+        self.agent.start()
+        self.agent_restart_at = None
+
     def children(self) -> list[Child]:
-        return [*self.workers.values(), *([self.router] if self.router else [])]
+        return [*self.workers.values(), *([self.router] if self.router else []), *([self.agent] if self.agent else [])]
 
     def dead_children(self) -> list[Child]:
         return [child for child in self.children() if not child.is_alive()]
@@ -242,7 +253,8 @@ class Arbiter:
     def loop(self, wakeup_r: int) -> int:
         while True:
             sentinels = [child.sentinel for child in self.children()]
-            wake_at = min([self.next_health_check, self.next_snapshot, *self.restart_at.values()])
+            wake_at = min([self.next_health_check, self.next_snapshot, *self.restart_at.values(),
+                           *([self.agent_restart_at] if self.agent_restart_at is not None else [])])
             timeout = max(0.0, min(1.0, wake_at - self.clock()))
             process.wait([*sentinels, wakeup_r], timeout)
             transport.drain_fd(wakeup_r)
@@ -294,6 +306,9 @@ class Arbiter:
             log.error("router exited (exit code %s); stopping so the service manager restarts us",
                       self.router.exitcode)
             return ExitCode.CHILD_FAILED
+        code = self.reap_agent()
+        if code is not None:
+            return code
         wanted = self.wanted()
         for shard, child in list(self.workers.items()):
             if child.is_alive():
@@ -322,6 +337,22 @@ class Arbiter:
                         "" if child.ready else " before it was ready", child.exitcode,
                         f" in {delay:g} s" if delay else "")
             self.restart_at[shard] = now + delay
+        return None
+
+    def reap_agent(self) -> int | None:
+        """The cluster agent is restarted after a death (its node serves nothing meanwhile: its
+        lease lapses); one that cannot start (no etcd client, bad settings) stops the daemon."""
+        agent = self.agent
+        if agent is not None and not agent.is_alive():
+            agent.join()
+            self.agent = None
+            if agent.exitcode == ExitCode.CONFIG:
+                log.error("the cluster agent cannot run (its reason is logged above); stopping")
+                return ExitCode.CONFIG
+            log.warning("cluster agent exited (exit code %s); restarting it in 1 s", agent.exitcode)
+            self.agent_restart_at = self.clock() + 1.0
+        if self.agent is None and self.agent_restart_at is not None and self.clock() >= self.agent_restart_at:
+            self.spawn_agent()
         return None
 
     # --- health and systemd -----------------------------------------------------------
@@ -480,6 +511,11 @@ class Arbiter:
         if self.metrics is not None:
             self.metrics.close()
         cfg = self.config
+        if self.agent is not None and self.agent.is_alive():
+            # Cluster mode: the agent hands this node's slots to the other members first (SIGTERM
+            # is its "leave"); the node keeps serving them until each is handed over.
+            log.info("leaving the cluster (up to cluster_leave_timeout = %g s)", cfg.cluster_leave_timeout)
+            _terminate([self.agent], time.monotonic() + cfg.cluster_leave_timeout + 5)
         if (cfg.snapshot_on_stop and cfg.state_dir and self.ready and self.router is not None
                 and self.router.is_alive()):
             self.take_snapshot(drain=True)

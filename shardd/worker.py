@@ -40,6 +40,7 @@ from shardd.hashing import shard_for, shards_for
 from shardd.hotkeys import HotKeys
 from shardd.logs import setup_logging
 from shardd.memory import tune_allocator
+from shardd.slots import slots_of
 from shardd.store import Store
 
 log = logging.getLogger("shardd.worker")
@@ -113,6 +114,8 @@ class Shard:
         self.direct_endpoint: str | None = None  # set once the direct socket is bound
         self._to_scan: list[bytes] = []
         self._scan_at = 0
+        self._take_for: tuple[int, ...] | None = None  # the slots slot_take is emptying, and their keys left
+        self._take_keys: list[bytes] = []
         # Service time of each op inside the worker (decode, apply, encode), log-linear buckets.
         self.service = histogram.new_counts()
         self.service_sum_ns = 0
@@ -159,6 +162,9 @@ class Shard:
             p.SetMaintenance: self.set_maintenance,
             p.SetTopology: self.set_topology,
             p.Describe: lambda op: {"shard": self.shard_id, "pid": os.getpid(), "direct": self.direct_endpoint},
+            p.SlotTake: self.slot_take,
+            p.SlotDrop: self.slot_drop,
+            p.SlotPut: self.slot_put,
         }
 
     def apply(self, frame: bytes, direct: bool = False) -> bytes:
@@ -322,6 +328,48 @@ class Shard:
         adopted = self.store.restore_many(op.entries, len(op.entries))
         gc.freeze()  # a resize adopts entries in bulk: keep them out of full collections (see tick)
         return adopted
+
+    # --- cluster handoffs (docs/cluster.md; the router orders them with client requests) ----
+
+    def _keys_in(self, slots: list[int]) -> list[bytes]:
+        wanted = frozenset(slots)
+        keys = self.store.keys()
+        return [key for key, slot in zip(keys, slots_of(keys), strict=True) if slot in wanted]
+
+    def slot_take(self, op: p.SlotTake) -> dict[str, Any]:
+        """Remove and return up to ``limit`` live entries of these slots, TTLs as time left.
+
+        The router froze the slots first, so no key of them is created meanwhile: the key list is
+        made once per set of slots and consumed across calls.
+        """
+        wanted = tuple(op.slots)
+        if self._take_for != wanted:
+            self._take_for, self._take_keys = wanted, self._keys_in(op.slots)
+        keys, take, now = self._take_keys, self.store.take, monotonic_ms()
+        entries = []
+        while keys and len(entries) < op.limit:
+            key = keys.pop()
+            entry = take(key)
+            if entry is not None:
+                value, deadline, version = entry
+                if deadline and deadline <= now:
+                    continue  # expired: nothing to hand over
+                entries.append((key, value, deadline - now if deadline else 0, version))
+        if not keys:
+            self._take_for = None
+        return {"entries": entries, "more": bool(keys)}
+
+    def slot_drop(self, op: p.SlotDrop) -> int:
+        """Delete every entry of these slots (a slot about to be served from empty, or imported)."""
+        self._take_for = None
+        take = self.store.take
+        return sum(1 for key in self._keys_in(op.slots) if take(key) is not None)
+
+    def slot_put(self, op: p.SlotPut) -> int:
+        """Store entries another node handed over (TTLs as time left, CAS versions kept)."""
+        now = monotonic_ms()
+        entries = [(key, value, now + ttl if ttl > 0 else 0, version) for key, value, ttl, version in op.entries]
+        return self.store.restore_many(entries, len(entries))
 
     def set_maintenance(self, op: p.SetMaintenance) -> bool:
         self.maintenance = op.on

@@ -38,19 +38,23 @@ SAMPLES: dict[type, Any] = {
     p.ResizeStart: p.ResizeStart(3), p.Migrate: p.Migrate(2, 3, 2), p.MigrateOut: p.MigrateOut(),
     p.MigrateIn: p.MigrateIn([]), p.MigrateDone: p.MigrateDone(0), p.SetTopology: p.SetTopology(2, 2),
     p.SetMaintenance: p.SetMaintenance(True), p.Describe: p.Describe(),
+    p.ClusterSet: p.ClusterSet(None, 0.0), p.SlotFreeze: p.SlotFreeze([1]), p.SlotGive: p.SlotGive([1]),
+    p.SlotTake: p.SlotTake([1]), p.SlotDrop: p.SlotDrop([1]), p.SlotPut: p.SlotPut([(b"k", b"v", 0, 1)]),
+    p.SlotImport: p.SlotImport([1], [(b"k", b"v", 0, 1)]), p.Leave: p.Leave(),
 }
 QUERIES: dict[type, Any] = {p.Touch: p.Touch(b"k"), p.Maintenance: p.Maintenance(None)}
 
 # The intended policy, stated here apart from protocol.OPS so that a wrong flag fails: a new op that is
 # admin-only, control-only, ... must be added here too. Kind keyed / multi-key and ``write`` need no list:
 # they are read from the op's fields and from what it does to a real store.
-ADMIN_ONLY = {p.Flush, p.Resize, p.Tune, p.Maintenance, p.DebugSleep}
-CONTROL_ONLY = {p.Configure, p.Drain, p.Snapshot, p.ResizeStart}
-INTERNAL = {p.Migrate, p.MigrateOut, p.MigrateIn, p.MigrateDone, p.SetTopology, p.SetMaintenance, p.Describe}
+ADMIN_ONLY = {p.Flush, p.Resize, p.Tune, p.Maintenance, p.DebugSleep, p.SlotImport, p.Leave}
+CONTROL_ONLY = {p.Configure, p.Drain, p.Snapshot, p.ResizeStart, p.ClusterSet, p.SlotFreeze, p.SlotGive, p.SlotTake}
+INTERNAL = {p.Migrate, p.MigrateOut, p.MigrateIn, p.MigrateDone, p.SetTopology, p.SetMaintenance, p.Describe,
+            p.SlotDrop, p.SlotPut}
 ANSWERED_BY_ROUTER = {p.Maintenance, p.Topology, p.Tune, p.Resize, p.ResizeStart, p.Drain, p.Configure,
-                      p.DebugSleep}
+                      p.DebugSleep, p.ClusterSet, p.SlotFreeze, p.SlotGive, p.SlotImport, p.Leave}
 DIRECT_BESIDES_DATA_OPS = {p.Ping, p.DebugSleep}
-REFUSED_MID_RESIZE = {p.Flush, p.Resize, p.Snapshot}
+REFUSED_MID_RESIZE = {p.Flush, p.Resize, p.Snapshot, p.SlotTake, p.SlotImport}
 
 
 class FakeChannel:

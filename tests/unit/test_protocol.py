@@ -84,7 +84,8 @@ def test_op_names_are_the_documented_ones() -> None:
         "append", "getdel", "touch", "get_many", "set_many", "delete_many", "ping", "stats", "flush", "debug_sleep",
         "maintenance", "health", "configure", "hotkeys", "drain", "snapshot", "tune",
         "topology", "resize", "resize_start", "migrate", "migrate_out", "migrate_in", "migrate_done", "set_maintenance",
-        "set_topology", "describe",
+        "set_topology", "describe", "cluster_set", "slot_freeze", "slot_give", "slot_take", "slot_drop", "slot_put",
+        "slot_import", "leave",
     } == p.OP_NAMES
 
 
@@ -144,6 +145,17 @@ EXAMPLE_OPS: list[p.Op] = [
     p.SetTopology(2, 3),
     p.Describe(),
     p.Snapshot("/var/lib/shardd/snapshots/gen-1"),
+    p.ClusterSet(None, 12.5),
+    p.ClusterSet({"epoch": 1, "nodes": [], "owners": [], "handoff": {}}, 0.0),
+    p.SlotFreeze([0, 4095]),
+    p.SlotGive([7]),
+    p.SlotTake([1, 2]),
+    p.SlotTake([1], 50),
+    p.SlotDrop([3]),
+    p.SlotPut([(b"k", b"v", 0, 1)]),
+    p.SlotImport([1, 2], [(b"k", b"v", 1500, 3)]),
+    p.SlotImport([1, 2], [], True),
+    p.Leave(),
 ]
 
 
