@@ -113,8 +113,8 @@ _SUFFIXES = tuple(b"/" + slot.to_bytes(2, "big") for slot in range(SLOTS))
 
 
 def score(node_id: str, slot: int) -> int:
-    """The HRW score of ``node_id`` for ``slot`` (part of the placement contract: every node,
-    controller and client must rank nodes identically)."""
+    """The HRW score of ``node_id`` for ``slot`` (part of the placement contract: a controller
+    of any version, after a failover mid-upgrade, must rank nodes exactly as its predecessor)."""
     return _xxh3_64(node_id.encode() + _SUFFIXES[slot])
 
 
