@@ -221,6 +221,12 @@ def to_dict(value: Any) -> dict[Any, Any]:
     raise bad_reply("a map", value)
 
 
+def _to_str(value: Any) -> str:
+    if type(value) is not str:
+        raise ProtocolError(f"expected a str reply, got {type(value).__name__}")
+    return value
+
+
 def to_list(value: Any) -> list[Any]:
     if type(value) is list:
         return value
@@ -413,6 +419,10 @@ class Commands:
     def topology(self) -> Response[dict[str, Any]]:
         """Epoch, shard count, hash spec and worker endpoints, as the router sees them now."""
         return self._call(protocol.Topology(), to_dict)
+
+    def leave(self) -> Response[str]:
+        """Cluster mode: hand this node's slots to the other members, then stop the node."""
+        return self._call(protocol.Leave(), _to_str)
 
     def resize(self, shards: int) -> Response[dict[str, Any]]:
         """Change the shard count while serving; returns {from, to, moved, total, seconds, epoch}.

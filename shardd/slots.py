@@ -66,6 +66,9 @@ class Node(msgspec.Struct, frozen=True):
     id: str
     endpoint: str
     shards: int
+    # The member's lease id when the map was made: its incarnation. A node serves a map only if
+    # the map names its current lease (after losing one, it waits for the controller to see it).
+    lease: int = 0
 
 
 class SlotMap(msgspec.Struct):
@@ -175,6 +178,7 @@ class Member(msgspec.Struct, frozen=True):
     endpoint: str
     shards: Annotated[int, msgspec.Meta(ge=1, le=MAX_SHARDS)]
     state: str = "up"
+    lease: int = 0  # the lease the record is bound to: the node's incarnation
 
     def to_json(self) -> bytes:
         return msgspec.json.encode(self)
@@ -196,6 +200,9 @@ class Done(msgspec.Struct, frozen=True):
     """
 
     moved: list[tuple[int, str]] = msgspec.field(default_factory=list)
+    # The map epoch the pairs were reported against: only that map folds them (Rule 3), so a
+    # pair left from an earlier handoff of the same slot between the same nodes clears nothing.
+    epoch: int = 0
 
     def to_json(self) -> bytes:
         return msgspec.json.encode(self)
@@ -218,8 +225,8 @@ def next_map(current: SlotMap | None, members: dict[str, Member], done: dict[str
        the targets: the live members, or, if none is live but some are leaving, all alive
        members (a last node leaving has nobody to hand to). No members: every owner is -1.
     Rule 2: no current map: epoch 1, owners = HRW over the targets, no handoff.
-    Rule 3: done records are folded: ``handoff[s] = F`` is removed when ``done[F]`` holds
-       ``(s, id of owners[s])``.
+    Rule 3: done records are folded: ``handoff[s] = F`` is removed when ``done[F]``, reported
+       against the current epoch, holds ``(s, id of owners[s])``.
     Rule 4: a handoff whose source is not alive any more is dropped: its owner starts empty.
     Rule 5: a slot whose owner is not alive (or is -1) goes at once to its top HRW choice
        among the targets and starts empty; a handoff entry from a still-alive source stays
@@ -254,7 +261,8 @@ def next_map(current: SlotMap | None, members: dict[str, Member], done: dict[str
         ids = [node.id for node in current.nodes]
         owners = [ids[i] if i >= 0 else None for i in current.owners]
         handoff = {slot: ids[source] for slot, source in sorted(current.handoff.items())}
-        finished = {source: set(record.moved) for source, record in done.items()}
+        finished = {source: set(record.moved) for source, record in done.items()
+                    if record.epoch == current.epoch}
         for slot, source in list(handoff.items()):
             owner = owners[slot]
             if (owner is None or (slot, owner) in finished.get(source, ())  # Rule 3.
@@ -273,7 +281,8 @@ def next_map(current: SlotMap | None, members: dict[str, Member], done: dict[str
 
     # Rule 7.
     named = {owner for owner in owners if owner is not None} | set(handoff.values()) | set(live)
-    nodes = [Node(node_id, members[node_id].endpoint, members[node_id].shards) for node_id in sorted(named)]
+    nodes = [Node(node_id, members[node_id].endpoint, members[node_id].shards, members[node_id].lease)
+             for node_id in sorted(named)]
     index = {node.id: i for i, node in enumerate(nodes)}
     owner_indexes = [index[owner] if owner is not None else -1 for owner in owners]
     handoff_indexes = {slot: index[source] for slot, source in sorted(handoff.items())}

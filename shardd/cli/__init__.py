@@ -26,7 +26,7 @@ from shardd.errors import ExitCode
 __all__ = ["app", "main"]
 
 # Importing a module registers its commands on ``app``; ``shardd --help`` lists them in this order.
-for _module in ("daemon", "admin", "data", "views"):
+for _module in ("daemon", "admin", "data", "views", "cluster"):
     importlib.import_module(f"shardd.cli.{_module}")
 
 

@@ -197,7 +197,7 @@ def all_done(smap: SlotMap) -> dict[str, Done]:
     moved: dict[str, list[tuple[int, str]]] = {}
     for slot, (source, owner) in sorted(handoff_ids(smap).items()):
         moved.setdefault(source, []).append((slot, owner))
-    return {source: Done(pairs) for source, pairs in moved.items()}
+    return {source: Done(pairs, smap.epoch) for source, pairs in moved.items()}
 
 
 def settle(smap: SlotMap, members: dict[str, Member]) -> SlotMap:
@@ -269,9 +269,11 @@ def test_rule_3_done_records_fold_only_their_own_pairs() -> None:
     a_slots = sorted(s for s, (source, _) in moves.items() if source == "a")
     b_slot = min(s for s, (source, _) in moves.items() if source == "b")
     done = {
-        "a": Done([(s, "d") for s in a_slots[:5]] + [(a_slots[5], "c")]),  # wrong destination
-        "c": Done([(b_slot, "d")]),  # not c's handoff
+        "a": Done([(s, "d") for s in a_slots[:5]] + [(a_slots[5], "c")], smap.epoch),  # wrong destination
+        "c": Done([(b_slot, "d")], smap.epoch),  # not c's handoff
     }
+    # reported against another epoch: folds nothing
+    assert next_map(smap, members, {"a": Done([(s, "d") for s in a_slots], smap.epoch - 1)}) is None
     folded = next_map(smap, members, done)
     assert folded is not None and folded.epoch == smap.epoch + 1
     assert set(handoff_ids(folded)) == set(moves) - set(a_slots[:5])
@@ -318,7 +320,7 @@ def test_rule_5_pending_handoff_follows_the_new_owner() -> None:
     top = top_ids(["a", "b", "c", "e"])
     expected = {s: (source, top[s]) for s, (source, _) in handoff_ids(smap).items() if top[s] != source}
     assert handoff_ids(after2) == expected and expected
-    stale = next_map(after2, members, {f: Done([(s, "d") for s in range(SLOTS)]) for f in "abc"})
+    stale = next_map(after2, members, {f: Done([(s, "d") for s in range(SLOTS)], after2.epoch) for f in "abc"})
     assert stale is None  # done pairs naming d cannot clear handoffs that now go to e
 
 
