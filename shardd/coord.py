@@ -31,11 +31,11 @@ Rule 1: no call waits on etcd longer than ``timeout`` (+ a small grace for the e
         connect, a channel that never answers). Every failure to reach etcd, or an error
         reply, is raised as ``CoordError`` naming the endpoint; nothing from aetcd or gRPC
         leaks to callers.
-Rule 2: a watch never ends on its own and never yields a stale-made-fresh state: it yields
-        a snapshot only when the keys or values under its prefix differ from the last one it
-        yielded (bursts of events already queued are applied together: one snapshot), and
-        each snapshot is what etcd held at the revision yielded with it. It ends only when
-        the Coordinator is closed or the consumer stops iterating.
+Rule 2: a watch ends only when the Coordinator is closed or its consumer stops iterating;
+        while etcd is unreachable it keeps retrying and yields nothing (the lease, not the
+        watch, tells a node it is cut off). Each snapshot is what etcd held under the prefix
+        at the revision yielded with it, and one is yielded only when the keys or values
+        differ from the last one (events already queued are applied together: one snapshot).
 Rule 3: with several endpoints, a call that could not reach etcd moves the Coordinator to
         the next endpoint for the calls after it; the failed call is not retried (a retried
         ``cas`` or ``create`` could report the caller's own success as a conflict). The old
