@@ -7,7 +7,7 @@ dies. The agent is asyncio, with three duties running side by side:
 
 1. **Membership and fencing** (``_keep_lease``). It registers ``members/<node id>`` under a
    lease and refreshes the lease every TTL/3. After each acknowledged refresh it tells its
-   router ``valid_until`` = the refresh's *send* time + the granted TTL − a margin: etcd cannot
+   router ``valid_until`` = the refresh's *send* time + the granted TTL - a margin: etcd cannot
    expire the lease before that, so the router stops serving (cluster_view, Rule 1) before
    anyone else may be given its slots. A lease found gone is replaced by a new one, and the
    member record re-put with the new lease id: its *incarnation*. The node serves a map only

@@ -105,7 +105,7 @@ class ClusterView:
     # --- the agent's steps ------------------------------------------------------------
 
     def install(self, new: SlotMap) -> list[int]:
-        """Take a published map (Rules 2–4); returns the slots to empty before serving them."""
+        """Take a published map (Rules 2-4); returns the slots to empty before serving them."""
         if self.map is not None and new.epoch < self.map.epoch:
             return []
         first = self.map is None

@@ -723,7 +723,7 @@ def check_op(op: Op, limits: Limits) -> tuple[int, str] | None:
     elif cls is Health and not 1 <= op.deadline_ms <= 60_000:
         return BAD_REQUEST, f"health deadline_ms must be in [1, 60000], got {op.deadline_ms}"
     elif cls in _SLOT_OPS:
-        if op.slots and not (0 <= min(op.slots) and max(op.slots) < CLUSTER_SLOTS):
+        if op.slots and not (min(op.slots) >= 0 and max(op.slots) < CLUSTER_SLOTS):
             return BAD_REQUEST, f"slots must be in [0, {CLUSTER_SLOTS}); got {min(op.slots)}..{max(op.slots)}"
         if cls is SlotTake and not 1 <= op.limit <= 100_000:
             return BAD_REQUEST, f"slot_take limit must be in [1, 100000], got {op.limit}"

@@ -251,7 +251,7 @@ class Router:
         link.queue(p.encode_request(0, op), target)
 
     def _start_gather(self, peer: Any, request_id: int, parts: list[tuple[int, p.Op, Any]],
-                      combine: Callable, empty: Any) -> None:
+                      combine: Callable, empty: Any, data: bool = False) -> None:
         """Check every shard involved (Rule 1), then queue every part."""
         if not parts:
             self.reply(peer, request_id, p.OK, empty)
@@ -262,20 +262,21 @@ class Router:
                 self.reply(peer, request_id, *problem)
                 return
         gather = Gather(peer, request_id, len(parts), combine)
+        gather.data = data
         links = self.links
         for shard, op, context in parts:
             self._queue(links[shard], op, (gather, context))
 
     def _split_keys(self, peer: Any, request_id: int, op: Any, cls: type) -> None:
-        self._start_gather(peer, request_id, *split_multi(op, self.n, per_key=False))
+        self._start_gather(peer, request_id, *split_multi(op, self.n, per_key=False), data=True)
 
     def _split_set_many(self, peer: Any, request_id: int, op: p.SetMany) -> None:
-        self._start_gather(peer, request_id, *split_multi(op, self.n, per_key=False))
+        self._start_gather(peer, request_id, *split_multi(op, self.n, per_key=False), data=True)
 
     def _split_per_key(self, peer: Any, request_id: int, op: Any, cls: type) -> None:
         """During a resize a multi-key op becomes one single-key op per key, each routed (and
         re-routed on MOVED, Rule 6) on its own; the gather puts the answers back together."""
-        self._start_gather(peer, request_id, *split_multi(op, self.n, per_key=True))
+        self._start_gather(peer, request_id, *split_multi(op, self.n, per_key=True), data=True)
 
     def _fan_out(self, peer: Any, request_id: int, op: p.Op) -> None:
         """Admin ops go to every shard; a down shard is an error part, not a refusal."""
@@ -444,7 +445,8 @@ class Router:
             for target, raw, frame in zip(targets, batch.replies, frames, strict=False):
                 if check_moved and self._rerouted(target, raw, frame):
                     continue
-                if lapsed and type(target) is not MigrationStep:
+                if lapsed and (type(target) is not MigrationStep
+                               and (type(target) is not tuple or target[0].data)):
                     raw = router_cluster.lapsed_reply(raw, self.cluster.node_id)  # type: ignore[union-attr]
                 if type(target) is tuple:
                     self._on_part(target, link.shard, raw)

@@ -35,7 +35,7 @@ class ControlPeer:
 class Gather:
     """One client request answered from several shard replies (multi-key and admin ops)."""
 
-    __slots__ = ("combine", "deadline", "done", "error", "parts", "peer", "remaining", "request_id",
+    __slots__ = ("combine", "data", "deadline", "done", "error", "parts", "peer", "remaining", "request_id",
                  "tolerant")
 
     def __init__(self, peer: Any, request_id: int, parts: int, combine: Combine, tolerant: bool = False) -> None:
@@ -52,6 +52,7 @@ class Gather:
         # if some shard has not answered by then; later parts are ignored.
         self.deadline: float | None = None
         self.done = False
+        self.data = False  # a multi-key op's parts (cluster mode: refused if the lease lapses meanwhile)
 
     def add(self, shard: int, context: Any, error: tuple[int, str] | None, value: Any) -> tuple[int, Any] | None:
         """Record one part; once it was the last, the (status, value) to answer the client with."""

@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+pytest_plugins = ["tests.etcd_server"]
 
 
 def free_port() -> int:
