@@ -85,7 +85,8 @@ class Agent:
         self.map: SlotMap | None = None
         self.installed = 0          # the epoch installed in the router
         self.moved: dict[int, str] = {}  # slot → node id: handoffs finished in self.map's epoch
-        self.handing: asyncio.Task[None] | None = None
+        self.handoff_wake = asyncio.Event()  # a map arrived: look for slots to hand over
+        self.begun: dict[int, str] = {}  # slot → node id: the new owner was told to empty it for us
         self.wake = asyncio.Event()  # a new map or member list arrived
         self.snapshot: dict[str, bytes] = {}
         self.leaving = asyncio.Event()
@@ -224,51 +225,74 @@ class Agent:
             return
         self.map = new
         await self._push(with_map=True)
-        if self.handing is not None:
-            self.handing.cancel()
-            with contextlib.suppress(asyncio.CancelledError, SharddError):
-                await self.handing
-        self.handing = asyncio.create_task(self._hand_off(new))
+        # Handoffs finished under an earlier epoch and still pending in this one: report them
+        # again, against this epoch (shardd.slots.next_map, Rule 3).
+        me = new.index_of(self.node_id)
+        self.moved = {slot: node for slot, node in self.moved.items()
+                      if me >= 0 and new.handoff.get(slot) == me and new.nodes[new.owners[slot]].id == node}
+        self.begun = {slot: node for slot, node in self.begun.items()
+                      if me >= 0 and new.handoff.get(slot) == me and new.nodes[new.owners[slot]].id == node}
+        if self.moved:
+            await self._report(new)
+        self.handoff_wake.set()
 
     # --- handoffs this node is the source of ----------------------------------------------
 
-    async def _hand_off(self, smap: SlotMap) -> None:
-        me = smap.index_of(self.node_id)
-        if me < 0:
-            return
-        pending = sorted(slot for slot, source in smap.handoff.items() if source == me)
-        # Finished in an earlier epoch for the same owner: report again for this epoch.
-        kept = {slot: node for slot, node in self.moved.items()
-                if slot in pending and smap.nodes[smap.owners[slot]].id == node}
-        self.moved = kept
-        if kept:
-            await self._report(smap)
+    def _next_chunk(self) -> tuple[list[int], str, str] | None:
+        """The next slots to hand over under the latest map: (slots, owner id, owner endpoint)."""
+        smap = self.map
+        me = smap.index_of(self.node_id) if smap is not None else -1
+        if smap is None or me < 0:
+            return None
         by_owner: dict[int, list[int]] = {}
-        for slot in pending:
-            if slot not in kept:
+        for slot, source in sorted(smap.handoff.items()):
+            if source == me and self.moved.get(slot) != smap.nodes[smap.owners[slot]].id:
                 by_owner.setdefault(smap.owners[slot], []).append(slot)
-        for owner, slots in by_owner.items():
+        for owner, slots in sorted(by_owner.items()):
             node = smap.nodes[owner]
-            peer = self._peer(node.endpoint)
-            for at in range(0, len(slots), _CHUNK):
-                chunk = slots[at:at + _CHUNK]
+            return slots[:_CHUNK], node.id, node.endpoint
+        return None
+
+    def _still_mine(self, chunk: list[int], owner: str) -> bool:
+        """The latest map still has us handing every slot of ``chunk`` to ``owner``."""
+        smap = self.map
+        me = smap.index_of(self.node_id) if smap is not None else -1
+        return smap is not None and me >= 0 and all(
+            smap.handoff.get(slot) == me and smap.nodes[smap.owners[slot]].id == owner for slot in chunk)
+
+    async def _hand_off(self) -> None:
+        """One chunk at a time, never interrupted by a newer map (a chunk cut short could lose the
+        entries it had taken); each chunk is chosen from the latest map."""
+        while True:
+            await self.handoff_wake.wait()
+            self.handoff_wake.clear()
+            while (step := self._next_chunk()) is not None:
+                chunk, owner, endpoint = step
                 try:
-                    moved = await self._move(chunk, peer)
-                except SharddError as exc:
+                    moved = await self._move(chunk, owner, self._peer(endpoint))
+                except (TimeoutError, SharddError) as exc:
                     log.warning("handoff of %d slots to %s failed (%s); they stay frozen here until the "
-                                "map changes", len(chunk), node.id, exc)
+                                "map changes", len(chunk), owner, exc)
+                    await asyncio.sleep(_RETRY_S)
                     break
                 for slot in chunk:
-                    self.moved[slot] = node.id
-                await self._report(smap)
-                log.info("handed %d slots (%d keys) to %s", len(chunk), moved, node.id)
+                    self.moved[slot] = owner
+                assert self.map is not None
+                await self._report(self.map)
+                log.info("handed %d slots (%d keys) to %s", len(chunk), moved, owner)
 
-    async def _move(self, chunk: list[int], peer: AsyncClient) -> int:
+    async def _move(self, chunk: list[int], owner: str, peer: AsyncClient) -> int:
         """One chunk, in the order that keeps every acknowledged write (Rule 3)."""
         await self._router(p.SlotFreeze(chunk))
-        await peer._call(p.SlotImport(chunk, [], False), _identity)  # the new owner empties them first
+        if any(self.begun.get(slot) != owner for slot in chunk):
+            # The new owner empties them first, once: a retry after a failure part-way must not
+            # delete entries already taken from here and stored there.
+            await peer._call(p.SlotImport(chunk, [], False), _identity)
+            self.begun.update(dict.fromkeys(chunk, owner))
         moved = 0
         while True:
+            if not self._still_mine(chunk, owner):
+                raise SharddError(f"the map no longer hands these slots to {owner}")
             taken = await self._router(p.SlotTake(chunk, _TAKE_LIMIT))
             entries = [tuple(entry) for entry in taken["entries"]]
             if entries:
@@ -276,7 +300,16 @@ class Agent:
                 moved += len(entries)
             if not taken["more"]:
                 break
-        await peer._call(p.SlotImport(chunk, [], True), _identity)
+        # The new owner adopts only slots its own map already gives it: until its agent has
+        # installed this map, ask again (it will, or the map changes and resets the chunk).
+        deadline = time.monotonic() + 30.0
+        while True:
+            adopted = await peer._call(p.SlotImport(chunk, [], True), _identity)
+            if adopted["adopted"] == len(chunk):
+                break
+            if time.monotonic() > deadline or not self._still_mine(chunk, owner):
+                raise SharddError(f"{owner} did not adopt the slots (its map is older)")
+            await asyncio.sleep(0.02)
         await self._router(p.SlotGive(chunk))
         return moved
 
@@ -324,7 +357,7 @@ class Agent:
         loop.add_signal_handler(signal.SIGTERM, self.leaving.set)
         loop.add_signal_handler(signal.SIGINT, lambda: None)  # the supervisor orders the stop
         await self.coord.connect()
-        tasks = [asyncio.create_task(job()) for job in (self._keep_lease, self._watch, self._react)]
+        tasks = [asyncio.create_task(job()) for job in (self._keep_lease, self._watch, self._react, self._hand_off)]
         leave = asyncio.create_task(self.leaving.wait())
         done, _ = await asyncio.wait([*tasks, leave], return_when=asyncio.FIRST_COMPLETED)
         code = ExitCode.OK
@@ -334,7 +367,7 @@ class Agent:
                 code = ExitCode.CHILD_FAILED
         if leave in done:
             await self._leave()
-        for task in [*tasks, leave, *([self.handing] if self.handing else [])]:
+        for task in [*tasks, leave]:
             task.cancel()
         with contextlib.suppress(Exception):
             await self.coord.close()

@@ -35,7 +35,7 @@ def status_report(smap: SlotMap, name: str, stats: dict[str, Any]) -> dict[str, 
             "shards": node.shards,
             "slots": smap.owners.count(i),
             "handing_over": sum(1 for source in smap.handoff.values() if source == i),
-            "keys": node_stats.get("keys") if isinstance(node_stats, dict) else None,
+            "keys": node_stats.get("total", {}).get("keys") if isinstance(node_stats, dict) else None,
             "epoch_installed": (node_stats.get("router", {}).get("cluster", {}).get("epoch")
                                 if isinstance(node_stats, dict) else None),
             "error": node_stats if isinstance(node_stats, str) else None,
