@@ -24,9 +24,10 @@ from shardd.errors import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "AsyncClient", "BadRequest", "Busy", "Client", "ConfigError", "ConnectionClosed", "Forbidden",
-    "InternalError", "Maintenance", "Moved", "NotInteger", "OutOfMemory", "ProtocolError", "ServerError",
-    "SharddError", "Timeout", "TooLarge", "TryAgain", "Unavailable", "UnsupportedVersion", "__version__", "load_curve",
+    "AsyncClient", "AsyncClusterClient", "BadRequest", "Busy", "Client", "ClusterClient", "ConfigError",
+    "ConnectionClosed", "Forbidden", "InternalError", "Maintenance", "Moved", "NotInteger", "OutOfMemory",
+    "ProtocolError", "ServerError", "SharddError", "Timeout", "TooLarge", "TryAgain", "Unavailable",
+    "UnsupportedVersion", "__version__", "load_curve",
 ]
 
 
@@ -37,6 +38,9 @@ def __getattr__(name: str):  # lazy, so `import shardd` in the daemon does not l
     if name == "AsyncClient":
         from shardd.aclient import AsyncClient
         return AsyncClient
+    if name in ("ClusterClient", "AsyncClusterClient"):
+        from shardd import cluster_client
+        return getattr(cluster_client, name)
     if name == "load_curve":  # CURVE keys for Client(curve=...), from an auth_dir
         from shardd.transport_client import load_curve
         return load_curve
