@@ -65,14 +65,21 @@ def usage(message: str) -> typer.Exit:
     return fail(message, ExitCode.CONFIG)
 
 
-def ask(endpoint: str, timeout: float, request: Callable[[Any], T]) -> T:
+def ask(endpoint: str, timeout: float, request: Callable[[Any], T], keys: bool = False) -> T:
     """Run ``request(client)`` against the daemon.
 
+    ``keys``: the request is about keys (the data commands): if the endpoint is a cluster node,
+    a ClusterClient runs it instead, so each key goes to its node and ``flush`` to every node.
     A failure is one short message on stderr: exit 1 for the daemon's answer (or its silence),
     exit 2 for an argument the client refused before sending anything.
     """
     try:
         with connect(endpoint, timeout) as client:
+            if keys and "cluster" in client.topology():
+                from shardd.cluster_client import ClusterClient
+
+                with ClusterClient(endpoint, timeout=timeout, curve=client._curve) as cluster:
+                    return request(cluster)
             return request(client)
     except SharddError as exc:
         raise fail(str(exc)) from None

@@ -30,7 +30,7 @@ def get(
     timeout: TimeoutOpt = 1.0,
 ) -> None:
     """Print the value of KEY (exit 1 if it does not exist)."""
-    value = ask(endpoint, timeout, lambda client: client.get(key))
+    value = ask(endpoint, timeout, lambda client: client.get(key), keys=True)
     if value is None:
         raise fail(f"{short(key, 40)}: not found")
     sys.stdout.buffer.write(value if raw else value + b"\n")
@@ -70,7 +70,7 @@ def set_(
     if nx and xx:
         raise usage("--nx and --xx exclude each other")
     data = value.encode("utf-8", "surrogateescape") if value is not None else _read_value(file or "-")
-    stored = ask(endpoint, timeout, lambda client: client.set(key, data, ttl=ttl, nx=nx, xx=xx))
+    stored = ask(endpoint, timeout, lambda client: client.set(key, data, ttl=ttl, nx=nx, xx=xx), keys=True)
     if not stored:
         raise fail(f"{short(key, 40)}: not stored ({'exists' if nx else 'does not exist'})")
     typer.echo("OK")
@@ -79,7 +79,7 @@ def set_(
 @app.command("del")
 def delete(keys: list[str], endpoint: Endpoint = DEFAULT_ENDPOINT, timeout: TimeoutOpt = 1.0) -> None:
     """Delete KEYS; print how many existed."""
-    n = ask(endpoint, timeout, lambda client: client.delete_many(keys))
+    n = ask(endpoint, timeout, lambda client: client.delete_many(keys), keys=True)
     typer.echo(str(n))
 
 
@@ -90,20 +90,20 @@ AmountArg = Annotated[int, typer.Argument(help="How much to add (a signed 64-bit
 def incr(key: str, amount: AmountArg = 1, endpoint: Endpoint = DEFAULT_ENDPOINT,
          timeout: TimeoutOpt = 1.0) -> None:
     """Add AMOUNT (default 1) to the integer at KEY (missing counts as 0); print the new value."""
-    typer.echo(str(ask(endpoint, timeout, lambda client: client.incr(key, amount))))
+    typer.echo(str(ask(endpoint, timeout, lambda client: client.incr(key, amount), keys=True)))
 
 
 @app.command()
 def decr(key: str, amount: AmountArg = 1, endpoint: Endpoint = DEFAULT_ENDPOINT,
          timeout: TimeoutOpt = 1.0) -> None:
     """Subtract AMOUNT (default 1) from the integer at KEY (missing counts as 0); print the new value."""
-    typer.echo(str(ask(endpoint, timeout, lambda client: client.decr(key, amount))))
+    typer.echo(str(ask(endpoint, timeout, lambda client: client.decr(key, amount), keys=True)))
 
 
 @app.command()
 def ttl(key: str, endpoint: Endpoint = DEFAULT_ENDPOINT, timeout: TimeoutOpt = 1.0) -> None:
     """Print the seconds until KEY expires ("inf" if it never does; exit 1 if it does not exist)."""
-    left = ask(endpoint, timeout, lambda client: client.ttl(key))
+    left = ask(endpoint, timeout, lambda client: client.ttl(key), keys=True)
     if left is None:
         raise fail(f"{short(key, 40)}: not found")
     typer.echo("inf" if left == math.inf else f"{left:.3f}")
@@ -117,7 +117,7 @@ def expire(
     timeout: TimeoutOpt = 1.0,
 ) -> None:
     """Make KEY expire SECONDS from now (exit 1 if it does not exist)."""
-    if not ask(endpoint, timeout, lambda client: client.expire(key, seconds)):
+    if not ask(endpoint, timeout, lambda client: client.expire(key, seconds), keys=True):
         raise fail(f"{short(key, 40)}: not found")
     typer.echo("OK")
 
@@ -125,7 +125,7 @@ def expire(
 @app.command()
 def persist(key: str, endpoint: Endpoint = DEFAULT_ENDPOINT, timeout: TimeoutOpt = 1.0) -> None:
     """Remove the TTL of KEY, so it never expires (exit 1 if it does not exist)."""
-    if not ask(endpoint, timeout, lambda client: client.persist(key)):
+    if not ask(endpoint, timeout, lambda client: client.persist(key), keys=True):
         raise fail(f"{short(key, 40)}: not found")
     typer.echo("OK")
 
@@ -142,5 +142,5 @@ def flush(
             raise usage("flush removes every key on every shard; pass --yes to confirm")
         if not typer.confirm(f"remove every key of the daemon at {endpoint}?"):
             raise fail("not flushed")
-    n = ask(endpoint, timeout, lambda client: client.flush())
+    n = ask(endpoint, timeout, lambda client: client.flush(), keys=True)
     typer.echo(f"flushed: {n} keys removed")

@@ -237,6 +237,13 @@ def test_cluster_status_cli(cluster: Cluster) -> None:
     assert sum(row["keys"] for row in report["nodes"]) == 1_000
     text = run_cli(a.endpoint, "cluster", "status").stdout
     assert "epoch" in text and a.endpoint[:28] in text
+    # the data commands follow the map: a key owned by b, through a
+    smap = cluster.settled()
+    key = next(f"cli{i}" for i in range(10_000) if owner_of(smap, f"cli{i}".encode()) == b.endpoint)
+    assert run_cli(a.endpoint, "set", key, "from-the-cli").returncode == 0
+    assert run_cli(a.endpoint, "get", key).stdout == "from-the-cli\n"
+    assert run_cli(b.endpoint, "get", key).stdout == "from-the-cli\n"
+    assert run_cli(a.endpoint, "del", key).returncode == 0
     # leave through the CLI: the node hands its slots off and stops with exit code 0
     run_cli(b.endpoint, "cluster", "leave")
     assert b.proc.wait(120) == 0
