@@ -131,6 +131,19 @@ def families(stats: dict[str, Any] | None) -> Iterator[Metric]:
     req = CounterMetricFamily("shardd_router_requests", "Messages the router received from clients.")
     req.add_metric([], router.get("requests", 0))
     yield req
+    cluster = router.get("cluster")
+    if cluster:  # cluster mode (docs/cluster.md): this node's view
+        epoch = GaugeMetricFamily("shardd_cluster_epoch", "Epoch of the slot map this node serves by.")
+        epoch.add_metric([], cluster["epoch"])
+        yield epoch
+        lease = GaugeMetricFamily("shardd_cluster_lease_seconds",
+                                  "Seconds this node may still serve before its etcd lease must be renewed.")
+        lease.add_metric([], cluster["lease_left_s"])
+        yield lease
+        slots = GaugeMetricFamily("shardd_cluster_slots", "Slots by what this node does with them.", labels=["state"])
+        for state, count in sorted(cluster["slots"].items()):
+            slots.add_metric([state], count)
+        yield slots
 
 
 class MetricsServer:

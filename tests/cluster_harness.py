@@ -28,8 +28,15 @@ class Cluster:
     """``add()`` starts a node; ``settled(nodes)`` waits until the map has exactly those nodes,
     no handoff pending, and every one of them serves that epoch."""
 
-    def __init__(self, tmp: Path, etcd_endpoint: str, ttl: int = 3, shards: int = 2, leave_timeout: float = 60) -> None:
+    def __init__(self, tmp: Path, etcd_endpoint: str, ttl: int = 3, shards: int = 2, leave_timeout: float = 60,
+                 auth_dir: str | None = None) -> None:
         self.tmp = tmp
+        self.auth_dir = auth_dir  # CURVE on (every node shares the keys); the harness talks as admin
+        self.curve: Any = None
+        if auth_dir is not None:
+            from shardd import load_curve
+
+            self.curve = load_curve(auth_dir, "admin")
         self.etcd = etcd_endpoint
         self.ttl = ttl
         self.shards = shards
@@ -43,7 +50,8 @@ class Cluster:
         config.write_text(f'cluster_etcd = ["{self.etcd}"]\ncluster_name = "test"\n'
                           f"cluster_lease_ttl = {self.ttl}\ncluster_leave_timeout = {self.leave_timeout}\n"
                           f"pin_cpus = false\n")
-        node = Daemon(path, shards=self.shards, config=str(config))
+        args = ("--auth-dir", self.auth_dir) if self.auth_dir else ()
+        node = Daemon(path, *args, shards=self.shards, config=str(config))
         self.nodes.append(node)
         return node.start(wait=wait)
 
@@ -54,7 +62,7 @@ class Cluster:
     def map_of(self, node: Daemon, timeout: float = 2.0) -> SlotMap | None:
         """The map ``node`` has installed (None if it has none or does not answer)."""
         try:
-            with Client(node.endpoint, timeout=timeout) as client:
+            with Client(node.endpoint, timeout=timeout, curve=self.curve) as client:
                 cluster = client.topology().get("cluster") or {}
         except SharddError:
             return None
@@ -87,7 +95,7 @@ class Cluster:
         """Every node has a live lease (its router's cluster stats)."""
         for node in nodes:
             try:
-                with Client(node.endpoint, timeout=2.0) as client:
+                with Client(node.endpoint, timeout=2.0, curve=self.curve) as client:
                     if client.stats()["router"]["cluster"]["lease_left_s"] <= 0:
                         return False
             except SharddError:
@@ -97,7 +105,7 @@ class Cluster:
     def keys_per_node(self) -> dict[str, int]:
         counts = {}
         for node in self.live:
-            with Client(node.endpoint, timeout=5.0) as client:
+            with Client(node.endpoint, timeout=5.0, curve=self.curve) as client:
                 counts[node.endpoint] = client.stats()["total"]["keys"]
         return counts
 

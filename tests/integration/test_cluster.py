@@ -259,3 +259,29 @@ def test_a_single_node_is_not_a_cluster(make_daemon) -> None:
         ClusterClient([d.endpoint], timeout=2.0).get(b"k")
     out = run_cli(d.endpoint, "cluster", "status")
     assert out.returncode == 1 and "not a cluster node" in out.stderr
+
+
+def test_curve_between_clients_and_nodes_and_between_nodes(tmp_path: Path, etcd_server) -> None:  # noqa: ANN001
+    from shardd import load_curve
+
+    keys = tmp_path / "keys"
+    assert run_cli(None, "keys", "generate", str(keys)).returncode == 0
+    assert run_cli(None, "keys", "generate", str(keys), "--name", "client", "--client").returncode == 0
+    cluster = Cluster(tmp_path, etcd_server.endpoint, ttl=3, auth_dir=str(keys))
+    try:
+        a = cluster.add()
+        cluster.settled()
+        data = {f"c{i}".encode(): b"secret" for i in range(500)}
+        client_key = load_curve(str(keys), "client")
+        with ClusterClient([a.endpoint], timeout=10.0, curve=client_key) as client:
+            client.set_many(list(data.items()))
+        cluster.add()  # the handoff to it is node to node: only with the shared admin key
+        smap = cluster.settled()
+        assert len(smap.nodes) == 2 and sum(cluster.keys_per_node().values()) == 500
+        with ClusterClient([a.endpoint], timeout=10.0, curve=client_key) as client:
+            assert client.get_many(list(data)) == data
+        # without a key nothing is answered (a CURVE server ignores a plain client)
+        with pytest.raises(SharddError):
+            ClusterClient([a.endpoint], timeout=1.0, failover_timeout=1.0).get(b"c1")
+    finally:
+        cluster.close()

@@ -127,3 +127,15 @@ def test_adopt_only_takes_slots_the_map_gives_us() -> None:
     assert v.adopt([10]) == []  # a owns 10
     assert v.state[10] == MOVED
     assert ASK not in v.state
+
+
+def test_a_cluster_nodes_stats_become_prometheus_gauges() -> None:
+    from shardd.metrics import families
+
+    v = view("a", split(4))
+    stats = {"router": {"requests": 1, "cluster": v.stats(50.0)}, "shards": [], "imbalance": {}}
+    by_name = {family.name: family for family in families(stats)}
+    assert by_name["shardd_cluster_epoch"].samples[0].value == 4
+    assert by_name["shardd_cluster_lease_seconds"].samples[0].value == 50.0
+    slots = {sample.labels["state"]: sample.value for sample in by_name["shardd_cluster_slots"].samples}
+    assert slots["serve"] == 2048 and slots["moved"] == 2048
