@@ -261,7 +261,7 @@ def test_a_single_node_is_not_a_cluster(make_daemon) -> None:
     assert out.returncode == 1 and "not a cluster node" in out.stderr
 
 
-def test_curve_between_clients_and_nodes_and_between_nodes(tmp_path: Path, etcd_server) -> None:  # noqa: ANN001
+def test_curve_between_clients_and_nodes_and_between_nodes(tmp_path: Path, etcd_server) -> None:
     from shardd import load_curve
 
     keys = tmp_path / "keys"
