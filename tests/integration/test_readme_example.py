@@ -18,7 +18,7 @@ def _python_blocks() -> list[str]:
 
 def test_readme_python_example_runs(make_daemon):
     blocks = _python_blocks()
-    assert len(blocks) == 1, "one Python example expected: update this test"
+    assert len(blocks) == 2, "two Python examples expected (a daemon, a cluster): update this test"
     code = blocks[0]
     assert '"tcp://127.0.0.1:7400"' in code
     d = make_daemon(shards=2)
@@ -32,3 +32,26 @@ def test_readme_python_example_runs(make_daemon):
     with shardd.Client(d.endpoint, timeout=1.0) as cache:
         assert cache.get("cfg") == b"v2"  # the example's CAS stored
         assert cache.get("hits") == b"-1"
+
+
+def test_readme_cluster_example_runs(tmp_path, etcd_server):
+    """The "Run a cluster" example, against two real nodes with the README's CURVE set-up."""
+    from tests.cluster_harness import Cluster
+    from tests.helpers import run_cli
+
+    code = _python_blocks()[1]
+    keys = tmp_path / "keys"
+    assert run_cli(None, "keys", "generate", str(keys)).returncode == 0
+    assert run_cli(None, "keys", "generate", str(keys), "--name", "app", "--client").returncode == 0
+    cluster = Cluster(tmp_path, etcd_server.endpoint, auth_dir=str(keys))
+    try:
+        a, b = cluster.add(), cluster.add()
+        cluster.settled()
+        code = (code.replace('"tcp://10.0.0.1:7400"', repr(a.endpoint)).replace('"tcp://10.0.0.2:7400"', repr(b.endpoint))
+                .replace('"/etc/shardd/keys"', repr(str(keys))))
+        namespace: dict = {}
+        exec(compile(code, str(README), "exec"), namespace)
+        assert namespace["client"].get("user:1") == b"alice"
+        namespace["client"].close()
+    finally:
+        cluster.close()
