@@ -47,7 +47,8 @@ def test_readme_cluster_example_runs(tmp_path, etcd_server):
     try:
         a, b = cluster.add(), cluster.add()
         cluster.settled()
-        code = (code.replace('"tcp://10.0.0.1:7400"', repr(a.endpoint)).replace('"tcp://10.0.0.2:7400"', repr(b.endpoint))
+        code = (code.replace('"tcp://10.0.0.1:7400"', repr(a.endpoint))
+                .replace('"tcp://10.0.0.2:7400"', repr(b.endpoint))
                 .replace('"/etc/shardd/keys"', repr(str(keys))))
         namespace: dict = {}
         exec(compile(code, str(README), "exec"), namespace)
