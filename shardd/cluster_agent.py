@@ -36,6 +36,11 @@ Rule 2: only the controller writes ``map``, by compare-and-swap, and only after 
 Rule 3: a chunk is given away (MOVED here) only after the new owner answered its adopt; if
         anything fails on the way, the chunk stays frozen here until a newer map changes its
         (owner, source) pair, which resets it (cluster_view, Rule 3).
+Rule 4: with replicas on (``cluster_replicas = 1``), the writes of every slot this node is the
+        authority of stream asynchronously to the slot's replica: a replica first gets a copy of
+        the slot (after emptying its old one), then every key written since the previous pull,
+        read again when pulled. A failover loses the writes not yet streamed: at most one pull
+        period (~5 ms idle) plus the stream's delay under load.
 """
 
 from __future__ import annotations
@@ -53,13 +58,17 @@ from shardd.aclient import AsyncClient
 from shardd.config import Config
 from shardd.errors import ExitCode, SharddError
 from shardd.logs import setup_logging
-from shardd.slots import Done, Member, SlotMap, next_map
+from shardd.slots import Done, Member, SlotMap, next_map, slot_of
 
 log = logging.getLogger("shardd.cluster")
 
 _CHUNK = 256          # slots handed over per step: the freeze window covers ~1/16 of a node's keys at most
 _TAKE_LIMIT = 2000    # entries per slot_take per shard: one import message stays ~ a few MiB
 _RETRY_S = 0.5        # after an etcd or router error
+# A replication pull finds nothing: wait this long before the next. It bounds the extra window
+# of acknowledged writes a failover can lose (bench/cluster.py measures the whole window) and
+# costs two small round trips per period on an idle node.
+_REPL_IDLE_S = 0.005
 
 
 def _identity(value: Any) -> Any:
@@ -87,6 +96,7 @@ class Agent:
         self.moved: dict[int, str] = {}  # slot → node id: handoffs finished in self.map's epoch
         self.handoff_wake = asyncio.Event()  # a map arrived: look for slots to hand over
         self.begun: dict[int, str] = {}  # slot → node id: the new owner was told to empty it for us
+        self.synced: dict[int, tuple[str, int]] = {}  # slot → (replica id, lease) that has a full copy
         self.wake = asyncio.Event()  # a new map or member list arrived
         self.snapshot: dict[str, bytes] = {}
         self.leaving = asyncio.Event()
@@ -204,7 +214,7 @@ class Agent:
             return
         found = await self.coord.get("map")
         current, revision = (SlotMap.from_json(found[0]), found[1]) if found else (None, 0)
-        new = next_map(current, self._members(), self._done())
+        new = next_map(current, self._members(), self._done(), self.config.cluster_replicas)
         if new is None:
             return
         check = await self.coord.get("controller")  # Rule 2
@@ -317,6 +327,96 @@ class Agent:
         done = Done(sorted(self.moved.items()), smap.epoch)
         await self.coord.put(f"done/{self.node_id}", done.to_json())
 
+    # --- replication (replicas = 1) ----------------------------------------------------------
+
+    def _replicated(self, smap: SlotMap) -> dict[int, tuple[str, int, str]]:
+        """Slots this node is the authority of that have a replica: slot → (id, lease, endpoint)."""
+        me = smap.index_of(self.node_id)
+        if me < 0 or not smap.replicas:
+            return {}
+        wanted = {}
+        for slot, owner in enumerate(smap.owners):
+            source = smap.handoff.get(slot)
+            if (owner == me and source is None) or source == me:
+                replica = smap.replicas[slot]
+                if replica >= 0 and replica != me:
+                    node = smap.nodes[replica]
+                    wanted[slot] = (node.id, node.lease, node.endpoint)
+        return wanted
+
+    async def _replicate(self) -> None:
+        """Stream every write to its slot's replica (Rule 4): first a copy of each slot whose
+        replica is new (or a new incarnation), then, in a loop, the keys written since the last
+        pull, as they are now. One task does both, so the replica applies them in read order."""
+        while True:
+            smap = self.map
+            if smap is None or not smap.replicas or not self._serving():
+                self.synced.clear()
+                await asyncio.sleep(0.05)
+                continue
+            try:
+                await self._sync_replicas(smap)
+                pulled = await self._router(p.ReplPull(_TAKE_LIMIT))
+                if pulled["overflow"]:
+                    log.warning("too many keys written before they could be streamed; copying every slot again")
+                    self.synced.clear()
+                await self._stream(smap, pulled)
+            except (TimeoutError, SharddError) as exc:
+                log.warning("replication step failed (%s); retrying", exc)
+                self.synced.clear()  # the replica may have missed some: copy again
+                await asyncio.sleep(_RETRY_S)
+                continue
+            if not pulled["entries"] and not pulled["deleted"]:
+                await asyncio.sleep(_REPL_IDLE_S)
+
+    async def _sync_replicas(self, smap: SlotMap) -> None:
+        wanted = self._replicated(smap)
+        for slot in [slot for slot in self.synced if slot not in wanted]:
+            del self.synced[slot]
+        stale: dict[tuple[str, int, str], list[int]] = {}
+        for slot, replica in wanted.items():
+            if self.synced.get(slot) != replica[:2]:
+                stale.setdefault(replica, []).append(slot)
+        for (node_id, lease, endpoint), slots in stale.items():
+            peer = self._peer(endpoint)
+            copied = 0
+            for at in range(0, len(slots), _CHUNK):
+                chunk = slots[at:at + _CHUNK]
+                await peer._call(p.SlotImport(chunk, [], False), _identity)  # empty its old copy
+                while True:
+                    part = await self._router(p.SlotCopy(chunk, _TAKE_LIMIT))
+                    entries = [tuple(entry) for entry in part["entries"]]
+                    if entries:
+                        await peer._call(p.ReplApply(entries, []), _identity)
+                        copied += len(entries)
+                    if not part["more"]:
+                        break
+                for slot in chunk:
+                    self.synced[slot] = (node_id, lease)
+            log.info("replica %s has a copy of %d slots (%d keys)", node_id, len(slots), copied)
+
+    async def _stream(self, smap: SlotMap, pulled: dict[str, Any]) -> None:
+        """Send each pulled key's state to its slot's replica (slots not copied yet are skipped:
+        their copy, made after this read, carries it)."""
+        by_peer: dict[str, tuple[list[Any], list[bytes]]] = {}
+        for entry in pulled["entries"]:
+            target = self._replica_endpoint(smap, entry[0])
+            if target is not None:
+                by_peer.setdefault(target, ([], []))[0].append(tuple(entry))
+        for key in pulled["deleted"]:
+            target = self._replica_endpoint(smap, key)
+            if target is not None:
+                by_peer.setdefault(target, ([], []))[1].append(key)
+        for endpoint, (entries, deleted) in by_peer.items():
+            await self._peer(endpoint)._call(p.ReplApply(entries, deleted), _identity)
+
+    def _replica_endpoint(self, smap: SlotMap, key: bytes) -> str | None:
+        slot = slot_of(key)
+        if slot not in self.synced:
+            return None
+        replica = smap.replicas[slot]
+        return smap.nodes[replica].endpoint if replica >= 0 else None
+
     # --- leaving ----------------------------------------------------------------------
 
     def _has_slots(self) -> bool:
@@ -357,7 +457,8 @@ class Agent:
         loop.add_signal_handler(signal.SIGTERM, self.leaving.set)
         loop.add_signal_handler(signal.SIGINT, lambda: None)  # the supervisor orders the stop
         await self.coord.connect()
-        tasks = [asyncio.create_task(job()) for job in (self._keep_lease, self._watch, self._react, self._hand_off)]
+        jobs = (self._keep_lease, self._watch, self._react, self._hand_off, self._replicate)
+        tasks = [asyncio.create_task(job()) for job in jobs]
         leave = asyncio.create_task(self.leaving.wait())
         done, _ = await asyncio.wait([*tasks, leave], return_when=asyncio.FIRST_COMPLETED)
         code = ExitCode.OK

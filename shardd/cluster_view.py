@@ -27,7 +27,12 @@ Rule 3: the local steps of a handoff (frozen, given, adopted) hold only while th
 Rule 4: a slot this node starts to serve without a handoff starts empty: ``install`` returns it,
         and the router deletes its entries on every shard before any later request reaches them
         (the shard links are FIFO, so no request needs to wait). A map that only finalizes a
-        handoff this node adopted is not such a start.
+        handoff this node adopted is not such a start, nor is one that promotes this node from
+        the slot's replica to its owner (its copy is the data, up to the replication lag).
+Rule 5: with replicas on, every key written here is noted (``dirty``) until the agent pulls it
+        and streams its state to the slot's replica; a slot this node stops being the replica of
+        (and does not serve) is emptied. ``dirty`` is bounded: past ``DIRTY_LIMIT`` keys it is
+        dropped and ``overflow`` set, and the agent copies every slot to its replica again.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from shardd.slots import SLOT_SEED, SLOTS, SlotMap, slot_of
 __all__ = ["ASK", "FROZEN", "MOVED", "NOBODY", "SERVE", "ClusterView"]
 
 SERVE, FROZEN, MOVED, ASK, NOBODY = range(5)
+DIRTY_LIMIT = 1_000_000
 _NAMES = ("serve", "frozen", "moved", "ask", "nobody")
 
 
@@ -57,6 +63,10 @@ class ClusterView:
         self.given: set[int] = set()
         self.adopted: set[int] = set()
         self._pairs: list[tuple[str | None, str | None]] = [(None, None)] * SLOTS
+        self._replica_ids: list[str | None] = [None] * SLOTS
+        self.replicated = False  # the map has replicas (Rule 5)
+        self.dirty: set[bytes] = set()
+        self.overflow = False
         self._redirects: list[dict[str, Any]] = []  # per node index: the MOVED value's fixed part
 
     # --- the router's check (hot path) -------------------------------------------------
@@ -113,9 +123,12 @@ class ClusterView:
         ids = [node.id for node in new.nodes]
         purge = []
         state, target, pairs = self.state, self.target, self._pairs
+        old_replicas = self._replica_ids
+        new_replicas = [ids[r] if r >= 0 else None for r in new.replicas] if new.replicas else [None] * SLOTS
         for slot in range(SLOTS):
             owner = new.owners[slot]
             source = new.handoff.get(slot)
+            was_replica = old_replicas[slot] == self.node_id
             pair = (ids[owner] if owner >= 0 else None, ids[source] if source is not None else None)
             was_serving = state[slot] == SERVE
             if pair != pairs[slot]:  # Rule 3
@@ -136,15 +149,37 @@ class ClusterView:
                 state[slot], target[slot] = SERVE, owner
                 if slot in self.adopted:
                     self.adopted.discard(slot)  # the map now says so itself
-                elif not was_serving or first:  # Rule 4 (and whatever a warm restart kept)
+                elif (not was_serving and not was_replica) or first:  # Rule 4 (and what a warm restart kept)
                     purge.append(slot)
             else:
                 state[slot], target[slot] = MOVED, owner
+                if was_replica and new_replicas[slot] != self.node_id:  # Rule 5
+                    purge.append(slot)
         if first:  # keep what we serve; drop what a warm restart kept for slots served elsewhere
             purge = [slot for slot in range(SLOTS) if state[slot] != SERVE]
         self.map = new
+        self._replica_ids = new_replicas
+        self.replicated = bool(new.replicas)
+        if not self.replicated:
+            self.dirty.clear()
         self._redirects = [{"node": node.id, "endpoint": node.endpoint} for node in new.nodes]
         return purge
+
+    def note_write(self, key: bytes) -> None:
+        """Rule 5: a write to ``key`` was routed here; its state goes to the replica on the next pull."""
+        dirty = self.dirty
+        dirty.add(key)
+        if len(dirty) > DIRTY_LIMIT:
+            dirty.clear()
+            self.overflow = True
+
+    def pull_dirty(self, limit: int) -> list[bytes]:
+        dirty = self.dirty
+        if len(dirty) <= limit:
+            keys = list(dirty)
+            dirty.clear()
+            return keys
+        return [dirty.pop() for _ in range(limit)]
 
     def _mine_to_hand(self, slots: list[int]) -> list[int]:
         me = self.map.index_of(self.node_id) if self.map is not None else -1
@@ -194,6 +229,8 @@ class ClusterView:
             "epoch": self.map.epoch if self.map is not None else 0,
             "lease_left_s": round(max(0.0, self.valid_until - now), 3),
             "slots": self.counts(),
+            "replicas": self.replicated,
+            "replication_pending": len(self.dirty),  # keys written here, not yet sent to their replica
         }
 
     def describe(self) -> dict[str, Any]:

@@ -76,6 +76,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     cluster_advertise: str = ""     # "": bind (which must then not be a wildcard or ipc)
     cluster_lease_ttl: int = 5
     cluster_leave_timeout: float = 60.0
+    cluster_replicas: int = 0       # 1: each slot's writes stream to a second node, promoted if the owner dies
 
     def __post_init__(self) -> None:
         if not _ENDPOINT_RE.match(self.bind):
@@ -124,6 +125,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 ("cluster_lease_ttl", 2 <= self.cluster_lease_ttl <= 300,
                  "between 2 (etcd's shortest lease) and 300 seconds"),
                 ("cluster_leave_timeout", 0 < self.cluster_leave_timeout <= 3600, "between 0 and 3600 seconds"),
+                ("cluster_replicas", self.cluster_replicas in (0, 1), "0 (off) or 1"),
             ]
         for key, ok, expected in checks:
             if not ok:
@@ -216,6 +218,7 @@ SETTINGS: dict[str, Setting] = {
     "cluster_advertise": Setting(RESTART),
     "cluster_lease_ttl": Setting(RESTART),
     "cluster_leave_timeout": Setting(RESTART),
+    "cluster_replicas": Setting(RESTART),
     "mailbox_limit": Setting(frozenset({ROUTER, WORKER})),  # workers: direct clients' bound
     "max_memory": Setting(frozenset({WORKER})),
     "eviction_policy": Setting(frozenset({WORKER})),

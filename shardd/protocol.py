@@ -378,9 +378,50 @@ class SlotDrop(_Op, tag="slot_drop"):
 
 
 class SlotPut(_Op, tag="slot_put"):
-    """Router → worker: store entries handed over by another node: ``[key, value, ttl_ms, version]``."""
+    """Router → worker: store entries handed over by another node: ``[key, value, ttl_ms, version]``,
+    and delete the ``deleted`` keys (replication)."""
 
     entries: list[tuple[bytes, bytes, int, int]]
+    deleted: list[bytes] | None = None  # nil on the wire: []
+
+    def __post_init__(self) -> None:
+        if self.deleted is None:
+            _force_setattr(self, "deleted", [])
+
+
+class SlotCopy(_Op, tag="slot_copy"):
+    """Control only, fanned out: like ``slot_take`` without removing anything (a replica's first sync)."""
+
+    slots: list[int]
+    limit: int | None = 1000  # nil on the wire: 1000
+
+    def __post_init__(self) -> None:
+        if self.limit is None:
+            _force_setattr(self, "limit", 1000)
+
+
+class ReplPull(_Op, tag="repl_pull"):
+    """Control only: up to ``limit`` keys written since the last pull, as they are now:
+    ``{"entries": [[key, value, ttl_ms, version]], "deleted": [key], "overflow": bool}``."""
+
+    limit: int | None = 2000  # nil on the wire: 2000
+
+    def __post_init__(self) -> None:
+        if self.limit is None:
+            _force_setattr(self, "limit", 2000)
+
+
+class ReplRead(_Op, tag="repl_read"):
+    """Router → worker: these keys as they are now (``repl_pull``)."""
+
+    written: list[bytes]
+
+
+class ReplApply(_Op, tag="repl_apply"):
+    """Node → node (admin): store these entries and delete these keys (this node is their slots' replica)."""
+
+    entries: list[tuple[bytes, bytes, int, int]]
+    deleted: list[bytes]
 
 
 class SlotImport(_Op, tag="slot_import"):
@@ -412,7 +453,7 @@ Op = (
     | GetMany | SetMany | DeleteMany | Ping | Stats | Flush | DebugSleep | Maintenance | Health | Configure
     | Drain | Snapshot | Hotkeys | Tune | Topology | Resize | ResizeStart | Migrate | MigrateOut | MigrateIn
     | MigrateDone | SetTopology | SetMaintenance | Describe | ClusterSet | SlotFreeze | SlotGive | SlotTake | SlotDrop
-    | SlotPut | SlotImport | Leave
+    | SlotPut | SlotImport | Leave | SlotCopy | ReplPull | ReplRead | ReplApply
 )
 
 
@@ -523,6 +564,10 @@ OPS: dict[type, OpSpec] = {
     Leave: OpSpec(ROUTER, admin=True),
     SlotDrop: OpSpec(INTERNAL),
     SlotPut: OpSpec(INTERNAL),
+    SlotCopy: OpSpec(FANOUT, control=True, resize=REFUSE),
+    ReplPull: OpSpec(ROUTER, control=True),
+    ReplRead: OpSpec(INTERNAL),
+    ReplApply: OpSpec(ROUTER, admin=True, resize=REFUSE),
 }
 if set(OPS) != set(Op.__args__):  # type: ignore[attr-defined]
     raise ImportError(f"ops without a spec in protocol.OPS: {set(Op.__args__) ^ set(OPS)}")  # type: ignore[attr-defined]
@@ -672,7 +717,7 @@ def decode_envelope(frame: bytes, limits: Limits) -> Envelope | bytes:
 
 
 CLUSTER_SLOTS = 4096  # shardd.slots.SLOTS (protocol may not import it: same layer, kept equal by a test)
-_SLOT_OPS = (SlotFreeze, SlotGive, SlotTake, SlotDrop, SlotImport)
+_SLOT_OPS = (SlotFreeze, SlotGive, SlotTake, SlotDrop, SlotImport, SlotCopy)
 
 
 def check_op(op: Op, limits: Limits) -> tuple[int, str] | None:
@@ -725,8 +770,10 @@ def check_op(op: Op, limits: Limits) -> tuple[int, str] | None:
     elif cls in _SLOT_OPS:
         if op.slots and not (min(op.slots) >= 0 and max(op.slots) < CLUSTER_SLOTS):
             return BAD_REQUEST, f"slots must be in [0, {CLUSTER_SLOTS}); got {min(op.slots)}..{max(op.slots)}"
-        if cls is SlotTake and not 1 <= op.limit <= 100_000:
-            return BAD_REQUEST, f"slot_take limit must be in [1, 100000], got {op.limit}"
+        if (cls is SlotTake or cls is SlotCopy) and not 1 <= op.limit <= 100_000:
+            return BAD_REQUEST, f"{cls.__struct_config__.tag} limit must be in [1, 100000], got {op.limit}"
+    elif cls is ReplPull and not 1 <= op.limit <= 100_000:
+        return BAD_REQUEST, f"repl_pull limit must be in [1, 100000], got {op.limit}"
     return None
 
 

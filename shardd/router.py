@@ -130,6 +130,7 @@ class Router:
             p.Hotkeys: (combine_hotkeys, True),
             p.Snapshot: (by_shard, False),
             p.SlotTake: (router_cluster.combine_take, False),
+            p.SlotCopy: (router_cluster.combine_take, False),
         }
         self.drain_waiters: list[tuple[Any, int]] = []
         # Placement: ``n`` shards at ``epoch``. During a resize ``n`` stays the old count (requests
@@ -228,11 +229,14 @@ class Router:
                 self.reply(peer, env.id, *problem)
                 return
         if spec.kind == _KEYED:
-            if self.cluster is not None:
-                problem = self.cluster.refusal(op.key, _monotonic())
+            cluster = self.cluster
+            if cluster is not None:
+                problem = cluster.refusal(op.key, _monotonic())
                 if problem is not None:
                     self.reply(peer, env.id, *problem)
                     return
+                if cluster.replicated and spec.write:
+                    cluster.note_write(op.key)
             link = self.links[shard_for(op.key, self.n)]
             problem = self._refusal(link)
             if problem is not None:
@@ -664,6 +668,9 @@ def _multi(router: Router, peer: Any, request_id: int, op: Any) -> None:
         if problem is not None:
             router.reply(peer, request_id, *problem)
             return
+        if router.cluster.replicated and cls is not p.GetMany:
+            for key in keys:
+                router.cluster.note_write(key)
     if router.migration is not None:  # resize = SPLIT: one sub-op per key, each may move
         router._split_per_key(peer, request_id, op, cls)
     elif cls is p.SetMany:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from shardd import protocol as p
+from shardd.cluster_view import SERVE
 from shardd.hashing import shards_for
 from shardd.router_types import Gather, Part
 from shardd.slots import SlotMap
@@ -85,8 +86,11 @@ def _slot_import(router: Router, peer: Any, request_id: int, op: p.SlotImport) -
         return
     n = router.n
     parts: list[tuple[int, p.Op, Any]] = []
-    if op.slots and not op.adopt:
-        parts += [(shard, p.SlotDrop(op.slots), "drop") for shard in range(n)]
+    # Never empty a slot this node serves: a sender with an older map may think it is only a
+    # handoff target or a replica here.
+    purge = [slot for slot in op.slots if router.cluster.state[slot] != SERVE] if not op.adopt else []  # type: ignore[union-attr]
+    if purge:
+        parts += [(shard, p.SlotDrop(purge), "drop") for shard in range(n)]
     if op.entries:
         per_shard: list[list[tuple[bytes, bytes, int, int]]] = [[] for _ in range(n)]
         for entry, shard in zip(op.entries, shards_for([e[0] for e in op.entries], n), strict=True):
@@ -113,6 +117,48 @@ def combine_take(parts: list[Part]) -> dict[str, Any]:
         entries += value["entries"]
         more = more or value["more"]
     return {"entries": entries, "more": more}
+
+
+def _repl_pull(router: Router, peer: Any, request_id: int, op: p.ReplPull) -> None:
+    """The keys written since the last pull (cluster_view, Rule 5), read from their shards now:
+    the shard links are FIFO, so each read sees every write routed before it."""
+    if _not_clustered(router, peer, request_id, "repl_pull"):
+        return
+    view = router.cluster
+    assert view is not None
+    overflow, view.overflow = view.overflow, False
+    keys = view.pull_dirty(op.limit)  # type: ignore[arg-type]
+    n = router.n
+    per_shard: list[list[bytes]] = [[] for _ in range(n)]
+    for key, shard in zip(keys, shards_for(keys, n), strict=True):
+        per_shard[shard].append(key)
+    parts = [(shard, p.ReplRead(group), None) for shard, group in enumerate(per_shard) if group]
+
+    def combine(parts: list[Part]) -> dict[str, Any]:
+        entries: list[Any] = []
+        deleted: list[Any] = []
+        for _, _, value in parts:
+            entries += value["entries"]
+            deleted += value["deleted"]
+        return {"entries": entries, "deleted": deleted, "overflow": overflow}
+
+    router._start_gather(peer, request_id, parts, combine, {"entries": [], "deleted": [], "overflow": overflow})
+
+
+def _repl_apply(router: Router, peer: Any, request_id: int, op: p.ReplApply) -> None:
+    """A slot owner streams its writes here (this node is the replica): store and delete them."""
+    if _not_clustered(router, peer, request_id, "repl_apply"):
+        return
+    n = router.n
+    entries: list[list[Any]] = [[] for _ in range(n)]
+    deleted: list[list[bytes]] = [[] for _ in range(n)]
+    for entry, shard in zip(op.entries, shards_for([e[0] for e in op.entries], n), strict=True):
+        entries[shard].append(entry)
+    for key, shard in zip(op.deleted, shards_for(op.deleted, n), strict=True):
+        deleted[shard].append(key)
+    parts = [(shard, p.SlotPut(entries[shard], deleted[shard]), None) for shard in range(n)
+             if entries[shard] or deleted[shard]]
+    router._start_gather(peer, request_id, parts, lambda parts: sum(value for _, _, value in parts), 0)
 
 
 def _leave(router: Router, peer: Any, request_id: int, op: p.Leave) -> None:
@@ -142,4 +188,6 @@ HANDLERS: dict[type, Any] = {
     p.SlotGive: _slot_give,
     p.SlotImport: _slot_import,
     p.Leave: _leave,
+    p.ReplPull: _repl_pull,
+    p.ReplApply: _repl_apply,
 }

@@ -80,6 +80,8 @@ class SlotMap(msgspec.Struct):
     nodes: list[Node]
     owners: list[int]
     handoff: dict[int, int] = msgspec.field(default_factory=dict)
+    # With replicas on: each slot's replica node (an index into ``nodes``, -1: none); [] when off.
+    replicas: list[int] = msgspec.field(default_factory=list)
 
     def to_json(self) -> bytes:
         return msgspec.json.encode(self)
@@ -215,7 +217,8 @@ class Done(msgspec.Struct, frozen=True):
 # --- the controller's decision --------------------------------------------------------------
 
 
-def next_map(current: SlotMap | None, members: dict[str, Member], done: dict[str, Done]) -> SlotMap | None:
+def next_map(current: SlotMap | None, members: dict[str, Member], done: dict[str, Done],
+             replicas: int = 0) -> SlotMap | None:
     """The map the controller publishes next, or None when there is nothing new to publish.
 
     ``members`` and ``done`` are keyed by node id (a member's key must be its ``id``). The
@@ -238,8 +241,11 @@ def next_map(current: SlotMap | None, members: dict[str, Member], done: dict[str
     Rule 7: nodes = every alive member that owns a slot, is a handoff source or is live,
        sorted by id, as ``Node(id, endpoint, shards)`` from its member record (so an endpoint
        or shard count change is republished); owners and handoff are reindexed to it.
-    Rule 8: if nodes, owners and handoff all equal the current map's, return None; otherwise
-       the epoch is the current one + 1 (1 without a current map).
+    Rule 8: if nodes, owners, handoff and replicas all equal the current map's, return None;
+       otherwise the epoch is the current one + 1 (1 without a current map).
+    Rule 9: with ``replicas`` = 1 and two or more targets, each slot's replica is its top HRW
+       choice among the targets other than its owner (the second choice once the owner is the
+       top one): when the owner dies, rule 5 gives the slot to exactly that node.
     """
     for node_id, member in members.items():
         if member.id != node_id:
@@ -279,6 +285,12 @@ def next_map(current: SlotMap | None, members: dict[str, Member], done: dict[str
                     owners[slot] = top[slot]
                     handoff[slot] = owner
 
+    # Rule 9.
+    replica_ids: list[str | None] = []
+    if replicas and len(targets) >= 2:
+        second = [targets[i] for i in second_choices(targets)]
+        replica_ids = [top[slot] if top[slot] != owner else second[slot] for slot, owner in enumerate(owners)]
+
     # Rule 7.
     named = {owner for owner in owners if owner is not None} | set(handoff.values()) | set(live)
     nodes = [Node(node_id, members[node_id].endpoint, members[node_id].shards, members[node_id].lease)
@@ -286,13 +298,15 @@ def next_map(current: SlotMap | None, members: dict[str, Member], done: dict[str
     index = {node.id: i for i, node in enumerate(nodes)}
     owner_indexes = [index[owner] if owner is not None else -1 for owner in owners]
     handoff_indexes = {slot: index[source] for slot, source in sorted(handoff.items())}
+    replica_indexes = [index[r] if r is not None else -1 for r in replica_ids]
 
     # Rule 8.
     if current is None:
-        return SlotMap(1, nodes, owner_indexes, handoff_indexes)
-    if nodes == current.nodes and owner_indexes == current.owners and handoff_indexes == current.handoff:
+        return SlotMap(1, nodes, owner_indexes, handoff_indexes, replica_indexes)
+    if (nodes == current.nodes and owner_indexes == current.owners and handoff_indexes == current.handoff
+            and replica_indexes == current.replicas):
         return None
-    return SlotMap(current.epoch + 1, nodes, owner_indexes, handoff_indexes)
+    return SlotMap(current.epoch + 1, nodes, owner_indexes, handoff_indexes, replica_indexes)
 
 
 def spent_done(smap: SlotMap, done: dict[str, Done]) -> list[str]:

@@ -868,6 +868,13 @@ class Store:
         key_at = self._key_at
         return [key_at(hd) for hd in self._handles()]
 
+    def peek(self, key: bytes) -> tuple[bytes, int, int] | None:
+        """A live entry's (value, deadline, version), without touching it (replication reads it)."""
+        _, hd = self._live(key)
+        if hd < 0:
+            return None
+        return self._value(hd), self._expires(hd), self._version_of(hd)
+
     def take(self, key: bytes) -> tuple[bytes, int, int] | None:
         """Remove a live entry and return (value, deadline, version); it moves to another shard."""
         i, hd = self._live(key)

@@ -116,6 +116,8 @@ class Shard:
         self._scan_at = 0
         self._take_for: tuple[int, ...] | None = None  # the slots slot_take is emptying, and their keys left
         self._take_keys: list[bytes] = []
+        self._copy_for: tuple[int, ...] | None = None  # the same for slot_copy
+        self._copy_keys: list[bytes] = []
         # Service time of each op inside the worker (decode, apply, encode), log-linear buckets.
         self.service = histogram.new_counts()
         self.service_sum_ns = 0
@@ -165,6 +167,8 @@ class Shard:
             p.SlotTake: self.slot_take,
             p.SlotDrop: self.slot_drop,
             p.SlotPut: self.slot_put,
+            p.SlotCopy: self.slot_copy,
+            p.ReplRead: self.repl_read,
         }
 
     def apply(self, frame: bytes, direct: bool = False) -> bytes:
@@ -366,10 +370,51 @@ class Shard:
         return sum(1 for key in self._keys_in(op.slots) if take(key) is not None)
 
     def slot_put(self, op: p.SlotPut) -> int:
-        """Store entries another node handed over (TTLs as time left, CAS versions kept)."""
+        """Store entries another node handed over (TTLs as time left, CAS versions kept), and
+        delete the keys a replication stream says were deleted."""
         now = monotonic_ms()
         entries = [(key, value, now + ttl if ttl > 0 else 0, version) for key, value, ttl, version in op.entries]
+        take = self.store.take
+        for key in op.deleted:  # type: ignore[union-attr]
+            take(key)
         return self.store.restore_many(entries, len(entries))
+
+    def _exported(self, key: bytes, entry: tuple[bytes, int, int], now: int) -> tuple[bytes, bytes, int, int] | None:
+        value, deadline, version = entry
+        if deadline and deadline <= now:
+            return None
+        return key, value, deadline - now if deadline else 0, version
+
+    def slot_copy(self, op: p.SlotCopy) -> dict[str, Any]:
+        """Up to ``limit`` live entries of these slots, left in place (a replica's first sync);
+        the key list is made once per set of slots and walked across calls."""
+        wanted = tuple(op.slots)
+        if self._copy_for != wanted:
+            self._copy_for, self._copy_keys = wanted, self._keys_in(op.slots)
+        keys, peek, now = self._copy_keys, self.store.peek, monotonic_ms()
+        entries = []
+        while keys and len(entries) < op.limit:
+            key = keys.pop()
+            entry = peek(key)
+            exported = self._exported(key, entry, now) if entry is not None else None
+            if exported is not None:
+                entries.append(exported)
+        if not keys:
+            self._copy_for = None
+        return {"entries": entries, "more": bool(keys)}
+
+    def repl_read(self, op: p.ReplRead) -> dict[str, Any]:
+        """These keys as they are now: the entries that live, the keys that do not (deleted)."""
+        peek, now = self.store.peek, monotonic_ms()
+        entries, deleted = [], []
+        for key in op.written:
+            entry = peek(key)
+            exported = self._exported(key, entry, now) if entry is not None else None
+            if exported is None:
+                deleted.append(key)
+            else:
+                entries.append(exported)
+        return {"entries": entries, "deleted": deleted}
 
     def set_maintenance(self, op: p.SetMaintenance) -> bool:
         self.maintenance = op.on

@@ -29,8 +29,9 @@ class Cluster:
     no handoff pending, and every one of them serves that epoch."""
 
     def __init__(self, tmp: Path, etcd_endpoint: str, ttl: int = 3, shards: int = 2, leave_timeout: float = 60,
-                 auth_dir: str | None = None) -> None:
+                 auth_dir: str | None = None, replicas: int = 0) -> None:
         self.tmp = tmp
+        self.replicas = replicas
         self.auth_dir = auth_dir  # CURVE on (every node shares the keys); the harness talks as admin
         self.curve: Any = None
         if auth_dir is not None:
@@ -49,7 +50,7 @@ class Cluster:
         config = path / "cluster.toml"
         config.write_text(f'cluster_etcd = ["{self.etcd}"]\ncluster_name = "test"\n'
                           f"cluster_lease_ttl = {self.ttl}\ncluster_leave_timeout = {self.leave_timeout}\n"
-                          f"pin_cpus = false\n")
+                          f"pin_cpus = false\ncluster_replicas = {self.replicas}\n")
         args = ("--auth-dir", self.auth_dir) if self.auth_dir else ()
         node = Daemon(path, *args, shards=self.shards, config=str(config))
         self.nodes.append(node)

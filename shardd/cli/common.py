@@ -68,19 +68,27 @@ def usage(message: str) -> typer.Exit:
 def ask(endpoint: str, timeout: float, request: Callable[[Any], T], keys: bool = False) -> T:
     """Run ``request(client)`` against the daemon.
 
-    ``keys``: the request is about keys (the data commands): if the endpoint is a cluster node,
-    a ClusterClient runs it instead, so each key goes to its node and ``flush`` to every node.
+    ``keys``: the request is about keys (the data commands): if the endpoint is a cluster node
+    that does not serve the key, a ClusterClient runs it again, following the map.
     A failure is one short message on stderr: exit 1 for the daemon's answer (or its silence),
     exit 2 for an argument the client refused before sending anything.
     """
+    from shardd.errors import Moved, TryAgain, Unavailable
+
     try:
         with connect(endpoint, timeout) as client:
-            if keys and "cluster" in client.topology():
-                from shardd.cluster_client import ClusterClient
+            if not keys:
+                return request(client)
+            try:
+                return request(client)  # (arguments are checked here, before anything is sent)
+            except (Moved, TryAgain, Unavailable) as exc:
+                # A cluster node that does not serve this key (or none now): nothing was applied.
+                if not (exc.message.startswith("cluster:") or "'slot'" in exc.message):
+                    raise
+            from shardd.cluster_client import ClusterClient
 
-                with ClusterClient(endpoint, timeout=timeout, curve=client._curve) as cluster:
-                    return request(cluster)
-            return request(client)
+            with ClusterClient(endpoint, timeout=timeout, curve=client._curve) as cluster:
+                return request(cluster)
     except SharddError as exc:
         raise fail(str(exc)) from None
     except (ValueError, OverflowError) as exc:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -130,6 +130,16 @@ def persist(key: str, endpoint: Endpoint = DEFAULT_ENDPOINT, timeout: TimeoutOpt
     typer.echo("OK")
 
 
+def _flush_everywhere(client: Any) -> int:
+    """Flush the daemon, or every node when it is a cluster node (the shards that flushed)."""
+    if "cluster" in client.topology():
+        from shardd.cluster_client import ClusterClient
+
+        with ClusterClient(client.endpoint, timeout=client.timeout, curve=client._curve) as cluster:
+            return cluster.flush()
+    return client.flush()
+
+
 @app.command()
 def flush(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
@@ -142,5 +152,5 @@ def flush(
             raise usage("flush removes every key on every shard; pass --yes to confirm")
         if not typer.confirm(f"remove every key of the daemon at {endpoint}?"):
             raise fail("not flushed")
-    n = ask(endpoint, timeout, lambda client: client.flush(), keys=True)
+    n = ask(endpoint, timeout, _flush_everywhere)
     typer.echo(f"flushed: {n} keys removed")

@@ -71,6 +71,11 @@ CASES: list[tuple[list[str], int, str]] = [
     # shards, shards resize
     (["shards", "--bogus"], USAGE, "No such option"),
     (["shards", "-e", "{down}", "--timeout", "0.2"], FAILURE, "no reply"),
+    (["cluster"], USAGE, "Usage"),
+    (["cluster", "frobnicate"], USAGE, "No such command"),
+    (["cluster", "status", "-e", "{down}"], FAILURE, "no reply from {down} within 2 s to topology"),
+    (["cluster", "status", "--timeout", "0"], USAGE, "timeout"),
+    (["cluster", "leave", "-e", "{down}"], FAILURE, "no reply from {down} within 2 s to leave"),
     (["shards", "resize"], USAGE, "Missing argument"),
     (["shards", "resize", "three"], USAGE, "'shards'"),
     (["shards", "resize", "0"], USAGE, "between 1 and 1024"),

@@ -285,3 +285,35 @@ def test_curve_between_clients_and_nodes_and_between_nodes(tmp_path: Path, etcd_
             ClusterClient([a.endpoint], timeout=1.0, failover_timeout=1.0).get(b"c1")
     finally:
         cluster.close()
+
+
+def test_with_replicas_a_killed_nodes_keys_survive_on_its_replica(tmp_path: Path, etcd_server) -> None:
+    cluster = Cluster(tmp_path, etcd_server.endpoint, ttl=3, replicas=1)
+    try:
+        nodes = [cluster.add() for _ in range(3)]
+        smap = cluster.settled()
+        pairs = zip(smap.replicas, smap.owners, strict=True)
+        assert len(smap.replicas) == 4096 and all(r >= 0 and r != o for r, o in pairs)
+        data = load([nodes[0].endpoint], 3_000)
+        deleted = list(data)[:100]
+        with ClusterClient([nodes[0].endpoint], timeout=10.0) as client:
+            client.delete_many(deleted)  # deletes stream too
+        for key in deleted:
+            del data[key]
+        # every key is on its owner and on its replica once the stream has caught up
+        wait_until(lambda: sum(cluster.keys_per_node().values()) == 2 * len(data), timeout=60,
+                   what="every key on two nodes")
+        victim = nodes[2]
+        doomed = {k for k in data if owner_of(smap, k) == victim.endpoint}
+        assert doomed
+        victim.kill_all()
+        cluster.settled(nodes[:2])
+        with ClusterClient([nodes[0].endpoint], timeout=10.0) as client:
+            assert client.get_many(list(data)) == data  # the dead node's keys too: its replicas were promoted
+            gone = [k for k in deleted if owner_of(smap, k) == victim.endpoint]
+            assert gone and client.get_many(gone) == {}  # deleted on the dead owner: still deleted
+        # the two survivors copy each other's slots again: two copies of every key
+        wait_until(lambda: sum(cluster.keys_per_node().values()) == 2 * len(data), timeout=60,
+                   what="replicas re-made after the failover")
+    finally:
+        cluster.close()

@@ -41,20 +41,24 @@ SAMPLES: dict[type, Any] = {
     p.ClusterSet: p.ClusterSet(None, 0.0), p.SlotFreeze: p.SlotFreeze([1]), p.SlotGive: p.SlotGive([1]),
     p.SlotTake: p.SlotTake([1]), p.SlotDrop: p.SlotDrop([1]), p.SlotPut: p.SlotPut([(b"k", b"v", 0, 1)]),
     p.SlotImport: p.SlotImport([1], [(b"k", b"v", 0, 1)]), p.Leave: p.Leave(),
+    p.SlotCopy: p.SlotCopy([1]), p.ReplPull: p.ReplPull(), p.ReplRead: p.ReplRead([b"k"]),
+    p.ReplApply: p.ReplApply([(b"k", b"v", 0, 1)], []),
 }
 QUERIES: dict[type, Any] = {p.Touch: p.Touch(b"k"), p.Maintenance: p.Maintenance(None)}
 
 # The intended policy, stated here apart from protocol.OPS so that a wrong flag fails: a new op that is
 # admin-only, control-only, ... must be added here too. Kind keyed / multi-key and ``write`` need no list:
 # they are read from the op's fields and from what it does to a real store.
-ADMIN_ONLY = {p.Flush, p.Resize, p.Tune, p.Maintenance, p.DebugSleep, p.SlotImport, p.Leave}
-CONTROL_ONLY = {p.Configure, p.Drain, p.Snapshot, p.ResizeStart, p.ClusterSet, p.SlotFreeze, p.SlotGive, p.SlotTake}
+ADMIN_ONLY = {p.Flush, p.Resize, p.Tune, p.Maintenance, p.DebugSleep, p.SlotImport, p.Leave, p.ReplApply}
+CONTROL_ONLY = {p.Configure, p.Drain, p.Snapshot, p.ResizeStart, p.ClusterSet, p.SlotFreeze, p.SlotGive, p.SlotTake,
+                p.SlotCopy, p.ReplPull}
 INTERNAL = {p.Migrate, p.MigrateOut, p.MigrateIn, p.MigrateDone, p.SetTopology, p.SetMaintenance, p.Describe,
-            p.SlotDrop, p.SlotPut}
+            p.SlotDrop, p.SlotPut, p.ReplRead}
 ANSWERED_BY_ROUTER = {p.Maintenance, p.Topology, p.Tune, p.Resize, p.ResizeStart, p.Drain, p.Configure,
-                      p.DebugSleep, p.ClusterSet, p.SlotFreeze, p.SlotGive, p.SlotImport, p.Leave}
+                      p.DebugSleep, p.ClusterSet, p.SlotFreeze, p.SlotGive, p.SlotImport, p.Leave, p.ReplPull,
+                      p.ReplApply}
 DIRECT_BESIDES_DATA_OPS = {p.Ping, p.DebugSleep}
-REFUSED_MID_RESIZE = {p.Flush, p.Resize, p.Snapshot, p.SlotTake, p.SlotImport}
+REFUSED_MID_RESIZE = {p.Flush, p.Resize, p.Snapshot, p.SlotTake, p.SlotImport, p.SlotCopy, p.ReplApply}
 
 
 class FakeChannel:

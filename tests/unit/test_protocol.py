@@ -85,7 +85,7 @@ def test_op_names_are_the_documented_ones() -> None:
         "maintenance", "health", "configure", "hotkeys", "drain", "snapshot", "tune",
         "topology", "resize", "resize_start", "migrate", "migrate_out", "migrate_in", "migrate_done", "set_maintenance",
         "set_topology", "describe", "cluster_set", "slot_freeze", "slot_give", "slot_take", "slot_drop", "slot_put",
-        "slot_import", "leave",
+        "slot_import", "leave", "slot_copy", "repl_pull", "repl_read", "repl_apply",
     } == p.OP_NAMES
 
 
@@ -156,6 +156,13 @@ EXAMPLE_OPS: list[p.Op] = [
     p.SlotImport([1, 2], [(b"k", b"v", 1500, 3)]),
     p.SlotImport([1, 2], [], True),
     p.Leave(),
+    p.SlotPut([(b"k", b"v", 0, 1)], [b"gone"]),
+    p.SlotCopy([1, 2]),
+    p.SlotCopy([1], 10),
+    p.ReplPull(),
+    p.ReplPull(50),
+    p.ReplRead([b"a", b"b"]),
+    p.ReplApply([(b"k", b"v", 0, 1)], [b"gone"]),
 ]
 
 

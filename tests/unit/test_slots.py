@@ -529,3 +529,24 @@ def test_cluster_sim_runs() -> None:
     assert r.returncode == 0, r.stderr
     row = next(line for line in r.stdout.splitlines() if line.strip().startswith("3 |"))
     assert row.count("yes") == 2, r.stdout
+
+
+def test_rule_9_replicas_are_the_next_choice_and_take_over_when_the_owner_dies() -> None:
+    members = members_of("a", "b", "c")
+    smap = next_map(None, members, {}, replicas=1)
+    assert smap is not None and len(smap.replicas) == SLOTS
+    ids = [n.id for n in smap.nodes]
+    for slot in range(0, SLOTS, 97):
+        order = hrw_order(slot, ["a", "b", "c"])
+        assert ids[smap.owners[slot]] == order[0] and ids[smap.replicas[slot]] == order[1]
+    # the owner of a slot dies: the slot goes to its replica (rule 5), which gets a new replica
+    dead = ids[smap.owners[0]]
+    replica = ids[smap.replicas[0]]
+    after = next_map(smap, {k: v for k, v in members.items() if k != dead}, {}, replicas=1)
+    assert after is not None
+    after_ids = [n.id for n in after.nodes]
+    assert after_ids[after.owners[0]] == replica
+    assert after_ids[after.replicas[0]] not in (replica, dead)
+    # off: no replicas; one node: none either
+    assert next_map(None, members, {}).replicas == []  # type: ignore[union-attr]
+    assert next_map(None, members_of("a"), {}, replicas=1).replicas == []  # type: ignore[union-attr]
