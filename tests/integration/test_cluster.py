@@ -132,17 +132,45 @@ def test_sigkill_a_node_its_slots_move_and_only_its_keys_are_lost(cluster: Clust
     nodes = [cluster.add() for _ in range(3)]
     smap = cluster.settled()
     data = load([nodes[0].endpoint], 3_000)
-    victim = nodes[2]
+    # the victim is the controller: another node must take over to publish the next map
+    victim = next(n for n in nodes if "this node is the cluster controller now" in n.log())
+    survivors = [n for n in nodes if n is not victim]
     doomed = {k for k in data if owner_of(smap, k) == victim.endpoint}
     assert doomed and len(doomed) < len(data)
-    victim.kill_all()  # SIGKILL the whole node: no handoff
-    after = cluster.settled(nodes[:2])
+    errors: list[bytes] = []
+    stop = threading.Event()
+
+    def read_everything() -> None:
+        # a short failover budget, so that errors show: they must be for the dead node's keys only
+        with ClusterClient([survivors[0].endpoint], timeout=1.0, failover_timeout=0.3) as client:
+            keys = list(data)
+            i = 0
+            while not stop.is_set():
+                key = keys[i % len(keys)]
+                i += 1
+                try:
+                    client.get(key)
+                except SharddError:
+                    errors.append(key)
+
+    reader = threading.Thread(target=read_everything)
+    reader.start()
+    try:
+        victim.kill_all()  # SIGKILL the whole node: no handoff
+        after = cluster.settled(survivors)
+    finally:
+        stop.set()
+        reader.join(60)
     assert victim.endpoint not in {n.id for n in after.nodes}
-    with ClusterClient([nodes[0].endpoint], timeout=10.0) as client:
+    # (the node is gone for at least a lease TTL, 3 s, ten times the reader's failover budget)
+    assert errors, "reads of the dead node's keys should have failed while its slots had no owner"
+    assert set(errors) <= doomed, "a key of a live node failed"
+    assert any("this node is the cluster controller now" in n.log() for n in survivors)
+    with ClusterClient([survivors[0].endpoint], timeout=10.0) as client:
         got = client.get_many(list(data))
-    assert {k: v for k, v in got.items() if v is not None} == {k: v for k, v in data.items() if k not in doomed}
+    assert got == {k: v for k, v in data.items() if k not in doomed}  # only the dead node's keys miss
     # writes to the dead node's slots work again, on their new owners
-    with ClusterClient([nodes[1].endpoint], timeout=10.0) as client:
+    with ClusterClient([survivors[1].endpoint], timeout=10.0) as client:
         for key in list(doomed)[:50]:
             client.set(key, b"again")
             assert client.get(key) == b"again"
