@@ -38,6 +38,9 @@ def status_report(smap: SlotMap, name: str, stats: dict[str, Any]) -> dict[str, 
             "keys": node_stats.get("total", {}).get("keys") if isinstance(node_stats, dict) else None,
             "epoch_installed": (node_stats.get("router", {}).get("cluster", {}).get("epoch")
                                 if isinstance(node_stats, dict) else None),
+            # replica lag: keys written on this node not yet streamed to their replica
+            "replication_pending": (node_stats.get("router", {}).get("cluster", {}).get("replication_pending")
+                                    if isinstance(node_stats, dict) else None),
             "error": node_stats if isinstance(node_stats, str) else None,
         })
     owning = [row["slots"] for row in rows if row["slots"]]
@@ -51,7 +54,7 @@ def status_report(smap: SlotMap, name: str, stats: dict[str, Any]) -> dict[str, 
         "handoffs_pending": len(smap.handoff),
         "slot_imbalance": round(max(owning) / (sum(owning) / len(owning)), 3) if owning else None,
         "key_imbalance": round(max(keys) / (sum(keys) / len(keys)), 3) if keys and sum(keys) else None,
-        "replicas": 0,
+        "replicas": 1 if smap.replicas else 0,
     }
 
 
@@ -82,6 +85,8 @@ def status(
     typer.echo(f"{'node':<28} {'slots':>6} {'out':>5} {'keys':>10}  state")
     for row in report["nodes"]:
         state = row["error"] or f"epoch {row['epoch_installed']}"
+        if report["replicas"] and not row["error"]:
+            state += f", replica lag {row['replication_pending']} keys"
         typer.echo(f"{row['id'][:28]:<28} {row['slots']:>6} {row['handing_over']:>5} "
                    f"{row['keys'] if row['keys'] is not None else '-':>10}  {state}")
 
