@@ -114,10 +114,8 @@ class Shard:
         self.direct_endpoint: str | None = None  # set once the direct socket is bound
         self._to_scan: list[bytes] = []
         self._scan_at = 0
-        self._take_for: tuple[int, ...] | None = None  # the slots slot_take is emptying, and their keys left
-        self._take_keys: list[bytes] = []
-        self._copy_for: tuple[int, ...] | None = None  # the same for slot_copy
-        self._copy_keys: list[bytes] = []
+        # slot_take / slot_copy cursors: the slots walked and their keys left
+        self._walks: dict[str, tuple[tuple[int, ...], list[bytes]]] = {}
         # Service time of each op inside the worker (decode, apply, encode), log-linear buckets.
         self.service = histogram.new_counts()
         self.service_sum_ns = 0
@@ -340,32 +338,34 @@ class Shard:
         keys = self.store.keys()
         return [key for key, slot in zip(keys, slots_of(keys), strict=True) if slot in wanted]
 
-    def slot_take(self, op: p.SlotTake) -> dict[str, Any]:
-        """Remove and return up to ``limit`` live entries of these slots, TTLs as time left.
-
-        The router froze the slots first, so no key of them is created meanwhile: the key list is
-        made once per set of slots and consumed across calls.
-        """
-        wanted = tuple(op.slots)
-        if self._take_for != wanted:
-            self._take_for, self._take_keys = wanted, self._keys_in(op.slots)
-        keys, take, now = self._take_keys, self.store.take, monotonic_ms()
+    def _walk(self, walk: str, slots: list[int], limit: int, read: Callable[[bytes], Any]) -> dict[str, Any]:
+        """Up to ``limit`` live entries of ``slots`` as ``read`` (take or peek) gives them, TTLs as
+        time left. The key list is made once per set of slots and consumed across calls (``walk``
+        names the cursor: a take and a copy may run at once); no key of a slot being taken is
+        created meanwhile, as the router froze it first."""
+        wanted = tuple(slots)
+        cursor = self._walks.get(walk)
+        if cursor is None or cursor[0] != wanted:
+            cursor = self._walks[walk] = (wanted, self._keys_in(slots))
+        keys, now = cursor[1], monotonic_ms()
         entries = []
-        while keys and len(entries) < op.limit:
+        while keys and len(entries) < limit:
             key = keys.pop()
-            entry = take(key)
-            if entry is not None:
-                value, deadline, version = entry
-                if deadline and deadline <= now:
-                    continue  # expired: nothing to hand over
-                entries.append((key, value, deadline - now if deadline else 0, version))
+            entry = read(key)
+            exported = self._exported(key, entry, now) if entry is not None else None
+            if exported is not None:  # (expired: nothing to hand over)
+                entries.append(exported)
         if not keys:
-            self._take_for = None
+            del self._walks[walk]
         return {"entries": entries, "more": bool(keys)}
+
+    def slot_take(self, op: p.SlotTake) -> dict[str, Any]:
+        """Remove and return up to ``limit`` live entries of these slots (a handoff)."""
+        return self._walk("take", op.slots, op.limit, self.store.take)  # type: ignore[arg-type]
 
     def slot_drop(self, op: p.SlotDrop) -> int:
         """Delete every entry of these slots (a slot about to be served from empty, or imported)."""
-        self._take_for = None
+        self._walks.clear()
         take = self.store.take
         return sum(1 for key in self._keys_in(op.slots) if take(key) is not None)
 
@@ -386,22 +386,8 @@ class Shard:
         return key, value, deadline - now if deadline else 0, version
 
     def slot_copy(self, op: p.SlotCopy) -> dict[str, Any]:
-        """Up to ``limit`` live entries of these slots, left in place (a replica's first sync);
-        the key list is made once per set of slots and walked across calls."""
-        wanted = tuple(op.slots)
-        if self._copy_for != wanted:
-            self._copy_for, self._copy_keys = wanted, self._keys_in(op.slots)
-        keys, peek, now = self._copy_keys, self.store.peek, monotonic_ms()
-        entries = []
-        while keys and len(entries) < op.limit:
-            key = keys.pop()
-            entry = peek(key)
-            exported = self._exported(key, entry, now) if entry is not None else None
-            if exported is not None:
-                entries.append(exported)
-        if not keys:
-            self._copy_for = None
-        return {"entries": entries, "more": bool(keys)}
+        """Up to ``limit`` live entries of these slots, left in place (a replica's first copy)."""
+        return self._walk("copy", op.slots, op.limit, self.store.peek)  # type: ignore[arg-type]
 
     def repl_read(self, op: p.ReplRead) -> dict[str, Any]:
         """These keys as they are now: the entries that live, the keys that do not (deleted)."""
