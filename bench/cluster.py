@@ -1,6 +1,6 @@
 """Cluster mode on one machine: join, SIGKILL, graceful leave, throughput 1 vs 3 nodes (issue 13).
 
-    python bench/cluster.py                               # everything, ~4 minutes on a 2-core VM
+    python bench/cluster.py                               # everything, ~3 minutes on a 2-core VM
     python bench/cluster.py --only kill --repeat 3        # one scenario, repeated
     python bench/cluster.py --only throughput --duration 10 --procs 4
     python bench/cluster.py --keys 20000 --duration 2 --repeat 1   # a quick pass
@@ -564,7 +564,8 @@ def format_join(r: dict[str, Any]) -> str:
         f"After the last join: {r['keys'] - r['missing'] - r['wrong']:,} of {r['keys']:,} loaded keys read back "
         f"with their value ({r['missing']} missing, {r['wrong']} wrong); the client's {r['acked']} keys: "
         f"{r['acked_missing']} missing, {r['acked_wrong']} not their last acknowledged value. Client in total: "
-        f"{r['traffic']['ops']:,} ops, {r['traffic']['errors']} errors {r['traffic']['error_types'] or ''}, "
+        f"{r['traffic']['ops']:,} ops, {r['traffic']['errors']} errors"
+        f"{' ' + str(r['traffic']['error_types']) if r['traffic']['error_types'] else ''}, "
         f"{r['traffic']['stale']} stale reads. Keys per node: {', '.join(f'{c:,}' for c in counts)} "
         f"(max/mean {max(counts) / mean if mean else 0:.3f}).",
     ])
@@ -981,7 +982,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--procs", type=int, default=4, help="throughput: client processes")
     ap.add_argument("--duration", type=float, default=5.0, help="throughput: measured seconds per row")
     ap.add_argument("--warmup", type=float, default=1.0, help="throughput: unmeasured seconds first")
-    ap.add_argument("--rounds", type=int, default=2, help="throughput: interleaved rounds (median shown)")
+    ap.add_argument("--rounds", type=int, default=3, help="throughput: interleaved rounds (median shown)")
     ap.add_argument("--tp-keys", type=int, default=10_000, help="throughput: keys loaded into each cluster")
     ap.add_argument("--json", metavar="PATH", help="also write every figure as JSON")
     args = ap.parse_args(argv)
