@@ -21,20 +21,22 @@ process tree on a free port, ``cluster_lease_ttl = --ttl``), in a temp dir; the 
    settled; and what a client thread doing set+get of its own 300 keys (closed loop) saw in
    that window: ops, errors, stale reads (a get not returning the value just set), the slowest
    op. After the last join every key is read back (``get_many``) and compared.
-2. **kill**: 3 nodes, ``--data-keys`` keys, one client thread at ``--rate`` ops/s on a fixed
-   schedule (``--get-ratio`` gets, the rest sets, keys uniform over the loaded ones, so every
-   node's keys are hit). The victim's whole process tree is SIGSTOPped then SIGKILLed (a lost
-   machine: no handoff). The main thread polls a survivor's ``topology`` until its map no
-   longer names the victim (the issue's target: within lease TTL + 1 s), then waits for the
-   survivors to settle and runs the load ``--after`` seconds more. Each op is recorded (start,
-   end, key, outcome); ops are classed by the owner of their key in the map before the kill:
-   errors, ops slower than ``--slow-ms``, the slowest op, the trouble window (from the kill to
-   the end of the last erroring or slow op) and the get miss rate after the map change, per
-   class. Last, every loaded key is read once more (a sweep): the dead node's keys are gone
-   (a slot that changes owner without a handoff starts empty) unless the load rewrote them.
-   Variants: a non-controller victim with ``failover_timeout = --failover`` (large: the client
-   rides the failover out, errors should be 0), the same with ``failover_timeout = 0.5`` (errors
-   show, and only for the dead node's keys), and the controller as victim (an election first).
+2. **kill**: 3 nodes, ``--data-keys`` keys, a paced load of ``--rate`` ops/s on a fixed schedule
+   (``--get-ratio`` gets, the rest sets) from ``--threads`` client threads per node's keys
+   (each thread picks uniformly among the keys one node owns, so every node's keys are hit and
+   a thread stuck on the dead node holds up only that node's keys). The victim's whole process
+   tree is SIGSTOPped then SIGKILLed (a lost machine: no handoff). The main thread polls a
+   survivor's ``topology`` until its map no longer names the victim (the issue's target: within
+   lease TTL + 1 s), then waits for the survivors to settle and runs the load ``--after``
+   seconds more. Each op is recorded (start, end, key, outcome); ops are classed by the owner
+   of their key in the map before the kill: errors, ops slower than ``--slow-ms``, the slowest
+   op, ops served between the kill and the map change, the trouble window (from the kill to the
+   end of the last erroring or slow op) and the get miss rate after the map change, per class.
+   Last, every loaded key is read once more (a sweep): the dead node's keys are gone (a slot
+   that changes owner without a handoff starts empty) unless the load rewrote them. Variants:
+   a non-controller victim with ``failover_timeout = --failover`` (large: the client rides the
+   failover out, errors should be 0), the same with ``failover_timeout = 0.5`` (errors show,
+   and only for the dead node's keys), and the controller as victim (an election first).
 3. **leave**: 3 nodes, ``--data-keys`` keys, a writer thread (closed loop, set then get of its
    own 1000 keys, every acknowledged value remembered); SIGTERM to the last node, which hands
    its slots off and exits. Reported: its keys, seconds to exit, to the survivor's map without
@@ -181,11 +183,14 @@ def analyse_kill(ops: Sequence[OpRecord], t_kill: float, t_map: float | None, de
         before = [op for op in mine if op[1] < t_kill]
         served = [op[1] - t_kill for op in during if op[0] >= t_kill and op[4] in GOOD]
         late = [op for op in errors if t_map is None or op[0] >= t_map]
+        window = [op for op in during if op[0] >= t_kill and (t_map is None or op[0] < t_map)]
         out[cls] = {
             "ops": len(during),
             "errors": len(errors),
             "error_types": dict(Counter(op[4] for op in errors)),
             "errors_after_map": len(late),
+            "ops_in_window": len(window),
+            "ok_in_window": sum(op[4] in GOOD for op in window),
             "slow": len(slow),
             "max_latency_s": max((op[1] - op[0] for op in during), default=None),
             "max_latency_before_s": max((op[1] - op[0] for op in before), default=None),
@@ -420,15 +425,16 @@ class SetGetTraffic:
 
 
 class PacedLoad:
-    """``threads`` client threads, a ClusterClient each, sending ``rate`` ops/s together on a fixed
-    schedule (each thread ``rate / threads``, phases spread; a late op goes at once, none is
-    skipped): gets of uniform keys among ``keys`` loaded ones, and sets (``1 - get_ratio``) of
-    new values; every op recorded as an OpRecord. Several threads, so that an op stuck on a dead
-    node holds up only its own thread's schedule."""
+    """Client threads, a ClusterClient each, sending ``rate`` ops/s together on a fixed schedule (a
+    late op goes at once, none is skipped): gets of uniform keys among a group of loaded keys
+    (indexes), and sets (``1 - get_ratio``) of new values; every op recorded as an OpRecord.
+    ``threads`` threads per group, each group's share of the rate in proportion to its keys.
+    The groups are the keys of each node: a thread stuck on a dead node's key then holds up only
+    the schedule of that node's keys, as separate clients of separate users would."""
 
-    def __init__(self, seed_list: list[str], prefix: str, keys: int, rate: float, get_ratio: float,
-                 timeout: float, failover_timeout: float, threads: int = 4, seed: int = 1) -> None:
-        self.seeds, self.prefix, self.keys, self.rate = seed_list, prefix, keys, rate
+    def __init__(self, seed_list: list[str], prefix: str, groups: list[list[int]], rate: float, get_ratio: float,
+                 timeout: float, failover_timeout: float, threads: int = 2, seed: int = 1) -> None:
+        self.seeds, self.prefix, self.rate = seed_list, prefix, rate
         self.get_ratio, self.timeout, self.failover = get_ratio, timeout, failover_timeout
         self.records: list[OpRecord] = []
         self.failure: BaseException | None = None
@@ -436,8 +442,13 @@ class PacedLoad:
         self._stop = threading.Event()
         self._go = threading.Event()
         self._t0 = 0.0
-        self._threads = [threading.Thread(target=self._run, args=(k, threads, random.Random(seed * 1000 + k)),
-                                          name=f"paced-{k}", daemon=True) for k in range(threads)]
+        total = sum(len(group) for group in groups)
+        plans = [(group, rate * len(group) / total / threads, k)
+                 for group in groups if group for k in range(threads)]
+        self._threads = [threading.Thread(target=self._run, args=(group, per_thread, k / threads,
+                                                                  random.Random(seed * 1000 + n)),
+                                          name=f"paced-{n}", daemon=True)
+                         for n, (group, per_thread, k) in enumerate(plans)]
 
     def __enter__(self) -> PacedLoad:
         for thread in self._threads:
@@ -457,24 +468,23 @@ class PacedLoad:
         for thread in self._threads:
             thread.join(60)
 
-    def _run(self, k: int, threads: int, rng: random.Random) -> None:
+    def _run(self, group: list[int], rate: float, phase: float, rng: random.Random) -> None:
         from shardd import ClusterClient
         from shardd.errors import SharddError
 
-        records, interval = self.records, threads / self.rate
+        records, interval = self.records, 1.0 / rate
         try:
             with ClusterClient(self.seeds, timeout=self.timeout, failover_timeout=self.failover) as client:
-                for i in range(0, self.keys, max(1, self.keys // 50)):
-                    client.get(key_for(self.prefix, i))  # the map, and a connection to every node
+                client.get(key_for(self.prefix, group[0]))  # the map, and a connection to the node
                 self._ready.release()
                 self._go.wait()
-                t0 = self._t0 + k * interval / threads
+                t0 = self._t0 + phase * interval
                 i = 0
                 while not self._stop.is_set():
                     delay = t0 + i * interval - time.monotonic()
                     if delay > 0:
                         time.sleep(delay)
-                    index = rng.randrange(self.keys)
+                    index = rng.choice(group)
                     key = key_for(self.prefix, index)
                     is_get = rng.random() < self.get_ratio
                     start = time.monotonic()
@@ -531,9 +541,10 @@ def run_join(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"cluster: join {n - 1}→{n}: {moved:,} keys moved ({frac:.3f}, ideal {1 / n:.3f}), "
                       f"settled in {took:.2f} s [load {loadavg()}]", file=sys.stderr)
                 old_map = new_map
-            acked = dict(traffic.acked)
-            totals = {"ops": traffic.ops, "errors": traffic.errors, "stale": traffic.stale,
-                      "error_types": dict(traffic.error_types)}
+        # the thread has stopped: what it acknowledged last is final now
+        acked = dict(traffic.acked)
+        totals = {"ops": traffic.ops, "errors": traffic.errors, "stale": traffic.stale,
+                  "error_types": dict(traffic.error_types)}
         if traffic.failure is not None:
             raise RunError(f"join: the client thread failed: {traffic.failure!r}")
         expected = {key_for("k", i): value_for(i, args.value_size) for i in range(expected_total)}
@@ -589,7 +600,8 @@ def run_kill_once(args: argparse.Namespace, victim_role: str, failover: float) -
         survivors = [node for node in cluster.nodes if node is not victim]
         owners = [smap.nodes[smap.owners[slot_of(key_for("d", i))]].id for i in range(args.data_keys)]
         dead_keys = {i for i, owner in enumerate(owners) if owner == victim.endpoint}
-        load = PacedLoad([survivors[0].endpoint], "d", args.data_keys, args.rate, args.get_ratio,
+        groups = [[i for i, owner in enumerate(owners) if owner == node.endpoint] for node in cluster.nodes]
+        load = PacedLoad([survivors[0].endpoint], "d", groups, args.rate, args.get_ratio,
                          args.client_timeout, failover, threads=args.threads)
         t_map = t_settled = None
         with load, Client(survivors[0].endpoint, timeout=1.0) as probe:
@@ -669,6 +681,8 @@ def format_kill(r: dict[str, Any]) -> str:
                        f"{x['achieved_rate']:,.0f}", x["load"]])
         types = ", ".join(f"{k} {v}" for k, v in {**d["error_types"], **o["error_types"]}.items())
         client.append([name, f"{x['failover_timeout']:g}", f"{x['dead_keys']:,}",
+                       f"{d['ok_in_window']:,} of {d['ops_in_window']:,} / {o['ok_in_window']:,} of "
+                       f"{o['ops_in_window']:,}",
                        f"{d['errors']} / {o['errors']}" + (f" ({types})" if types else ""),
                        d["errors_after_map"] + o["errors_after_map"],
                        f"{d['slow']} / {o['slow']}", f"{ms(d['max_latency_s'])} / {ms(o['max_latency_s'])}",
@@ -677,7 +691,8 @@ def format_kill(r: dict[str, Any]) -> str:
                        f"{pct(x['sweep_dead_missing'])} / {pct(x['sweep_other_missing'])}"])
     return "\n".join([
         f"SIGKILL of one of 3 nodes (its whole process tree, stopped then killed) under a paced load: "
-        f"{r['threads']} client threads (a ClusterClient each) offering {r['rate']:,.0f} ops/s together, "
+        f"{r['threads']} client threads per node's keys (a ClusterClient each) offering {r['rate']:,.0f} ops/s "
+        "together, "
         f"{r['get_ratio']:.0%} gets, uniform over {r['data_keys']:,} loaded keys, client timeout "
         f"{r['client_timeout']:g} s; lease TTL {ttl} s (target: map changed ≤ TTL + 1 = {ttl + 1} s). "
         f"Times in seconds from the kill; 'served again': the first op on a dead node's key that started "
@@ -691,7 +706,8 @@ def format_kill(r: dict[str, Any]) -> str:
         "Miss rate: gets started after the map changed. Sweep: every loaded key read once after the run "
         "(the dead node's keys come back only where the load rewrote them).",
         "",
-        table(["victim", "failover_timeout s", "dead node's keys", "errors", "errors after the map changed",
+        table(["victim", "failover_timeout s", "dead node's keys", "ops served / started between kill and map change",
+               "errors", "errors after the map changed",
                "slow ops", "slowest op ms (from kill)",
                "slowest op ms (before)", "get miss rate after", "sweep: keys missing"], client),
     ])
@@ -970,7 +986,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--shards", type=int, default=2, help="shards per node")
     ap.add_argument("--data-keys", type=int, default=10_000, help="kill, leave: keys loaded over the 3 nodes")
     ap.add_argument("--rate", type=float, default=1000, help="kill: ops/s offered by the paced client")
-    ap.add_argument("--threads", type=int, default=4, help="kill: client threads sharing --rate")
+    ap.add_argument("--threads", type=int, default=2,
+                    help="kill: client threads per node's keys, sharing --rate")
     ap.add_argument("--get-ratio", type=float, default=0.8, help="kill: share of gets (the rest are sets)")
     ap.add_argument("--failover", type=float, default=30.0,
                     help="kill: the client's failover_timeout in the ride-it-out variants (the other is 0.5)")

@@ -57,6 +57,7 @@ def test_analyse_kill_classes_errors_slow_ops_and_misses_by_owner():
     d, o = r["dead"], r["other"]
     assert d["errors"] == 2 and d["error_types"] == {"Timeout": 1, "NotSent": 1}
     assert d["errors_after_map"] == 0
+    assert (d["ops_in_window"], d["ok_in_window"]) == (2, 1) and (o["ops_in_window"], o["ok_in_window"]) == (1, 1)
     assert d["slow"] == 3  # the two errors took long too
     assert d["max_latency_s"] == pytest.approx(2.2)
     assert d["max_latency_before_s"] == pytest.approx(0.001)
