@@ -38,10 +38,11 @@ process tree on a free port, ``cluster_lease_ttl = --ttl``), in a temp dir; the 
    failover out, errors should be 0), the same with ``failover_timeout = 0.5`` (errors show,
    and only for the dead node's keys), and the controller as victim (an election first).
 3. **leave**: 3 nodes, ``--data-keys`` keys, a writer thread (closed loop, set then get of its
-   own 1000 keys, every acknowledged value remembered); SIGTERM to the last node, which hands
-   its slots off and exits. Reported: its keys, seconds to exit, to the survivor's map without
-   it, to settled; the writer's errors and stale reads; acknowledged writes lost (every acked
-   key read back with its last value) and loaded keys lost; processes of the node left behind.
+   own 1000 keys, every acknowledged value remembered); SIGTERM to a node that is not the
+   controller (then, in a fresh cluster, to the controller), which hands its slots off and
+   exits. Reported: its keys, seconds to exit, to the survivor's map without it, to settled;
+   the writer's errors and stale reads; acknowledged writes lost (every acked key read back
+   with its last value) and loaded keys lost; processes of the node left behind.
 4. **throughput**: three clusters up at once (an etcd each): 1 node x ``--shards``, 3 nodes x
    ``--shards``, 3 nodes x 1 shard; ``--tp-keys`` keys of 100 B in each. ``--procs`` client
    processes (spawned) do sync GETs of uniform keys with a ClusterClient each, ``--warmup`` s
@@ -716,13 +717,17 @@ def format_kill(r: dict[str, Any]) -> str:
 # --- 3. leave -------------------------------------------------------------------------------------
 
 
-def run_leave(args: argparse.Namespace) -> dict[str, Any]:
+def run_leave_once(args: argparse.Namespace, role: str) -> dict[str, Any]:
     from shardd.client import Client
 
     with cluster_up(args, 3) as cluster:
         preload(seeds(cluster), args.data_keys, args.value_size, prefix="d")
-        leaving = cluster.nodes[2]
-        survivors = cluster.nodes[:2]
+        controllers = [node for node in cluster.nodes if is_controller(node)]
+        if role == "controller":
+            leaving = controllers[0] if controllers else cluster.nodes[0]
+        else:
+            leaving = next(node for node in reversed(cluster.nodes) if node not in controllers)
+        survivors = [node for node in cluster.nodes if node is not leaving]
         held = cluster.keys_per_node()[leaving.endpoint]
         controller = is_controller(leaving)
         with SetGetTraffic([survivors[0].endpoint], "w", 1000) as traffic, \
@@ -769,22 +774,36 @@ def run_leave(args: argparse.Namespace) -> dict[str, Any]:
             "left_logged": left_logged, "load": loadavg()}
 
 
+def run_leave(args: argparse.Namespace) -> dict[str, Any]:
+    runs = []
+    for role in ("member", "controller"):
+        run = run_leave_once(args, role)
+        runs.append(run)
+        print(f"cluster: leave {role}: map without it after {run['map_s']:.2f} s, {run['errors']} errors, "
+              f"{run['acked_lost']} acked writes lost [load {loadavg()}]", file=sys.stderr)
+    return {"runs": runs, "keys": args.data_keys}
+
+
 def format_leave(r: dict[str, Any]) -> str:
-    row = [f"{r['held']:,}" + (" (controller)" if r["controller"] else ""),
-           f"{r['exit_code']}" + ("" if r["left_logged"] else " (no 'left the cluster' logged)"), secs(r["map_s"]),
-           secs(r["exit_s"]), secs(r["settled_s"]), f"{r['ops']:,}",
-           f"{r['errors']}" + (f" {r['error_types']}" if r["error_types"] else ""), r["stale"],
-           ms(r["max_latency_s"]), f"{r['acked_lost']} of {r['acked']:,}", f"{r['loaded_lost']} of {r['keys']:,}",
-           len(r["leftover"]), r["load"]]
     return "\n".join([
-        f"Graceful leave: SIGTERM to one of 3 nodes holding {r['keys']:,} loaded keys, while a writer thread "
-        "(closed loop, set then get of its own 1000 keys through a survivor) runs; seconds from the SIGTERM. "
-        "Lost: acknowledged values not read back as last written, after the leave.",
+        f"Graceful leave: SIGTERM to one of 3 nodes holding {r['keys']:,} loaded keys in all (a member, then in a "
+        "fresh cluster the controller), while a writer thread (closed loop, set then get of its own 1000 keys "
+        "through a survivor) runs; seconds from the SIGTERM. Lost: acknowledged values not read back as last "
+        "written, after the leave.",
         "",
-        table(["keys on the leaving node", "exit code", "SIGTERM→map without it", "SIGTERM→exit", "SIGTERM→settled",
+        table(["leaving", "its keys", "exit code", "SIGTERM→map without it", "SIGTERM→exit", "SIGTERM→settled",
                "writer ops", "errors", "stale reads", "slowest op ms", "acked writes lost", "loaded keys lost",
-               "processes left", "load 1/5/15"], [row]),
+               "processes left", "load 1/5/15"], [leave_row(x) for x in r["runs"]]),
     ])
+
+
+def leave_row(r: dict[str, Any]) -> list[object]:
+    return ["controller" if r["controller"] else "member", f"{r['held']:,}",
+            f"{r['exit_code']}" + ("" if r["left_logged"] else " (no 'left the cluster' logged)"), secs(r["map_s"]),
+            secs(r["exit_s"]), secs(r["settled_s"]), f"{r['ops']:,}",
+            f"{r['errors']}" + (f" {r['error_types']}" if r["error_types"] else ""), r["stale"],
+            ms(r["max_latency_s"]), f"{r['acked_lost']} of {r['acked']:,}", f"{r['loaded_lost']} of {r['keys']:,}",
+            len(r["leftover"]), r["load"]]
 
 
 # --- 4. throughput --------------------------------------------------------------------------------
