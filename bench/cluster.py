@@ -1,6 +1,6 @@
 """Cluster mode on one machine: join, SIGKILL, graceful leave, throughput 1 vs 3 nodes (issue 13).
 
-    python bench/cluster.py                               # everything, ~3 minutes on a 2-core VM
+    python bench/cluster.py                               # everything, ~2.5 minutes on a 2-core VM
     python bench/cluster.py --only kill --repeat 3        # one scenario, repeated
     python bench/cluster.py --only throughput --duration 10 --procs 4
     python bench/cluster.py --keys 20000 --duration 2 --repeat 1   # a quick pass
