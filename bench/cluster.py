@@ -106,7 +106,7 @@ def _load_helper(name: str, filename: str) -> Any:
 
 Histogram = _load_helper("shardd_bench_loadgen", "loadgen.py").Histogram
 
-SCENARIOS = ("join", "kill", "leave", "throughput", "sim")
+SCENARIOS = ("join", "kill", "leave", "replicas", "throughput", "sim")
 CHUNK = 1000  # keys per set_many / get_many
 EXIT_OK, EXIT_FAILED = 0, 1
 X = "\u00d7"  # the multiplication sign, for tables
@@ -287,13 +287,14 @@ def stop_all() -> None:
 
 
 @contextlib.contextmanager
-def cluster_up(args: argparse.Namespace, nodes: int, shards: int | None = None) -> Iterator[Any]:
+def cluster_up(args: argparse.Namespace, nodes: int, shards: int | None = None, replicas: int = 0) -> Iterator[Any]:
     """A fresh etcd and ``nodes`` nodes (started together), settled; everything killed after."""
     from tests.cluster_harness import Cluster
     from tests.etcd_server import running_etcd
 
     with running_etcd() as etcd, tempfile.TemporaryDirectory(prefix="shardd-cbench-") as tmp:
-        cluster = Cluster(Path(tmp), etcd.endpoint, ttl=args.ttl, shards=shards or args.shards, leave_timeout=60)
+        cluster = Cluster(Path(tmp), etcd.endpoint, ttl=args.ttl, shards=shards or args.shards, leave_timeout=60,
+                          replicas=replicas)
         cluster.etcd_server = etcd
         _CLUSTERS.append(cluster)
         try:
@@ -809,6 +810,123 @@ def leave_row(r: dict[str, Any]) -> list[object]:
 # --- 4. throughput --------------------------------------------------------------------------------
 
 
+class SequenceWriter:
+    """One thread writing ``w<i % keys>`` = its sequence number as fast as it can (replicas run):
+    for every key, the last acknowledged sequence number and when it was acknowledged."""
+
+    def __init__(self, seed_list: list[str], keys: int) -> None:
+        self.seeds, self.keys = seed_list, keys
+        self.history: list[tuple[bytes, int, float]] = []  # (key, seq, acknowledged at)
+        self.errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sequence-writer", daemon=True)
+
+    def __enter__(self) -> SequenceWriter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        self._thread.join(60)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        from shardd import ClusterClient
+        from shardd.errors import SharddError
+
+        with ClusterClient(self.seeds, timeout=2.0, failover_timeout=30.0) as client:
+            seq = 0
+            while not self._stop.is_set():
+                key = key_for("w", seq % self.keys)
+                try:
+                    client.set(key, str(seq).encode())
+                    self.history.append((key, seq, time.monotonic()))
+                except SharddError:
+                    self.errors += 1
+                seq += 1
+
+
+def run_replicas(args: argparse.Namespace) -> dict[str, Any]:
+    """replicas = 1: SIGKILL a node under a writer; which acknowledged writes its keys lost."""
+    from shardd import ClusterClient
+    from shardd.slots import slot_of
+
+    runs = []
+    for _ in range(args.repeat):
+        with cluster_up(args, 3, replicas=1) as cluster:
+            smap = settle(cluster)
+            preload(seeds(cluster), args.data_keys, args.value_size, prefix="d")
+            deadline = time.monotonic() + 120
+            while sum(cluster.keys_per_node().values()) < 2 * args.data_keys:  # owner + replica
+                if time.monotonic() > deadline:
+                    raise RunError("replicas: the loaded keys never reached their replicas")
+                time.sleep(0.05)
+            controllers = [node for node in cluster.nodes if is_controller(node)]
+            victim = next(node for node in reversed(cluster.nodes) if node not in controllers)
+            survivors = [node for node in cluster.nodes if node is not victim]
+            owner = {smap.nodes[i].id for i in range(len(smap.nodes))}
+            assert victim.endpoint in owner
+            with SequenceWriter([survivors[0].endpoint], args.data_keys // 10) as writer:
+                time.sleep(args.before)
+                t_kill = kill_tree(victim)
+                writer.stop()  # no write after the kill may hide a lost one
+                settle(cluster, survivors)
+            # the last write acknowledged before the kill, per key; keys written again after it are
+            # left out (the op in flight at the kill is retried on the new owner)
+            acked: dict[bytes, tuple[int, float]] = {}
+            after_kill = set()
+            for key, seq, at in writer.history:
+                if at <= t_kill:
+                    acked[key] = (seq, at)
+                else:
+                    after_kill.add(key)
+            for key in after_kill:
+                acked.pop(key, None)
+            with ClusterClient(seeds(cluster), timeout=10.0) as client:
+                loaded = [key_for("d", i) for i in range(args.data_keys)]
+                got = {}
+                for at in range(0, len(loaded), CHUNK):
+                    got.update(client.get_many(loaded[at:at + CHUNK]))
+                now = client.get_many(list(acked))
+        dead = {key for key in loaded if smap.nodes[smap.owners[slot_of(key)]].id == victim.endpoint}
+        dead_w = {key for key in acked if smap.nodes[smap.owners[slot_of(key)]].id == victim.endpoint}
+        lost = []  # acknowledged writes (to the dead node's keys) that did not survive
+        for key in dead_w:
+            seq, at = acked[key]
+            value = now.get(key)
+            if value is None or int(value) < seq:
+                lost.append(t_kill - at)
+        before_kill = [t_kill - at for key, (seq, at) in acked.items() if key in dead_w]
+        runs.append({
+            "dead_loaded": len(dead), "dead_loaded_missing": sum(1 for key in dead if got.get(key) is None),
+            "other_loaded_missing": sum(1 for key in loaded if key not in dead and got.get(key) is None),
+            "writes_keys_dead": len(dead_w), "acked_lost": len(lost),
+            "lost_window_ms": max(lost) * 1000 if lost else 0.0,
+            "newest_ack_before_kill_ms": min(before_kill) * 1000 if before_kill else None,
+            "writer_errors": writer.errors, "load": loadavg(),
+        })
+    return {"ttl": args.ttl, "runs": runs}
+
+
+def format_replicas(r: dict[str, Any]) -> str:
+    rows = [[i + 1, run["dead_loaded"], run["dead_loaded_missing"], run["other_loaded_missing"],
+             run["writes_keys_dead"], run["acked_lost"], f"{run['lost_window_ms']:.1f}",
+             ms(run["newest_ack_before_kill_ms"] / 1000 if run["newest_ack_before_kill_ms"] is not None else None),
+             run["writer_errors"], run["load"]] for i, run in enumerate(r["runs"])]
+    return "\n".join([
+        f"### Replicas: SIGKILL one of 3 nodes with cluster_replicas = 1 (lease TTL {r['ttl']} s)",
+        "",
+        "Loaded keys wait until every one is on two nodes; then a writer sets keys as fast as it can",
+        "(sequence numbers) and one node is killed. A write is lost if its key reads back older.",
+        "",
+        table(["run", "dead node's loaded keys", "missing after", "others missing",
+               "written keys on dead node", "acked writes lost", "oldest lost ack before kill ms",
+               "newest ack before kill ms", "writer errors", "load"], rows),
+    ])
+
+
 def _tp_client(seed_list: list[str], keys: int, warmup: float, duration: float, seed: int, go: Any,
                start_at: Any, results: Any) -> None:
     """A spawned client process: sync GETs of uniform keys from a common instant; one result dict."""
@@ -1038,6 +1156,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 RUNNERS: dict[str, tuple[Callable[[argparse.Namespace], dict[str, Any]], Callable[[dict[str, Any]], str]]] = {
     "join": (run_join, format_join), "kill": (run_kill, format_kill), "leave": (run_leave, format_leave),
+    "replicas": (run_replicas, format_replicas),
     "throughput": (run_throughput, format_throughput), "sim": (run_sim, format_sim),
 }
 
