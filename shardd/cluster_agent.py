@@ -456,7 +456,17 @@ class Agent:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.leaving.set)
         loop.add_signal_handler(signal.SIGINT, lambda: None)  # the supervisor orders the stop
-        await self.coord.connect()
+        while True:  # a node whose etcd is down serves nothing ("cluster: no slot map yet") and waits
+            try:
+                await self.coord.connect()
+                break
+            except SharddError as exc:
+                log.warning("cannot reach etcd (%s); retrying", exc)
+                try:
+                    await asyncio.wait_for(self.leaving.wait(), _RETRY_S * 4)
+                    return ExitCode.OK  # asked to leave a cluster it never reached
+                except TimeoutError:
+                    pass
         jobs = (self._keep_lease, self._watch, self._react, self._hand_off, self._replicate)
         tasks = [asyncio.create_task(job()) for job in jobs]
         leave = asyncio.create_task(self.leaving.wait())

@@ -234,6 +234,8 @@ class ClusterRouting:
         cluster = topology.get("cluster") if type(topology) is dict else None
         if cluster is None:
             return "single"
+        if type(cluster) is dict and cluster.get("map", 0) is None:
+            return "old"  # a cluster node with no map yet (its etcd unreachable, or just started)
         try:
             name = cluster["name"]
             new = SlotMap.from_wire(cluster["map"])
@@ -434,8 +436,9 @@ class ClusterRouting:
             if left:  # no owner, or one that timed out in this call: wait for the map to change
                 waiting.append((left, None))
                 slot = slots[left[0]]
-                run.trouble(self, run.error or protocol.Reply(
-                    0, _UNAVAILABLE, f"{CLUSTER_PREFIX} slot {slot} has no owner in map epoch {self.epoch}"))
+                why = (f"slot {slot} has no owner in map epoch {self.epoch}" if self.map is not None else
+                       "no node answered with a slot map yet (a node has none until it reaches etcd)")
+                run.trouble(self, run.error or protocol.Reply(0, _UNAVAILABLE, f"{CLUSTER_PREFIX} {why}"))
                 run.sleep = run.fetch = True
             steps = [Send(where, _sub(op, positions, size)) for where, positions in sends]
             outcomes = [(yield steps[0])] if len(steps) == 1 else (yield steps) if steps else []

@@ -345,3 +345,20 @@ def test_with_replicas_a_killed_nodes_keys_survive_on_its_replica(tmp_path: Path
                    what="replicas re-made after the failover")
     finally:
         cluster.close()
+
+
+def test_a_node_whose_etcd_is_unreachable_serves_nothing_and_says_why(tmp_path: Path) -> None:
+    from tests.conftest import free_port
+
+    cluster = Cluster(tmp_path, f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    try:
+        node = cluster.add()  # the daemon starts (ping answers); its agent keeps trying etcd
+        node.wait_for_log("cannot reach etcd")
+        with Client(node.endpoint, timeout=5.0) as raw, pytest.raises(SharddError) as refused:
+            raw.set(b"k", b"v")
+        assert refused.value.status == p.UNAVAILABLE and "no slot map yet" in str(refused.value)  # type: ignore[attr-defined]
+        out = run_cli(node.endpoint, "get", "k")
+        assert out.returncode == 1 and "slot map" in out.stderr
+        assert node.stop() == 0  # SIGTERM: a node that never joined leaves at once
+    finally:
+        cluster.close()
