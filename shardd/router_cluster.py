@@ -47,6 +47,20 @@ def drop_slots(router: Router, slots: list[int]) -> None:
         router._queue(link, p.SlotDrop(slots), (gather, None))
 
 
+def push_states(router: Router, full: bool = True, links: list[Any] | None = None) -> None:
+    """Give the workers the node's slot states (and lease), for their own endpoints (direct
+    mode): queued on each shard's FIFO link, so a shard has a slot frozen before the handoff
+    step that follows (``slot_take``), and emptied before it serves it."""
+    view = router.cluster
+    assert view is not None
+    op = p.SlotStates(view.export() if full else None, view.valid_until)
+    targets = [link for link in (router.links if links is None else links) if link.up]
+    if targets:
+        gather = Gather(None, 0, len(targets), lambda parts: None, tolerant=True)
+        for link in targets:
+            router._queue(link, op, (gather, None))
+
+
 def _cluster_set(router: Router, peer: Any, request_id: int, op: p.ClusterSet) -> None:
     if _not_clustered(router, peer, request_id, "cluster_set"):
         return
@@ -66,17 +80,22 @@ def _cluster_set(router: Router, peer: Any, request_id: int, op: p.ClusterSet) -
         purged = len(purge)
         if new.epoch != before:
             log.info("cluster map epoch %d installed: %s", new.epoch, view.counts())
+    push_states(router, full=op.map is not None)
     router.reply(peer, request_id, p.OK, {"epoch": view.map.epoch if view.map else 0, "purged": purged})
 
 
 def _slot_freeze(router: Router, peer: Any, request_id: int, op: p.SlotFreeze) -> None:
     if not _not_clustered(router, peer, request_id, "slot_freeze"):
-        router.reply(peer, request_id, p.OK, len(router.cluster.freeze(op.slots)))  # type: ignore[union-attr]
+        frozen = router.cluster.freeze(op.slots)  # type: ignore[union-attr]
+        push_states(router)
+        router.reply(peer, request_id, p.OK, len(frozen))
 
 
 def _slot_give(router: Router, peer: Any, request_id: int, op: p.SlotGive) -> None:
     if not _not_clustered(router, peer, request_id, "slot_give"):
-        router.reply(peer, request_id, p.OK, len(router.cluster.give(op.slots)))  # type: ignore[union-attr]
+        given = router.cluster.give(op.slots)  # type: ignore[union-attr]
+        push_states(router)
+        router.reply(peer, request_id, p.OK, len(given))
 
 
 def _slot_import(router: Router, peer: Any, request_id: int, op: p.SlotImport) -> None:
@@ -97,6 +116,8 @@ def _slot_import(router: Router, peer: Any, request_id: int, op: p.SlotImport) -
             per_shard[shard].append(entry)
         parts += [(shard, p.SlotPut(entries), "put") for shard, entries in enumerate(per_shard) if entries]
     adopted = router.cluster.adopt(op.slots) if op.adopt else []  # type: ignore[union-attr]
+    if adopted:
+        push_states(router)
     router._start_gather(peer, request_id, parts, _import_result(len(adopted)),
                          {"stored": 0, "dropped": 0, "adopted": len(adopted)})
 

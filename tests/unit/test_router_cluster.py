@@ -69,8 +69,17 @@ def test_the_gate_forwards_owned_keys_and_redirects_the_rest() -> None:
     assert reply.status == p.MOVED and reply.value["endpoint"] == OTHER.endpoint  # type: ignore[union-attr]
     reply = route(r, replies, p.SetMany([(mine, b"1"), (theirs, b"2")]))
     assert reply.status == p.MOVED and queued(r) == []  # type: ignore[union-attr]  # nothing of it applied
-    assert r.topology()["endpoints"] == [None, None]  # no direct mode on a cluster node
+    for i, link in enumerate(r.links):
+        link.direct = f"tcp://127.0.0.1:{9000 + i}"
+    assert r.topology()["endpoints"] == ["tcp://127.0.0.1:9000", "tcp://127.0.0.1:9001"]
     assert r.topology()["cluster"]["map"]["epoch"] == 2
+    # every change of what the node serves goes to the workers too, for their own endpoints
+    route(r, replies, p.ClusterSet(None, time.monotonic() + 60), privileged=True)
+    assert [type(op) for op in queued(r)] == [p.SlotStates, p.SlotStates]
+    # with replicas, writes on a worker's own endpoint would miss the stream: no endpoints then
+    replicated = SlotMap(3, [ME, OTHER], [0] * 2048 + [1] * 2048, {}, [1] * 2048 + [0] * 2048)
+    route(r, replies, p.ClusterSet(replicated.to_wire(), time.monotonic() + 60), privileged=True)
+    assert r.topology()["endpoints"] == [None, None]
     # control ops are refused on the public endpoint
     assert route(r, replies, p.ClusterSet(None, 0.0)).status == p.BAD_REQUEST  # type: ignore[union-attr]
 
