@@ -108,3 +108,18 @@ def test_an_import_empties_the_slots_first_then_stores_then_adopts() -> None:
     # a slot this node serves is never emptied by an import (a sender with an older map)
     route(r, replies, p.SlotImport([5], []))
     assert not any(type(op) is p.SlotDrop for op in queued(r))
+
+
+def test_late_entries_from_a_former_owner_never_overwrite_a_slot_served_here() -> None:
+    # e.g. a node froze with a replication batch or handoff entries in hand, and woke after its
+    # slots had moved here: what it sends now is older than what this node has acknowledged
+    r, replies = router()
+    route(r, replies, p.ClusterSet(half().to_wire(), time.monotonic() + 60), privileged=True)
+    mine, theirs = key_in(0, 2048), key_in(2048, SLOTS)
+    route(r, replies, p.ReplApply([(mine, b"old", 0, 1), (theirs, b"copy", 0, 1)], [mine, theirs]))
+    puts = [op for op in queued(r) if type(op) is p.SlotPut]
+    assert [e[0] for op in puts for e in op.entries] == [theirs]  # only the slot we are a replica of
+    assert [k for op in puts for k in op.deleted] == [theirs]
+    route(r, replies, p.SlotImport([], [(mine, b"old", 0, 1), (theirs, b"x", 0, 2)]))
+    puts = [op for op in queued(r) if type(op) is p.SlotPut]
+    assert [e[0] for op in puts for e in op.entries] == [theirs]
