@@ -97,6 +97,7 @@ class Agent:
         self.handoff_wake = asyncio.Event()  # a map arrived: look for slots to hand over
         self.begun: dict[int, str] = {}  # slot → node id: the new owner was told to empty it for us
         self.synced: dict[int, tuple[str, int]] = {}  # slot → (replica id, lease) that has a full copy
+        self.unreported = False  # finished handoffs etcd has not taken yet (_report)
         self.wake = asyncio.Event()  # a new map or member list arrived
         self.snapshot: dict[str, bytes] = {}
         self.leaving = asyncio.Event()
@@ -274,8 +275,11 @@ class Agent:
         """One chunk at a time, never interrupted by a newer map (a chunk cut short could lose the
         entries it had taken); each chunk is chosen from the latest map."""
         while True:
-            await self.handoff_wake.wait()
+            with contextlib.suppress(TimeoutError):  # (with a report owed: try it again soon)
+                await asyncio.wait_for(self.handoff_wake.wait(), _RETRY_S * 4 if self.unreported else None)
             self.handoff_wake.clear()
+            if self.unreported and self.map is not None:
+                await self._report(self.map)
             while (step := self._next_chunk()) is not None:
                 chunk, owner, endpoint = step
                 try:
@@ -324,8 +328,17 @@ class Agent:
         return moved
 
     async def _report(self, smap: SlotMap) -> None:
+        """Tell the controller which handoffs are finished. If etcd cannot take it now, the
+        chunks stay recorded here (given away, answered MOVED) and are reported with the next
+        chunk or the next map: an etcd outage delays the map, it must not end the agent."""
         done = Done(sorted(self.moved.items()), smap.epoch)
-        await self.coord.put(f"done/{self.node_id}", done.to_json())
+        try:
+            await self.coord.put(f"done/{self.node_id}", done.to_json())
+        except SharddError as exc:
+            log.warning("cannot report finished handoffs to etcd (%s); will again", exc)
+            self.unreported = True
+        else:
+            self.unreported = False
 
     # --- replication (replicas = 1) ----------------------------------------------------------
 

@@ -33,8 +33,9 @@ Rule 2: MOVED applied nothing. Its epoch above ours: refresh the map from the no
         answered (it holds that epoch), then send to the endpoint named; equal: send there;
         below ours: that node is behind, so back off and retry at our map's owner (so too,
         after that refresh, when it names no endpoint: it knows no owner yet). With ``ask``:
-        send this one request to the endpoint named and keep the map. More than
-        MAX_REDIRECTS redirects in one call raise Moved (nodes that disagree for that long).
+        send this one request to the endpoint named and keep the map (unless that node already
+        failed in this call: back off as for "behind"). More than MAX_REDIRECTS + 2 per slot of
+        the op redirects in one call raise Moved (nodes that disagree for that long).
 Rule 3: TRYAGAIN (slot frozen mid-handoff) applied nothing: back off 1, 2, 4 … ms, at most
         MAX_BACKOFF_S, and retry at the map's owner.
 Rule 4: UNAVAILABLE with text starting ``cluster:`` (that node has no valid lease or map)
@@ -484,7 +485,9 @@ class ClusterRouting:
             raise bad_reply("a cluster MOVED {epoch, slot, node, endpoint}", value) from None
         if type(epoch) is not int or type(slot) is not int or not (type(target) is str or target is None):
             raise bad_reply("a cluster MOVED {epoch, slot, node, endpoint}", value)
-        if target is None or (not ask and epoch < self.epoch):  # that node is behind, or knows no owner yet
+        # That node is behind, or knows no owner yet; or it asks us to try a handoff's source that
+        # did not answer in this call (dead: the controller drops its handoffs within a lease TTL).
+        if target is None or (not ask and epoch < self.epoch) or (ask and target in run.dead):
             self.retries += 1
             run.trouble(self, reply)
             run.sleep = True
@@ -493,8 +496,11 @@ class ClusterRouting:
             waiting.append((positions, None))
             return None
         run.redirects += 1
-        if run.redirects > MAX_REDIRECTS:
-            return protocol.Reply(reply.id, _MOVED, f"{CLUSTER_PREFIX} still redirected after {MAX_REDIRECTS}"
+        # A multi-key op meets one MOVED per slot in handoff (a node names only the first key it
+        # does not serve) and an ask each: budget per slot, so a wide get_many rides out a rebalance.
+        limit = MAX_REDIRECTS + 2 * len(set(slots))
+        if run.redirects > limit:
+            return protocol.Reply(reply.id, _MOVED, f"{CLUSTER_PREFIX} still redirected after {limit}"
                                                     f" redirects; the last said {value!r}")
         self.redirects += 1
         if not ask and epoch > self.epoch:
