@@ -46,11 +46,14 @@ loses what it held. For ``kill`` those are the slots the victim owned or was han
 the slot map in etcd and per every live node's ``topology`` just before the kill; for
 ``freeze``, those of them whose authority the map history in etcd (every revision of the
 ``map`` key, walked back) shows moving to another node while it was frozen or before the
-cluster settled again. An anomaly of such a slot's key is *exempt* if its baseline op started
-before the victim was stopped; with ``--replicas 1`` only if also that op was acknowledged no
-more than ``--repl-window`` seconds (default 0.05) before the event. Everything else is a
-*violation*: printed with the key, its slot, what was expected, what came back, the key's last
-ops, the slot's owners in the maps around it and the events around it.
+cluster settled again. An anomaly of such a slot's key is *exempt* if the event came before the
+read ended, the baseline op started before the victim was stopped, and the read returned what
+the slot's new owner may rightly hold: with ``--replicas 0`` nothing (a slot gained without a
+handoff starts empty: an *older* value coming back is never exempt); with ``--replicas 1`` the
+key's state at some moment from ``--repl-window`` seconds (default 0.05) before the event on
+(the replica's copy lags the owner by at most that). Everything else is a *violation*: printed
+with the key, its slot, what was expected, what came back, the key's last ops, the slot's
+owners in the maps around it and the events around it.
 
 Also counted: the errors raised to the client, by type (the client rides MOVED, TRYAGAIN and
 failovers out itself: what it raises, a user sees); client ops running longer than
@@ -138,6 +141,22 @@ class KeyState:
     deletes: dict[int, float] = field(default_factory=dict)   # every delete attempted: seq -> start
     doubt: dict[int, bool] = field(default_factory=dict)      # writes that raised: seq -> is delete
     history: deque[str] = field(default_factory=lambda: deque(maxlen=HISTORY))
+    # every write: (start, end, seq, is delete, acknowledged), in order (the exemptions need them)
+    log: list[tuple[float, float, int, bool, bool]] = field(default_factory=list)
+
+    def states_since(self, since: float, until: float) -> set[int | None]:
+        """What a copy of the key made at some moment in [since, until] can hold: its state
+        after the last write acknowledged by ``since``, and after every write acknowledged
+        after ``since`` or in doubt, started before ``until`` (None: absent)."""
+        prev: tuple[float, float, int, bool, bool] | None = None
+        for entry in self.log:
+            if entry[4] and entry[1] <= since:
+                prev = entry
+        states: set[int | None] = {None if prev is None or prev[3] else prev[2]}
+        for t_start, t_end, seq, delete, acked in self.log:
+            if t_start < until and (t_end > since if acked else prev is None or t_start >= prev[0]):
+                states.add(None if delete else seq)
+        return states
 
 
 @dataclass
@@ -153,6 +172,8 @@ class Anomaly:
     immediate: bool
     phase: str
     history: list[str]
+    got_state: int | None = None  # the seq read, None: absent (corrupt and phantom are never exempt)
+    state: KeyState | None = None
     explained_by: list[int] = field(default_factory=list)
 
 
@@ -214,11 +235,17 @@ class Event:
     lost: frozenset[int] = frozenset()       # slots whose data the event may lose (exemptions)
 
     def explains(self, anomaly: Anomaly, replicas: int, window: float) -> bool:
-        """Whether this loss event may have lost the anomaly's baseline write."""
+        """Whether this loss event may explain the anomaly: the event hit the key's slot before
+        the read ended, the baseline op started before the victim stopped, and the read returned
+        what the slot's new owner may hold: nothing (it starts empty; replicas off), or (replicas
+        on) the key's state at some moment from ``window`` seconds before the event on."""
         if (anomaly.slot not in self.lost or anomaly.expected.t_start >= self.t_stopped
-                or self.t_begin >= anomaly.t_end):
+                or self.t_begin >= anomaly.t_end or anomaly.kind in ("corrupt", "phantom")):
             return False
-        return not replicas or anomaly.expected.t_ack >= self.t_begin - window
+        if not replicas:
+            return anomaly.got_state is None
+        assert anomaly.state is not None
+        return anomaly.got_state in anomaly.state.states_since(self.t_begin - window, self.t_stopped)
 
 
 # --- etcd: the map and its history --------------------------------------------------------------
@@ -409,6 +436,7 @@ class Writer(threading.Thread):
             _, exc, t_start, t_end = self._op(f"set {key.decode()}={seq}", lambda: client.set(key, value))
         what = f"{'del' if delete else 'set'} seq {seq}"
         self.ops["delete" if delete else "set"] += 1
+        state.log.append((t_start, t_end, seq, delete, exc is None))
         if exc is not None:
             state.doubt[seq] = delete
             state.history.append(f"{t_start - self.t0:9.3f}..{t_end - self.t0:9.3f} {what}: "
@@ -435,7 +463,7 @@ class Writer(threading.Thread):
                              f"{' (final)' if phase == 'final' else ''}: {got}{mark}")
         if kind is not None:
             self.anomalies.append(Anomaly(kind, self.wid, key, state.slot, state.base, got, t_start, t_end,
-                                          immediate, phase, list(state.history)))
+                                          immediate, phase, list(state.history), seq, state))
         state.base = new
 
     def sweep(self, client: Any) -> None:
@@ -552,7 +580,7 @@ class Chaos:
             "leave": 1.0 if n >= 3 else 0.0,
             "kill": 1.0 if n >= 3 else 0.0,
             "freeze": 1.0 if n >= 2 else 0.0,
-            "etcd": 0.6,
+            "etcd": 0.8,
         }
         kinds = [k for k in EVENTS if k in allowed and weights[k] > 0]
         if not kinds:
@@ -833,7 +861,8 @@ class Chaos:
         print(f"  got      {a.got}")
         if a.explained_by:
             print(f"  exempt by event(s) {a.explained_by}")
-        lossy = [e for e in self.events if e.kind in LOSSY and a.slot in e.authority and e.t_begin < a.t_end]
+        lossy = [e for e in self.events if e.kind in LOSSY and a.slot in e.authority and e.t_begin < a.t_end
+                 and e.t_stopped > a.expected.t_start]
         for e in lossy:
             age = e.t_begin - a.expected.t_ack
             print(f"  slot was the victim's in #{e.n} {e.kind} at {self.rel(e.t_begin):.3f} "
