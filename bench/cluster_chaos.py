@@ -26,10 +26,12 @@ the cluster is still moving slots, and the next settle covers both.
 Meanwhile ``--writers`` threads each run a ``shardd.ClusterClient`` (``failover_timeout`` 30 s)
 on their own ``--keys`` keys (``chaos:<writer>:<i>``; no other thread touches them), in a
 closed loop of random ops: set (60 %) then an immediate get, delete (15 %) then an immediate
-get, or a get (25 %). Every write carries the writer's next sequence number (values are
-``<writer>:<i>:<seq>``), so a read can be judged exactly against the key's *baseline*: the
-last acknowledged write (set or delete), or what a read observed since (an anomaly, or an
-in-doubt write, i.e. one that raised, showing up). A read is an anomaly if it returns
+get, or a get (25 %). ``--preload N`` also writes N static keys (``pre:<n>:<i>``) before the
+chaos, so that handoffs and replica copies take longer, and reads them back at the end.
+Every write carries the writer's next sequence number (values are ``<writer>:<i>:<seq>``), so
+a read can be judged exactly against the key's *baseline*: the last acknowledged write (set or
+delete), or what a read observed since (an anomaly, or an in-doubt write, i.e. one that
+raised, showing up). A read is an anomaly if it returns
 
 * ``lost_write``          nothing, while the baseline is an acknowledged set;
 * ``stale_read``          an older sequence than the baseline set's;
@@ -89,6 +91,7 @@ import traceback
 import urllib.request
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -367,14 +370,14 @@ class Writer(threading.Thread):
     """One client thread on its own keys (see the module docstring)."""
 
     def __init__(self, wid: int, seeds: list[str], keys: int, seed: int, timeout: float, failover: float,
-                 t0: float) -> None:
+                 t0: float, prefix: str = "chaos") -> None:
         super().__init__(name=f"writer-{wid}", daemon=True)
         self.wid = wid
         self.seeds = seeds
         self.timeout, self.failover = timeout, failover
         self.rng = random.Random(seed)
         self.t0 = t0
-        self.keys = [KeyState(i, f"chaos:{wid}:{i}".encode(), slot_of(f"chaos:{wid}:{i}".encode()))
+        self.keys = [KeyState(i, f"{prefix}:{wid}:{i}".encode(), slot_of(f"{prefix}:{wid}:{i}".encode()))
                      for i in range(keys)]
         self.seq = 0
         self.ops = Counter[str]()
@@ -455,6 +458,11 @@ class Writer(threading.Thread):
             state.history.append(f"{t_start - self.t0:9.3f}..{t_end - self.t0:9.3f} get: {type(exc).__name__}")
             self._error(exc, t_start, "get")
             return
+        self.check(state, raw, t_start, t_end, immediate, phase)
+
+    def check(self, state: KeyState, raw: Any, t_start: float, t_end: float, immediate: bool, phase: str) -> None:
+        """Judge what a read returned; an anomaly is recorded, and the key's baseline moves on."""
+        key = state.key
         seq = parse_value(raw, self.wid, state.index)
         kind, new = judge(state, raw, seq, t_start, t_end)
         got = "absent" if raw is None else (f"seq {seq}" if seq is not None else repr(raw[:60]))
@@ -470,6 +478,38 @@ class Writer(threading.Thread):
         """The final read of every key (the writers have stopped)."""
         for state in self.keys:
             self.read(client, state, immediate=False, phase="final")
+
+    def preload(self, client: Any, chunk: int = 1000) -> None:
+        """Write every key once (``set_many``), before the chaos: static keys that make handoffs
+        and replica copies take longer; they are read once more at the end (``sweep_many``)."""
+        for at in range(0, len(self.keys), chunk):
+            part = self.keys[at:at + chunk]
+            seqs = list(range(self.seq + 1, self.seq + 1 + len(part)))
+            self.seq += len(part)
+            t_start = _now()
+            for state, seq in zip(part, seqs, strict=True):
+                state.sets[seq] = t_start
+            client.set_many([(state.key, f"{self.wid}:{state.index}:{seq}".encode())
+                             for state, seq in zip(part, seqs, strict=True)])
+            t_end = _now()
+            for state, seq in zip(part, seqs, strict=True):
+                state.base = Baseline(seq, False, t_start, t_end, "set")
+                state.log.append((t_start, t_end, seq, False, True))
+                state.history.append(f"{t_start - self.t0:9.3f}..{t_end - self.t0:9.3f} set seq {seq}: acked (preload)")
+            self.ops["set"] += len(part)
+
+    def sweep_many(self, client: Any, chunk: int = 500) -> None:
+        """The final read of every key with ``get_many``."""
+        for at in range(0, len(self.keys), chunk):
+            part = self.keys[at:at + chunk]
+            keys = [state.key for state in part]
+            raw, exc, t_start, t_end = self._op(f"get_many of {len(part)}", partial(client.get_many, keys))
+            self.ops["get"] += len(part)
+            if exc is not None:
+                self._error(exc, t_start, "get_many")
+                continue
+            for state in part:
+                self.check(state, raw.get(state.key), t_start, t_end, immediate=False, phase="final")
 
 
 class Watchdog(threading.Thread):
@@ -523,6 +563,7 @@ class Chaos:
         self.t0 = _now()
         self.writers: list[Writer] = []
         self.watchdog: Watchdog | None = None
+        self.preloaded: Writer | None = None  # --preload: static keys, no thread
 
     # --- helpers ---
 
@@ -687,6 +728,13 @@ class Chaos:
         self.cluster.settled(timeout=self.args.settle_timeout)
         seeds = [node.endpoint for node in self.cluster.nodes]
         self.t0 = _now()
+        if self.args.preload:
+            self.preloaded = Writer(self.args.writers, seeds, self.args.preload, 0, self.args.client_timeout,
+                                    self.args.failover, self.t0, prefix="pre")
+            with ClusterClient(seeds, timeout=30.0, failover_timeout=self.args.failover) as client:
+                self.preloaded.preload(client)
+            self.note(f"{self.args.preload} keys preloaded")
+            self.t0 = self.preloaded.t0 = _now()
         self.writers = [Writer(w, seeds, self.args.keys, self.args.seed * 1000 + w, self.args.client_timeout,
                                self.args.failover, self.t0) for w in range(self.args.writers)]
         for writer in self.writers:
@@ -729,6 +777,9 @@ class Chaos:
         for writer in self.writers:
             with ClusterClient(seeds, timeout=self.args.client_timeout, failover_timeout=self.args.failover) as client:
                 writer.sweep(client)
+        if self.preloaded is not None:
+            with ClusterClient(seeds, timeout=30.0, failover_timeout=self.args.failover) as client:
+                self.preloaded.sweep_many(client)
 
     def analyse(self) -> None:
         """Loss events' lost slots (freeze: from the map history), then each anomaly's exemption."""
@@ -743,24 +794,28 @@ class Chaos:
             event.lost = moved_away(self.history.between(event.epoch_before + 1, until), event.node,
                                     event.authority)
             event.detail += f"; {len(event.lost)} of them moved (map history)"
-        for writer in self.writers:
+        for writer in self.checked():
             for anomaly in writer.anomalies:
                 anomaly.explained_by = [e.n for e in self.events if e.kind in LOSSY
                                         and e.explains(anomaly, self.args.replicas, self.args.repl_window)]
 
     # --- the report ---
 
+    def checked(self) -> list[Writer]:
+        """The writers, and the preloaded keys' pseudo-writer."""
+        return [*self.writers, *([self.preloaded] if self.preloaded is not None else [])]
+
     def report(self) -> bool:
         t0 = self.t0
-        anomalies = [a for w in self.writers for a in w.anomalies]
+        anomalies = [a for w in self.checked() for a in w.anomalies]
         violations = [a for a in anomalies if not a.explained_by]
         exempt = [a for a in anomalies if a.explained_by]
         errors: Counter[str] = Counter()
         ops: Counter[str] = Counter()
-        for writer in self.writers:
+        for writer in self.checked():
             errors.update(writer.errors)
             ops.update(writer.ops)
-        client_crashes = [c for w in self.writers for c in w.crashes]
+        client_crashes = [c for w in self.checked() for c in w.crashes]
         hangs = self.watchdog.hangs if self.watchdog is not None else []
         log_lines = self.daemon_log_problems()
 
@@ -768,6 +823,7 @@ class Chaos:
         rows = [
             ("run", f"seed {self.args.seed}, {self.rel(_now()):.0f} s, replicas {self.args.replicas}, "
                     f"overlap {self.args.overlap}, {len(self.events) - 1} events"),
+            ("preloaded keys", self.args.preload),
             ("client ops", ", ".join(f"{k} {v}" for k, v in sorted(ops.items())) or "0"),
             ("errors raised to the client", ", ".join(f"{k} {v}" for k, v in errors.most_common()) or "0"),
             ("client crashes (non-SharddError)", len(client_crashes)),
@@ -803,17 +859,13 @@ class Chaos:
 
         if errors:
             print("\n== errors raised to the client (first few of each type) ==")
-            for writer in self.writers:
+            for writer in self.checked():
                 for t, name, text in writer.error_samples:
                     print(f"  writer {writer.wid} at {t:8.3f} {name}: {text}")
                     print(f"      around: {self.around(t + t0, before=2, after=0)}")
 
         if violations:
-            print(f"\n== violations ({len(violations)}) ==")
-            for a in sorted(violations, key=lambda a: a.t_start)[:self.args.max_report]:
-                self.print_anomaly(a)
-            if len(violations) > self.args.max_report:
-                print(f"... {len(violations) - self.args.max_report} more")
+            self.print_violations(violations)
         if exempt and self.args.show_exempt:
             print(f"\n== exempt anomalies ({len(exempt)}) ==")
             for a in sorted(exempt, key=lambda a: a.t_start)[:self.args.max_report]:
@@ -852,6 +904,39 @@ class Chaos:
         near = self.events[max(0, i - before):i + after]
         return "; ".join(f"#{e.n} {e.kind} {e.node.rsplit(':', 1)[-1]} at {self.rel(e.t_begin):.2f}" for e in near)
 
+    def candidates(self, a: Anomaly) -> list[Event]:
+        """Loss events that hit the anomaly's slot after its baseline op started, before the read ended."""
+        return [e for e in self.events if e.kind in LOSSY and a.slot in e.authority and e.t_begin < a.t_end
+                and e.t_stopped > a.expected.t_start]
+
+    def print_violations(self, violations: list[Anomaly]) -> None:
+        """Grouped by their first candidate cause (a loss event of the slot after the baseline op
+        started; "none": no node of the slot was lost: a planned move or an etcd restart), a line
+        per group, then the first few of each group in full."""
+        groups: dict[int, list[Anomaly]] = {}
+        for a in sorted(violations, key=lambda a: a.t_start):
+            first = next(iter(self.candidates(a)), None)
+            groups.setdefault(first.n if first is not None else 0, []).append(a)
+        print(f"\n== violations ({len(violations)}), by first candidate cause ==")
+        by_n = {e.n: e for e in self.events}
+        for n, items in sorted(groups.items()):
+            kinds = ", ".join(f"{k} {v}" for k, v in sorted(Counter(a.kind for a in items).items()))
+            final = sum(a.phase == "final" for a in items)
+            if n:
+                e = by_n[n]
+                ages = [e.t_begin - a.expected.t_ack for a in items]
+                print(f"  after #{n} {e.kind} {e.node.rsplit(':', 1)[-1]} at {self.rel(e.t_begin):.2f}: {len(items)} "
+                      f"({kinds}; {final} in the final sweep); baselines acked {min(ages) * 1000:.0f}.."
+                      f"{max(ages) * 1000:.0f} ms before the event")
+            else:
+                print(f"  with no loss event of the slot: {len(items)} ({kinds}; {final} in the final sweep)")
+        per = max(1, self.args.max_report // max(1, len(groups)))
+        for n, items in sorted(groups.items()):
+            print(f"\n-- {'after event #' + str(n) if n else 'with no loss event'}: first {min(per, len(items))} "
+                  f"of {len(items)} --")
+            for a in items[:per]:
+                self.print_anomaly(a)
+
     def print_anomaly(self, a: Anomaly) -> None:
         t0 = self.t0
         marks = (" (read-your-writes)" if a.immediate else "") + (" (final sweep)" if a.phase == "final" else "")
@@ -861,9 +946,7 @@ class Chaos:
         print(f"  got      {a.got}")
         if a.explained_by:
             print(f"  exempt by event(s) {a.explained_by}")
-        lossy = [e for e in self.events if e.kind in LOSSY and a.slot in e.authority and e.t_begin < a.t_end
-                 and e.t_stopped > a.expected.t_start]
-        for e in lossy:
+        for e in self.candidates(a):
             age = e.t_begin - a.expected.t_ack
             print(f"  slot was the victim's in #{e.n} {e.kind} at {self.rel(e.t_begin):.3f} "
                   f"(baseline acked {age * 1000:.1f} ms before it; moved: {a.slot in e.lost})")
@@ -936,6 +1019,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-nodes", type=int, default=5, help="most nodes serving at once (default 5)")
     ap.add_argument("--writers", type=int, default=3, help="client threads (default 3)")
     ap.add_argument("--keys", type=int, default=200, help="keys per writer (default 200)")
+    ap.add_argument("--preload", type=int, default=0,
+                    help="static keys written once before the chaos and checked at the end: handoffs and "
+                         "replica copies then take longer (default 0)")
     ap.add_argument("--client-timeout", type=float, default=3.0, help="ClusterClient timeout (default 3)")
     ap.add_argument("--failover", type=float, default=30.0, help="ClusterClient failover_timeout (default 30)")
     ap.add_argument("--gap", type=float, nargs=2, default=(1.0, 4.0), metavar=("MIN", "MAX"),
