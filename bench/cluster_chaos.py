@@ -62,7 +62,8 @@ failovers out itself: what it raises, a user sees); client ops running longer th
 failover_timeout + 3 timeouts + 15 s (*hangs*: the thread's stack is printed); nodes that died
 by themselves; leaves that did not exit 0; settles that timed out; every ERROR / Traceback line
 in the nodes' logs (the cluster's temp dir, kept, and its path printed, when anything failed or
-with ``--keep``). Exit status 0 when nothing failed, 1 otherwise.
+with ``--keep``). Exit status 0 when nothing failed (no violation, no error raised to a
+client, none of the above), 1 otherwise.
 
 Whatever happens (an error, Ctrl-C, SIGTERM, SIGHUP), every node is thawed and SIGKILLed as a
 whole tree and etcd is stopped (``try/finally`` and an ``atexit`` hook; etcd also dies with this
@@ -883,7 +884,7 @@ class Chaos:
                 print(f"{path}: {len(lines)} lines")
                 for line in lines[:12]:
                     print(f"    {line}")
-        return bool(violations or client_crashes or hangs or self.crashes or self.findings or log_lines)
+        return bool(violations or errors or client_crashes or hangs or self.crashes or self.findings or log_lines)
 
     def slowest(self) -> str:
         worst = max((w.max_latency for w in self.writers), default=(0.0, ""))
