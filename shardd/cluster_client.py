@@ -17,9 +17,15 @@ the clients:
   is a wait. A node's Timeout is handed back to the plan, which decides (Rule 5 there).
 
 The I/O to one node is a plain :class:`~shardd.client.Client` or
-:class:`~shardd.aclient.AsyncClient` in router mode (the node's router places keys on its
-shards), created on first use and kept for the life of the cluster client, whatever the map's
-epoch. Values are encoded once, by the cluster client's serde, before a node client sees them.
+:class:`~shardd.aclient.AsyncClient`, created on first use and kept for the life of the cluster
+client, whatever the map's epoch. With ``direct=True`` (the default) it is in direct mode: a
+keyed op goes straight to the owning worker of the owning node (slot → node → shard), which
+checks the slot as the node's router would; a cluster answer (MOVED with a slot, TRYAGAIN or
+UNAVAILABLE ``cluster:``) goes to the cluster policy, an in-node one (a resize's MOVED, a
+worker gone) to the node client's own direct-mode policy (shardd.placement). A node whose
+topology lists no worker endpoints (replicas on: writes must pass its router) is used through
+its router. Multi-key and fan-out ops always go through the node's router. Values are encoded
+once, by the cluster client's serde, before a node client sees them.
 
 Rules
 -----
@@ -71,6 +77,7 @@ from shardd.client_common import (
 from shardd.cluster_routing import ClusterRouting, Plan, Send, needs_plan
 from shardd.commands import Codec, Commands, Convert
 from shardd.errors import ConnectionClosed, Timeout
+from shardd.placement import REDIRECTS
 from shardd.protocol import Reply, encode_request
 from shardd.serde import Serde
 from shardd.slots import SlotMap
@@ -83,6 +90,16 @@ SEND_GRACE_S = WORKER_SEND_GRACE_S
 
 _monotonic = time.monotonic
 _sleep = time.sleep
+_KEYED = frozenset(protocol.SINGLE_KEY_OPS)
+
+
+def from_cluster(reply: Reply) -> bool:
+    """A worker's answer that is the cluster's business (its slot is not served there now),
+    not the node's own direct-mode policy's (a resize inside the node)."""
+    value = reply.value
+    if reply.status == protocol.MOVED:
+        return type(value) is dict and "slot" in value
+    return type(value) is str and value.startswith("cluster:")
 
 
 def _seed_list(seeds: object) -> list[str]:
@@ -112,8 +129,11 @@ class _ClusterBase(Commands):
     _node_client: ClassVar[type]  # the plain client used for one node's I/O
 
     def __init__(self, seeds: str | list[str], timeout: float = DEFAULT_TIMEOUT, curve: Any = None, *,
-                 serde: Serde | None = None, failover_timeout: float = 10.0, context: Any = None) -> None:
+                 serde: Serde | None = None, failover_timeout: float = 10.0, context: Any = None,
+                 direct: bool = True) -> None:
         self.seeds = _seed_list(seeds)
+        self.direct = direct
+        self._learned: set[str] = set()  # nodes whose in-node topology was fetched (direct mode)
         self.timeout = check_timeout(timeout)
         self.serde = serde
         self._codec = Codec(serde)
@@ -163,8 +183,15 @@ class _ClusterBase(Commands):
             if self._closed:
                 raise ConnectionClosed(f"this {type(self).__name__} is closed")
             node = self._nodes[endpoint] = self._node_client(
-                endpoint, timeout=self.timeout, context=self._context, curve=self._curve)
+                endpoint, timeout=self.timeout, context=self._context, curve=self._curve, direct=self.direct)
         return node
+
+    def _worker_for(self, endpoint: str, node: Any, op: protocol.Op) -> int:
+        """The node's shard for a keyed op in direct mode, or -1: through the node's router."""
+        placement = node.placement
+        if placement is None or type(op) not in _KEYED or endpoint not in self._learned:
+            return -1
+        return placement.route(op) if placement.shards else -1
 
     def _merge(self, calls: list[tuple[protocol.Op, Convert]], outs: list[Any], raise_on_error: bool) -> list[Any]:
         results = [out if isinstance(out, BaseException) else outcome(out, convert)
@@ -234,6 +261,20 @@ class ClusterClient(_ClusterBase):
         """One exchange with a node: its Reply, or the Timeout (NotSent included)."""
         node = self._node(endpoint)
         try:
+            if self.direct and endpoint not in self._learned and type(op) in _KEYED:
+                self._learned.add(endpoint)
+                node._refresh_topology()  # once; the node client refreshes it itself after that
+            shard = self._worker_for(endpoint, node, op)
+            if shard >= 0:
+                try:
+                    reply: Any = node._exchange(node._workers[shard], op, shard, WORKER_SEND_GRACE_S)
+                except Timeout as exc:
+                    reply = exc
+                if type(reply) is Reply and (reply.status not in REDIRECTS or from_cluster(reply)):
+                    return reply
+                out = node._drive(node.placement.plan(op, shard, reply))  # in-node trouble
+                if out is not None:
+                    return out
             return node._exchange(node._live(), op, endpoint, SEND_GRACE_S)
         except Timeout as exc:
             return exc
@@ -332,6 +373,20 @@ class AsyncClusterClient(_ClusterBase):
         """One exchange with a node: its Reply, or the Timeout (NotSent included)."""
         node = self._node(endpoint)
         try:
+            if self.direct and endpoint not in self._learned and type(op) in _KEYED:
+                self._learned.add(endpoint)
+                await node._refresh_topology()  # once; the node client refreshes it itself after that
+            shard = self._worker_for(endpoint, node, op)
+            if shard >= 0:
+                try:
+                    reply: Any = await node._exchange(node._workers[shard], op, shard, WORKER_SEND_GRACE_S)
+                except Timeout as exc:
+                    reply = exc
+                if type(reply) is Reply and (reply.status not in REDIRECTS or from_cluster(reply)):
+                    return reply
+                out = await node._drive(node.placement.plan(op, shard, reply))  # in-node trouble
+                if out is not None:
+                    return out
             return await node._exchange(node._live(), op, endpoint, SEND_GRACE_S)
         except Timeout as exc:
             return exc

@@ -56,6 +56,7 @@ class ClusterView:
         self.cluster = cluster
         self.node_id = node_id
         self.map: SlotMap | None = None
+        self.epoch = 0  # the installed map's (a worker's copy has the states, not the map)
         self.valid_until = 0.0  # Rule 1: monotonic seconds; 0 = no lease yet
         self.state = bytearray([NOBODY]) * SLOTS
         self.target = [-1] * SLOTS  # node index the MOVED/ASK answer names
@@ -96,7 +97,7 @@ class ClusterView:
         return now >= self.valid_until
 
     def _lapsed(self) -> tuple[int, str]:
-        if self.map is None:
+        if self.epoch == 0:
             return Unavailable.status, f"cluster: node {self.node_id} has no slot map yet; ask another node"
         return Unavailable.status, (f"cluster: node {self.node_id} cannot renew its membership lease; "
                                     f"it serves nothing until it can; ask another node")
@@ -106,8 +107,7 @@ class ClusterView:
             return TryAgain.status, f"cluster: slot {slot} is being handed over; retry shortly"
         if state == NOBODY:
             return Unavailable.status, f"cluster: slot {slot} has no owner (no live member)"
-        assert self.map is not None
-        value = {"epoch": self.map.epoch, "slot": slot, **self._redirects[self.target[slot]]}
+        value = {"epoch": self.epoch, "slot": slot, **self._redirects[self.target[slot]]}
         if state == ASK:
             value["ask"] = True
         return Moved.status, value
@@ -158,6 +158,7 @@ class ClusterView:
         if first:  # keep what we serve; drop what a warm restart kept for slots served elsewhere
             purge = [slot for slot in range(SLOTS) if state[slot] != SERVE]
         self.map = new
+        self.epoch = new.epoch
         self._replica_ids = new_replicas
         self.replicated = bool(new.replicas)
         if not self.replicated:
@@ -212,6 +213,21 @@ class ClusterView:
                 self.state[slot] = SERVE
                 adopted.append(slot)
         return adopted
+
+    # --- a worker's copy (direct mode on a cluster node) --------------------------------------
+
+    def export(self) -> dict[str, Any]:
+        """What a worker needs to answer its own endpoint as the router would: the states, the
+        redirect targets and the epoch (msgpack-friendly)."""
+        return {"epoch": self.epoch, "state": bytes(self.state), "target": self.target,
+                "redirects": self._redirects}
+
+    def load(self, exported: dict[str, Any]) -> None:
+        """Take a router's ``export()`` (the lease comes separately: ``valid_until``)."""
+        self.epoch = exported["epoch"]
+        self.state = bytearray(exported["state"])
+        self.target = list(exported["target"])
+        self._redirects = list(exported["redirects"])
 
     # --- reporting -------------------------------------------------------------------
 

@@ -389,6 +389,15 @@ class SlotPut(_Op, tag="slot_put"):
             _force_setattr(self, "deleted", [])
 
 
+class SlotStates(_Op, tag="slot_states"):
+    """Router → worker (cluster mode): what the node serves, slot by slot (``ClusterView.export``;
+    nil: unchanged) and until when (``valid_until``), so the worker's own endpoint answers as
+    the router does."""
+
+    states: dict[str, Any] | None
+    valid_until: float
+
+
 class SlotCopy(_Op, tag="slot_copy"):
     """Control only, fanned out: like ``slot_take`` without removing anything (a replica's first sync)."""
 
@@ -453,7 +462,7 @@ Op = (
     | GetMany | SetMany | DeleteMany | Ping | Stats | Flush | DebugSleep | Maintenance | Health | Configure
     | Drain | Snapshot | Hotkeys | Tune | Topology | Resize | ResizeStart | Migrate | MigrateOut | MigrateIn
     | MigrateDone | SetTopology | SetMaintenance | Describe | ClusterSet | SlotFreeze | SlotGive | SlotTake | SlotDrop
-    | SlotPut | SlotImport | Leave | SlotCopy | ReplPull | ReplRead | ReplApply
+    | SlotPut | SlotImport | Leave | SlotCopy | ReplPull | ReplRead | ReplApply | SlotStates
 )
 
 
@@ -567,6 +576,7 @@ OPS: dict[type, OpSpec] = {
     SlotCopy: OpSpec(FANOUT, control=True, resize=REFUSE),
     ReplPull: OpSpec(ROUTER, control=True),
     ReplRead: OpSpec(INTERNAL),
+    SlotStates: OpSpec(INTERNAL),
     ReplApply: OpSpec(ROUTER, admin=True, resize=REFUSE),
 }
 if set(OPS) != set(Op.__args__):  # type: ignore[attr-defined]

@@ -499,6 +499,8 @@ class Router:
             self._queue(link, p.Describe(), MigrationStep(StepKind.DESCRIBE, link.shard))
             if self.maintenance:  # a restarted worker starts with maintenance off
                 self._queue(link, p.SetMaintenance(True), MigrationStep(StepKind.NOTICE, link.shard))
+            if self.cluster is not None:  # and with no slot states: it serves nothing directly until now
+                router_cluster.push_states(self, links=[link])
             self.flush_outboxes()
         elif event == "down" and link.up:
             log.warning("shard %d is down; answering UNAVAILABLE for it", link.shard)
@@ -524,8 +526,10 @@ class Router:
             "hash": "jump_hash(xxh3_64(key, seed=0), shards)",
             # Every connected worker's own endpoint, new shards of a running resize included
             # (MOVED names them); None until the worker has told us.
-            # In cluster mode workers do not check slot ownership: no direct mode (docs/cluster.md).
-            "endpoints": [None if self.cluster else link.direct for link in self.links],
+            # Cluster mode with replicas: writes on a worker's own endpoint would not reach the
+            # replication stream (the router notes written keys), so no direct mode then.
+            "endpoints": [None if self.cluster is not None and self.cluster.replicated else link.direct
+                          for link in self.links],
             **(mig.topology_fields() if mig is not None else {"resizing": None, "pending_resize": None}),
             **({"cluster": self.cluster.describe()} if self.cluster is not None else {}),
         }

@@ -17,15 +17,17 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from shardd import protocol as p
-from shardd.cluster_view import SERVE
+from shardd.cluster_view import FROZEN, SERVE
 from shardd.hashing import shards_for
 from shardd.router_types import Gather, Part
-from shardd.slots import SlotMap
+from shardd.slots import SlotMap, slot_of
 
 if TYPE_CHECKING:
     from shardd.router import Router
 
 log = logging.getLogger("shardd.router")
+
+_AUTHORITY = (SERVE, FROZEN)  # states in which this node is a slot's authority
 
 __all__ = ["HANDLERS", "combine_take", "lapsed_reply"]
 
@@ -47,6 +49,20 @@ def drop_slots(router: Router, slots: list[int]) -> None:
         router._queue(link, p.SlotDrop(slots), (gather, None))
 
 
+def push_states(router: Router, full: bool = True, links: list[Any] | None = None) -> None:
+    """Give the workers the node's slot states (and lease), for their own endpoints (direct
+    mode): queued on each shard's FIFO link, so a shard has a slot frozen before the handoff
+    step that follows (``slot_take``), and emptied before it serves it."""
+    view = router.cluster
+    assert view is not None
+    op = p.SlotStates(view.export() if full else None, view.valid_until)
+    targets = [link for link in (router.links if links is None else links) if link.up]
+    if targets:
+        gather = Gather(None, 0, len(targets), lambda parts: None, tolerant=True)
+        for link in targets:
+            router._queue(link, op, (gather, None))
+
+
 def _cluster_set(router: Router, peer: Any, request_id: int, op: p.ClusterSet) -> None:
     if _not_clustered(router, peer, request_id, "cluster_set"):
         return
@@ -66,17 +82,22 @@ def _cluster_set(router: Router, peer: Any, request_id: int, op: p.ClusterSet) -
         purged = len(purge)
         if new.epoch != before:
             log.info("cluster map epoch %d installed: %s", new.epoch, view.counts())
+    push_states(router, full=op.map is not None)
     router.reply(peer, request_id, p.OK, {"epoch": view.map.epoch if view.map else 0, "purged": purged})
 
 
 def _slot_freeze(router: Router, peer: Any, request_id: int, op: p.SlotFreeze) -> None:
     if not _not_clustered(router, peer, request_id, "slot_freeze"):
-        router.reply(peer, request_id, p.OK, len(router.cluster.freeze(op.slots)))  # type: ignore[union-attr]
+        frozen = router.cluster.freeze(op.slots)  # type: ignore[union-attr]
+        push_states(router)
+        router.reply(peer, request_id, p.OK, len(frozen))
 
 
 def _slot_give(router: Router, peer: Any, request_id: int, op: p.SlotGive) -> None:
     if not _not_clustered(router, peer, request_id, "slot_give"):
-        router.reply(peer, request_id, p.OK, len(router.cluster.give(op.slots)))  # type: ignore[union-attr]
+        given = router.cluster.give(op.slots)  # type: ignore[union-attr]
+        push_states(router)
+        router.reply(peer, request_id, p.OK, len(given))
 
 
 def _slot_import(router: Router, peer: Any, request_id: int, op: p.SlotImport) -> None:
@@ -85,20 +106,33 @@ def _slot_import(router: Router, peer: Any, request_id: int, op: p.SlotImport) -
     if _not_clustered(router, peer, request_id, "slot_import"):
         return
     n = router.n
+    view = router.cluster
+    assert view is not None
     parts: list[tuple[int, p.Op, Any]] = []
     # Never empty a slot this node serves: a sender with an older map may think it is only a
     # handoff target or a replica here.
-    purge = [slot for slot in op.slots if router.cluster.state[slot] != SERVE] if not op.adopt else []  # type: ignore[union-attr]
+    purge = [slot for slot in op.slots if view.state[slot] != SERVE] if not op.adopt else []
     if purge:
         parts += [(shard, p.SlotDrop(purge), "drop") for shard in range(n)]
-    if op.entries:
+    entries = _not_ours(view, op.entries)
+    if entries:
         per_shard: list[list[tuple[bytes, bytes, int, int]]] = [[] for _ in range(n)]
-        for entry, shard in zip(op.entries, shards_for([e[0] for e in op.entries], n), strict=True):
+        for entry, shard in zip(entries, shards_for([e[0] for e in entries], n), strict=True):
             per_shard[shard].append(entry)
-        parts += [(shard, p.SlotPut(entries), "put") for shard, entries in enumerate(per_shard) if entries]
+        parts += [(shard, p.SlotPut(group), "put") for shard, group in enumerate(per_shard) if group]
     adopted = router.cluster.adopt(op.slots) if op.adopt else []  # type: ignore[union-attr]
+    if adopted:
+        push_states(router)
     router._start_gather(peer, request_id, parts, _import_result(len(adopted)),
                          {"stored": 0, "dropped": 0, "adopted": len(adopted)})
+
+
+def _not_ours(view: Any, entries: list[Any]) -> list[Any]:
+    """The entries whose slot this node is not the authority of. Entries for a slot it serves (or
+    is handing over) come from a node with an older map, e.g. one that froze with them in hand
+    and woke after its slots moved here: storing them would bring back older values."""
+    state = view.state
+    return [entry for entry in entries if state[slot_of(entry[0])] not in _AUTHORITY]
 
 
 def _import_result(adopted: int) -> Any:
@@ -150,11 +184,15 @@ def _repl_apply(router: Router, peer: Any, request_id: int, op: p.ReplApply) -> 
     if _not_clustered(router, peer, request_id, "repl_apply"):
         return
     n = router.n
+    view = router.cluster
+    assert view is not None
+    kept = _not_ours(view, op.entries)  # a late stream from a former owner must not overwrite us
+    gone = [key for key in op.deleted if view.state[slot_of(key)] not in _AUTHORITY]
     entries: list[list[Any]] = [[] for _ in range(n)]
     deleted: list[list[bytes]] = [[] for _ in range(n)]
-    for entry, shard in zip(op.entries, shards_for([e[0] for e in op.entries], n), strict=True):
+    for entry, shard in zip(kept, shards_for([e[0] for e in kept], n), strict=True):
         entries[shard].append(entry)
-    for key, shard in zip(op.deleted, shards_for(op.deleted, n), strict=True):
+    for key, shard in zip(gone, shards_for(gone, n), strict=True):
         deleted[shard].append(key)
     parts = [(shard, p.SlotPut(entries[shard], deleted[shard]), None) for shard in range(n)
              if entries[shard] or deleted[shard]]

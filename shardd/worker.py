@@ -33,6 +33,7 @@ import psutil
 
 from shardd import histogram, snapshot, transport
 from shardd import protocol as p
+from shardd.cluster_view import ClusterView
 from shardd.codec import codec_for
 from shardd.config import RESTART_KEYS, Config, allowed_cpus, build_config
 from shardd.errors import BadRequest, ConfigError, ExitCode, InternalError, ServerError
@@ -124,6 +125,8 @@ class Shard:
         self._window_service = histogram.new_counts()
         self._last = (self._started, 0, histogram.new_counts())
         self.hot: HotKeys | None = None
+        # Cluster mode: a copy of the router's slot states, for requests on our own endpoint.
+        self.cluster = ClusterView(config.cluster_name, config.node_id()) if config.clustered else None
         self._track: Callable[[bytes], None] | None = None  # self.hot.add, bound once (hotkeys Rule 4)
         self._set_hotkeys_capacity(config.hotkeys_capacity)
         s = store
@@ -167,6 +170,7 @@ class Shard:
             p.SlotPut: self.slot_put,
             p.SlotCopy: self.slot_copy,
             p.ReplRead: self.repl_read,
+            p.SlotStates: self.slot_states,
         }
 
     def apply(self, frame: bytes, direct: bool = False) -> bytes:
@@ -255,6 +259,17 @@ class Shard:
         if self.maintenance and p.is_write(p.OPS[cls], op):
             return p.encode_reply(request_id, p.MAINTENANCE,
                                   "the daemon is in maintenance mode: writes are refused, reads work; retry later")
+        cluster = self.cluster
+        if cluster is not None and cls is not p.Ping and cls is not p.DebugSleep:
+            # A cluster node: only keys of slots the node serves now (the router's states, pushed
+            # on the same FIFO link as the handoff steps, so a frozen slot is frozen here first).
+            if cls in _KEYED:
+                refusal = cluster.refusal(op.key, time.monotonic())
+            else:
+                keys = next(zip(*op.items, strict=True), ()) if cls is p.SetMany else op.keys
+                refusal = cluster.refusal_many(list(keys), time.monotonic())
+            if refusal is not None:
+                return p.encode_reply(request_id, *refusal)
         shards, me = self.shards, self.shard_id
         if cls in _KEYED:
             keys: Any = (op.key,)
@@ -401,6 +416,14 @@ class Shard:
             else:
                 entries.append(exported)
         return {"entries": entries, "deleted": deleted}
+
+    def slot_states(self, op: p.SlotStates) -> bool:
+        """The router's view of which slots the node serves (direct mode on a cluster node)."""
+        if self.cluster is not None:
+            if op.states is not None:
+                self.cluster.load(op.states)
+            self.cluster.valid_until = op.valid_until
+        return True
 
     def set_maintenance(self, op: p.SetMaintenance) -> bool:
         self.maintenance = op.on

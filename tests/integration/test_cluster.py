@@ -362,3 +362,28 @@ def test_a_node_whose_etcd_is_unreachable_serves_nothing_and_says_why(tmp_path: 
         assert node.stop() == 0  # SIGTERM: a node that never joined leaves at once
     finally:
         cluster.close()
+
+
+def test_keys_go_straight_to_the_owning_worker_of_the_owning_node(cluster: Cluster) -> None:
+    a, b = cluster.add(), cluster.add()
+    cluster.settled()
+
+    def routed() -> int:
+        total = 0
+        for node in (a, b):
+            with Client(node.endpoint, timeout=5.0) as raw:
+                total += raw.stats()["router"]["requests"]
+        return total
+
+    with ClusterClient([a.endpoint], timeout=5.0) as client:
+        client.set(b"warm-up", b"1")  # learns the map and each node's workers
+        client.get(b"warm-up")
+        before = routed()
+        for i in range(200):
+            client.set(f"d{i}".encode(), b"v")
+            assert client.get(f"d{i}".encode()) == b"v"
+        after = routed()
+    # 400 keyed ops on two nodes; the routers saw only the stats calls and a topology or two
+    assert after - before < 20, (before, after)
+    with ClusterClient([a.endpoint], timeout=5.0, direct=False) as client:
+        assert client.get(b"d7") == b"v"

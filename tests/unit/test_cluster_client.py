@@ -716,6 +716,7 @@ def sync_client(cluster: FakeCluster, seeds: Any = None, **kwargs: Any) -> Clust
     dealer = type("Dealer", (SyncDealer,), {"cluster": cluster})
     node = type("NodeClient", (Client,), {"_dealer": dealer})
     cls = type("FakeClusterClient", (ClusterClient,), {"_node_client": node})
+    kwargs.setdefault("direct", False)  # a fake node is its router only (direct mode: tests/integration)
     return cls(seeds or [ep("a"), ep("b")], timeout=IO_TIMEOUT, **kwargs)
 
 
@@ -723,6 +724,7 @@ def async_client(cluster: FakeCluster, seeds: Any = None, **kwargs: Any) -> Asyn
     dealer = type("Dealer", (AsyncDealer,), {"cluster": cluster})
     node = type("NodeClient", (AsyncClient,), {"_dealer": dealer})
     cls = type("FakeAsyncClusterClient", (AsyncClusterClient,), {"_node_client": node})
+    kwargs.setdefault("direct", False)  # a fake node is its router only (direct mode: tests/integration)
     return cls(seeds or [ep("a"), ep("b")], timeout=IO_TIMEOUT, **kwargs)
 
 

@@ -78,3 +78,34 @@ def test_repl_read_gives_each_key_as_it_is_now() -> None:
     got = call(s, p.ReplRead([b"a", b"b", b"never"]))
     assert [e[:2] for e in got["entries"]] == [[b"a", b"1"]]
     assert got["deleted"] == [b"b", b"never"]
+
+
+def test_a_cluster_nodes_worker_answers_its_own_endpoint_as_the_router_does() -> None:
+    import time
+
+    from shardd.cluster_view import ClusterView
+    from shardd.slots import Node, SlotMap
+
+    config = build_config({"shards": 1, "runtime_dir": "/nonexistent", "bind": "tcp://127.0.0.1:1",
+                           "cluster_etcd": ["http://127.0.0.1:2379"]})
+    s = Shard(Store(monotonic_ms), config, 0, None)
+    mine, theirs = keys_in(5, 1)[0], keys_in(3000, 1)[0]
+
+    def direct(op: Any) -> p.Reply:
+        return p.decode_reply(s.apply(p.encode_request(1, op), direct=True))
+
+    assert direct(p.Get(mine)).status == p.UNAVAILABLE  # no states from the router yet: nothing
+    router_view = ClusterView("c", "tcp://127.0.0.1:1")
+    nodes = [Node("tcp://127.0.0.1:1", "tcp://127.0.0.1:1", 1), Node("tcp://127.0.0.1:2", "tcp://127.0.0.1:2", 1)]
+    router_view.install(SlotMap(4, nodes, [0] * 2048 + [1] * 2048, {}))
+    call(s, p.SlotStates(router_view.export(), time.monotonic() + 60))
+    assert direct(p.Set(mine, b"v")).status == p.OK
+    moved = direct(p.Get(theirs))
+    assert moved.status == p.MOVED and moved.value == {"epoch": 4, "slot": 3000, "node": "tcp://127.0.0.1:2",
+                                                       "endpoint": "tcp://127.0.0.1:2"}
+    assert direct(p.GetMany([mine, theirs])).status == p.MOVED
+    assert call(s, p.Get(theirs)) is None  # the router's own requests are not checked again here
+    call(s, p.SlotStates(None, time.monotonic() - 1))  # the lease lapsed
+    assert direct(p.Get(mine)).status == p.UNAVAILABLE
+    assert direct(p.Ping()).status == p.OK
+

@@ -42,7 +42,7 @@ SAMPLES: dict[type, Any] = {
     p.SlotTake: p.SlotTake([1]), p.SlotDrop: p.SlotDrop([1]), p.SlotPut: p.SlotPut([(b"k", b"v", 0, 1)]),
     p.SlotImport: p.SlotImport([1], [(b"k", b"v", 0, 1)]), p.Leave: p.Leave(),
     p.SlotCopy: p.SlotCopy([1]), p.ReplPull: p.ReplPull(), p.ReplRead: p.ReplRead([b"k"]),
-    p.ReplApply: p.ReplApply([(b"k", b"v", 0, 1)], []),
+    p.ReplApply: p.ReplApply([(b"k", b"v", 0, 1)], []), p.SlotStates: p.SlotStates(None, 0.0),
 }
 QUERIES: dict[type, Any] = {p.Touch: p.Touch(b"k"), p.Maintenance: p.Maintenance(None)}
 
@@ -53,7 +53,7 @@ ADMIN_ONLY = {p.Flush, p.Resize, p.Tune, p.Maintenance, p.DebugSleep, p.SlotImpo
 CONTROL_ONLY = {p.Configure, p.Drain, p.Snapshot, p.ResizeStart, p.ClusterSet, p.SlotFreeze, p.SlotGive, p.SlotTake,
                 p.SlotCopy, p.ReplPull}
 INTERNAL = {p.Migrate, p.MigrateOut, p.MigrateIn, p.MigrateDone, p.SetTopology, p.SetMaintenance, p.Describe,
-            p.SlotDrop, p.SlotPut, p.ReplRead}
+            p.SlotDrop, p.SlotPut, p.ReplRead, p.SlotStates}
 ANSWERED_BY_ROUTER = {p.Maintenance, p.Topology, p.Tune, p.Resize, p.ResizeStart, p.Drain, p.Configure,
                       p.DebugSleep, p.ClusterSet, p.SlotFreeze, p.SlotGive, p.SlotImport, p.Leave, p.ReplPull,
                       p.ReplApply}

@@ -85,7 +85,7 @@ def test_op_names_are_the_documented_ones() -> None:
         "maintenance", "health", "configure", "hotkeys", "drain", "snapshot", "tune",
         "topology", "resize", "resize_start", "migrate", "migrate_out", "migrate_in", "migrate_done", "set_maintenance",
         "set_topology", "describe", "cluster_set", "slot_freeze", "slot_give", "slot_take", "slot_drop", "slot_put",
-        "slot_import", "leave", "slot_copy", "repl_pull", "repl_read", "repl_apply",
+        "slot_import", "leave", "slot_copy", "repl_pull", "repl_read", "repl_apply", "slot_states",
     } == p.OP_NAMES
 
 
@@ -163,6 +163,8 @@ EXAMPLE_OPS: list[p.Op] = [
     p.ReplPull(50),
     p.ReplRead([b"a", b"b"]),
     p.ReplApply([(b"k", b"v", 0, 1)], [b"gone"]),
+    p.SlotStates(None, 1.5),
+    p.SlotStates({"epoch": 2, "state": b"\x00" * 4, "target": [0, 0, 0, 0], "redirects": []}, 9.0),
 ]
 
 

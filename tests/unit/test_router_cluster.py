@@ -69,8 +69,17 @@ def test_the_gate_forwards_owned_keys_and_redirects_the_rest() -> None:
     assert reply.status == p.MOVED and reply.value["endpoint"] == OTHER.endpoint  # type: ignore[union-attr]
     reply = route(r, replies, p.SetMany([(mine, b"1"), (theirs, b"2")]))
     assert reply.status == p.MOVED and queued(r) == []  # type: ignore[union-attr]  # nothing of it applied
-    assert r.topology()["endpoints"] == [None, None]  # no direct mode on a cluster node
+    for i, link in enumerate(r.links):
+        link.direct = f"tcp://127.0.0.1:{9000 + i}"
+    assert r.topology()["endpoints"] == ["tcp://127.0.0.1:9000", "tcp://127.0.0.1:9001"]
     assert r.topology()["cluster"]["map"]["epoch"] == 2
+    # every change of what the node serves goes to the workers too, for their own endpoints
+    route(r, replies, p.ClusterSet(None, time.monotonic() + 60), privileged=True)
+    assert [type(op) for op in queued(r)] == [p.SlotStates, p.SlotStates]
+    # with replicas, writes on a worker's own endpoint would miss the stream: no endpoints then
+    replicated = SlotMap(3, [ME, OTHER], [0] * 2048 + [1] * 2048, {}, [1] * 2048 + [0] * 2048)
+    route(r, replies, p.ClusterSet(replicated.to_wire(), time.monotonic() + 60), privileged=True)
+    assert r.topology()["endpoints"] == [None, None]
     # control ops are refused on the public endpoint
     assert route(r, replies, p.ClusterSet(None, 0.0)).status == p.BAD_REQUEST  # type: ignore[union-attr]
 
@@ -99,3 +108,18 @@ def test_an_import_empties_the_slots_first_then_stores_then_adopts() -> None:
     # a slot this node serves is never emptied by an import (a sender with an older map)
     route(r, replies, p.SlotImport([5], []))
     assert not any(type(op) is p.SlotDrop for op in queued(r))
+
+
+def test_late_entries_from_a_former_owner_never_overwrite_a_slot_served_here() -> None:
+    # e.g. a node froze with a replication batch or handoff entries in hand, and woke after its
+    # slots had moved here: what it sends now is older than what this node has acknowledged
+    r, replies = router()
+    route(r, replies, p.ClusterSet(half().to_wire(), time.monotonic() + 60), privileged=True)
+    mine, theirs = key_in(0, 2048), key_in(2048, SLOTS)
+    route(r, replies, p.ReplApply([(mine, b"old", 0, 1), (theirs, b"copy", 0, 1)], [mine, theirs]))
+    puts = [op for op in queued(r) if type(op) is p.SlotPut]
+    assert [e[0] for op in puts for e in op.entries] == [theirs]  # only the slot we are a replica of
+    assert [k for op in puts for k in op.deleted] == [theirs]
+    route(r, replies, p.SlotImport([], [(mine, b"old", 0, 1), (theirs, b"x", 0, 2)]))
+    puts = [op for op in queued(r) if type(op) is p.SlotPut]
+    assert [e[0] for op in puts for e in op.entries] == [theirs]
