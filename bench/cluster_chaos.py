@@ -20,8 +20,8 @@ temp dir. For ``--duration`` seconds the main thread fires one random *event* at
 ``leave`` and ``kill`` keep at least 2 nodes serving. After an event the main thread waits for
 ``Cluster.settled`` (every serving node installed one map naming exactly them, no handoff
 pending) and records how long that took, then sleeps ``--gap`` seconds. With probability
-``--overlap`` it does not wait (a ``leave`` then runs in a thread): the next event lands while
-the cluster is still moving slots, and the next settle covers both.
+``--overlap`` it does not wait (a ``leave`` then runs in a thread): the next event lands 0.05 to
+1.5 s later, while the cluster is still moving slots, and the next settle covers both.
 
 Meanwhile ``--writers`` threads each run a ``shardd.ClusterClient`` (``failover_timeout`` 30 s)
 on their own ``--keys`` keys (``chaos:<writer>:<i>``; no other thread touches them), in a
@@ -755,7 +755,7 @@ class Chaos:
             overlap = self.rng.random() < self.args.overlap
             self.fire(self.choose(), overlap)
             self.check_crashes()
-            gap = self.rng.uniform(0.3, 1.5) if overlap else self.rng.uniform(*self.args.gap)
+            gap = self.rng.uniform(0.05, 1.5) if overlap else self.rng.uniform(*self.args.gap)
             time.sleep(max(0.0, min(gap, end - _now())))
         # the end: every leave finished, the cluster settled, then the final sweep
         for thread in list(self.leaving.values()):
