@@ -27,7 +27,8 @@ Meanwhile ``--writers`` threads each run a ``shardd.ClusterClient`` (``failover_
 on their own ``--keys`` keys (``chaos:<writer>:<i>``; no other thread touches them), in a
 closed loop of random ops: set (60 %) then an immediate get, delete (15 %) then an immediate
 get, or a get (25 %). ``--preload N`` also writes N static keys (``pre:<n>:<i>``) before the
-chaos, so that handoffs and replica copies take longer, and reads them back at the end.
+chaos, so that handoffs and replica copies take longer; a thread reads them round (``get_many``)
+and they are read once more at the end.
 Every write carries the writer's next sequence number (values are ``<writer>:<i>:<seq>``), so
 a read can be judged exactly against the key's *baseline*: the last acknowledged write (set or
 delete), or what a read observed since (an anomaly, or an in-doubt write, i.e. one that
@@ -389,10 +390,13 @@ class Writer(threading.Thread):
         self.busy: tuple[float, str] | None = None  # the op under way: (start, what)
         self.max_latency = (0.0, "")
         self.stopping = threading.Event()
+        self.verify_only = False  # True: the thread only reads every key round (the preloaded keys)
 
     def run(self) -> None:
         try:
             with ClusterClient(self.seeds, timeout=self.timeout, failover_timeout=self.failover) as client:
+                while self.verify_only and not self.stopping.is_set():  # the preloaded keys: read them round
+                    self.sweep_many(client, phase="run", pause=0.1)
                 while not self.stopping.is_set():
                     state = self.rng.choice(self.keys)
                     r = self.rng.random()
@@ -499,9 +503,11 @@ class Writer(threading.Thread):
                 state.history.append(f"{t_start - self.t0:9.3f}..{t_end - self.t0:9.3f} set seq {seq}: acked (preload)")
             self.ops["set"] += len(part)
 
-    def sweep_many(self, client: Any, chunk: int = 500) -> None:
-        """The final read of every key with ``get_many``."""
+    def sweep_many(self, client: Any, chunk: int = 500, phase: str = "final", pause: float = 0.0) -> None:
+        """Read every key once with ``get_many`` (the final sweep, or a verifier's round)."""
         for at in range(0, len(self.keys), chunk):
+            if phase != "final" and self.stopping.wait(pause):
+                return
             part = self.keys[at:at + chunk]
             keys = [state.key for state in part]
             raw, exc, t_start, t_end = self._op(f"get_many of {len(part)}", partial(client.get_many, keys))
@@ -510,7 +516,7 @@ class Writer(threading.Thread):
                 self._error(exc, t_start, "get_many")
                 continue
             for state in part:
-                self.check(state, raw.get(state.key), t_start, t_end, immediate=False, phase="final")
+                self.check(state, raw.get(state.key), t_start, t_end, immediate=False, phase=phase)
 
 
 class Watchdog(threading.Thread):
@@ -741,10 +747,13 @@ class Chaos:
                                self.args.failover, self.t0) for w in range(self.args.writers)]
         for writer in self.writers:
             writer.start()
+        if self.preloaded is not None:  # a thread reads them round, so that a loss shows near its cause
+            self.preloaded.verify_only = True
+            self.preloaded.start()
 
     def run(self) -> None:
         self.start()
-        watchdog = Watchdog(self.writers, self.args.failover + 3 * self.args.client_timeout + 15, self.t0)
+        watchdog = Watchdog(self.checked(), self.args.failover + 3 * self.args.client_timeout + 15, self.t0)
         watchdog.start()
         self.watchdog = watchdog
         self.note(f"3 nodes settled; {len(self.writers)} writers started; chaos for {self.args.duration:.0f} s")
@@ -768,9 +777,9 @@ class Chaos:
         self.settle(final)
         final.epoch_after = self.history.epoch()
         self.note(f"final settle: {final.settle_s if final.settle_s is not None else 'FAILED'}")
-        for writer in self.writers:
+        for writer in self.checked():
             writer.stopping.set()
-        for writer in self.writers:
+        for writer in self.checked():
             writer.join(self.args.failover + 3 * self.args.client_timeout + 30)
             if writer.is_alive():
                 self.findings.append(f"writer {writer.wid} did not stop")
@@ -912,14 +921,14 @@ class Chaos:
                 and e.t_stopped > a.expected.t_start]
 
     def print_violations(self, violations: list[Anomaly]) -> None:
-        """Grouped by their first candidate cause (a loss event of the slot after the baseline op
+        """Grouped by their latest candidate cause (the last loss event of the slot after the baseline op
         started; "none": no node of the slot was lost: a planned move or an etcd restart), a line
         per group, then the first few of each group in full."""
         groups: dict[int, list[Anomaly]] = {}
         for a in sorted(violations, key=lambda a: a.t_start):
-            first = next(iter(self.candidates(a)), None)
-            groups.setdefault(first.n if first is not None else 0, []).append(a)
-        print(f"\n== violations ({len(violations)}), by first candidate cause ==")
+            cause = (self.candidates(a) or [None])[-1]
+            groups.setdefault(cause.n if cause is not None else 0, []).append(a)
+        print(f"\n== violations ({len(violations)}), by latest candidate cause ==")
         by_n = {e.n: e for e in self.events}
         for n, items in sorted(groups.items()):
             kinds = ", ".join(f"{k} {v}" for k, v in sorted(Counter(a.kind for a in items).items()))
@@ -991,7 +1000,7 @@ class Chaos:
         node.kill_all()
 
     def close(self) -> None:
-        for writer in self.writers:
+        for writer in self.checked():
             writer.stopping.set()
         with contextlib.suppress(Exception):
             self.history.stop()
