@@ -3,6 +3,7 @@
     python bench/cluster_chaos.py                          # 180 s, seed from the clock, replicas off
     python bench/cluster_chaos.py --seed 7 --duration 300 --replicas 1
     python bench/cluster_chaos.py --events kill,freeze --overlap 0.5 --keep
+    python bench/cluster_chaos.py --repro all              # the minimal reproductions of what it found
     python bench/cluster_chaos.py --help                   # every option
 
 Theory of operation
@@ -65,6 +66,10 @@ by themselves; leaves that did not exit 0; settles that timed out; every ERROR /
 in the nodes' logs (the cluster's temp dir, kept, and its path printed, when anything failed or
 with ``--keep``). Exit status 0 when nothing failed (no violation, no error raised to a
 client, none of the above), 1 otherwise.
+
+``--repro NAME[,NAME]`` (or ``all``) runs instead the minimal reproductions of failures the
+chaos runs showed (``REPRODUCTIONS``): each a fresh etcd and cluster, one precise sequence of
+events and a check; the exit status is 1 if any check fails.
 
 Whatever happens (an error, Ctrl-C, SIGTERM, SIGHUP), every node is thawed and SIGKILLed as a
 whole tree and etcd is stopped (``try/finally`` and an ``atexit`` hook; etcd also dies with this
@@ -1056,7 +1061,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-report", type=int, default=40, help="violations printed in full (default 40)")
     ap.add_argument("--show-exempt", action="store_true", help="print exempt anomalies too")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (node logs) even when all passed")
+    ap.add_argument("--repro", type=lambda s: s.split(","), default=None, metavar="NAME[,NAME]",
+                    help="instead of chaos, run minimal reproductions of what chaos runs found: all, or "
+                         "some of " + ", ".join(REPRODUCTIONS))
     args = ap.parse_args(argv)
+    if args.repro is not None and args.repro != ["all"] and set(args.repro) - set(REPRODUCTIONS):
+        ap.error(f"unknown reproductions {sorted(set(args.repro) - set(REPRODUCTIONS))}")
     unknown = set(args.events) - set(EVENTS)
     if unknown:
         ap.error(f"unknown event kinds {sorted(unknown)}; choose from {','.join(EVENTS)}")
@@ -1065,8 +1075,300 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+# --- minimal reproductions (--repro NAME) ------------------------------------------------------
+#
+# Each is the smallest deterministic form found of a failure the chaos runs showed: a fresh etcd
+# and cluster, one precise sequence of events, and a check; True when the check holds.
+
+
+class _Repro:
+    """A fresh etcd and Cluster in a temp dir for one reproduction; everything killed after."""
+
+    def __init__(self, replicas: int = 0, ttl: int = 3) -> None:
+        self.replicas, self.ttl = replicas, ttl
+        self.tmp = Path(tempfile.mkdtemp(prefix="shardd-repro-"))
+
+    def __enter__(self) -> _Repro:
+        from tests.cluster_harness import Cluster
+        from tests.etcd_server import EtcdServer
+
+        self.etcd = EtcdServer(self.tmp / "etcd").start()
+        self.cluster = Cluster(self.tmp, self.etcd.endpoint, ttl=self.ttl, replicas=self.replicas)
+        _REPROS.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for node in self.cluster.nodes:
+            with contextlib.suppress(Exception):
+                if node.proc is not None and node.proc.poll() is None:
+                    self.cluster.thaw(self.cluster.tree(node))
+            with contextlib.suppress(Exception):
+                node.kill_all()
+        with contextlib.suppress(Exception):
+            self.etcd.close()
+        with contextlib.suppress(ValueError):
+            _REPROS.remove(self)
+
+    @staticmethod
+    def load(seeds: list[str], items: dict[bytes, bytes]) -> None:
+        pairs = list(items.items())
+        with ClusterClient(seeds, timeout=30.0, failover_timeout=30.0) as client:
+            for at in range(0, len(pairs), 1000):
+                client.set_many(pairs[at:at + 1000])
+
+    @staticmethod
+    def read(seeds: list[str], keys: list[bytes]) -> dict[bytes, Any]:
+        got: dict[bytes, Any] = {}
+        with ClusterClient(seeds, timeout=30.0, failover_timeout=30.0) as client:
+            for at in range(0, len(keys), 1000):
+                got.update(client.get_many(keys[at:at + 1000]))
+        return got
+
+    def replicated(self, n: int, timeout: float = 60.0) -> None:
+        """Wait until every key is on two nodes (its owner and its replica)."""
+        deadline = _now() + timeout
+        while sum(self.cluster.keys_per_node().values()) != 2 * n:
+            if _now() > deadline:
+                raise AssertionError("the keys never reached their replicas")
+            time.sleep(0.1)
+
+    @staticmethod
+    def wait_log(nodes: list[Any], text: str, timeout: float = 60.0) -> Any:
+        deadline = _now() + timeout
+        while True:
+            for node in nodes:
+                if text in node.log():
+                    return node
+            if _now() > deadline:
+                raise AssertionError(f"{text!r} never logged")
+            time.sleep(0.002)
+
+
+_REPROS: list[_Repro] = []
+
+
+def _keys(n: int, prefix: str = "k") -> dict[bytes, bytes]:
+    return {f"{prefix}{i}".encode(): f"v{i}".encode() for i in range(n)}
+
+
+def repro_etcd_down_handoff() -> bool:
+    """etcd goes away while a joining node's slots are handed to it: the sources' agents die on
+    the done record's put (Agent._hand_off calls _report outside its try) and are restarted."""
+    with _Repro() as r:
+        a, b = r.cluster.add(), r.cluster.add()
+        r.cluster.settled()
+        r.load([a.endpoint], _keys(60_000))
+        new = r.cluster.add()
+        r.wait_log([a, b], f"keys) to {new.endpoint}")  # the first chunk is handed over
+        r.etcd.stop()
+        time.sleep(2.0)
+        r.etcd.start()
+        r.cluster.settled(timeout=120)
+        crashed = [line for n in (a, b) for line in n.log().splitlines() if "cluster agent failed" in line]
+        print(f"etcd stopped for 2 s after the first chunk handed to the new node; agent crashes: {len(crashed)}")
+        for line in crashed:
+            print("   " + line[:300])
+        return not crashed
+
+
+def repro_replica_join() -> bool:
+    """replicas=1: a node joins and the owner of a third of the keys is SIGKILLed as soon as it
+    installs the first map naming the new node. Keys acknowledged long before are lost: the new
+    replica has no copy yet while the old one dropped its copy at once (cluster_view Rule 5), and
+    slots being handed to the new node have their source as replica, i.e. no copy elsewhere."""
+    with _Repro(replicas=1) as r:
+        a, b, c = r.cluster.add(), r.cluster.add(), r.cluster.add()
+        before = r.cluster.settled()
+        items = _keys(30_000)
+        r.load([a.endpoint], items)
+        r.replicated(len(items))
+        new = r.cluster.add(wait=False)
+        while (smap := r.cluster.map_of(a, timeout=1.0)) is None or smap.index_of(new.endpoint) < 0:
+            time.sleep(0.005)
+        a.kill_all()
+        new.wait_ready()
+        r.cluster.settled([b, c, new], timeout=120)
+        me = before.index_of(a.endpoint)
+        doomed = [k for k in items if before.owners[slot_of(k)] == me]
+        got = r.read([b.endpoint], doomed)
+        lost = [k for k in doomed if k not in got]
+        va, vn = smap.index_of(a.endpoint), smap.index_of(new.endpoint)
+        why = Counter("replica is the new node" if smap.replicas[slot_of(k)] == vn else
+                      "handoff source is the replica" if smap.handoff.get(slot_of(k)) == va
+                      and smap.replicas[slot_of(k)] == va else "other" for k in lost)
+        print(f"the victim owned {len(doomed)} keys, all on their replicas before the join; lost {len(lost)}: "
+              f"{dict(why)}")
+        return not lost
+
+
+def repro_replica_after_join() -> bool:
+    """replicas=1: a node joins, the cluster settles (every handoff done), and the new node is
+    SIGKILLed at once: the keys handed to it are on no other node yet (the source, now its
+    replica, gave its entries away and gets a copy back only when the new owner's agent syncs)."""
+    with _Repro(replicas=1) as r:
+        a, b, c = r.cluster.add(), r.cluster.add(), r.cluster.add()
+        r.cluster.settled()
+        items = _keys(30_000)
+        r.load([a.endpoint], items)
+        r.replicated(len(items))
+        new = r.cluster.add()
+        smap = r.cluster.settled()
+        copies = sum(r.cluster.keys_per_node().values())
+        new.kill_all()
+        r.cluster.settled([a, b, c], timeout=120)
+        me = smap.index_of(new.endpoint)
+        doomed = [k for k in items if smap.owners[slot_of(k)] == me]
+        got = r.read([a.endpoint], doomed)
+        print(f"settled: {copies} copies of {len(items)} keys (want {2 * len(items)}); the new node owned "
+              f"{len(doomed)}; lost after its kill: {len(doomed) - len(got)}")
+        return len(got) == len(doomed)
+
+
+def repro_stream_stall() -> bool:
+    """replicas=1, nodes A B C: SIGKILL C, write one key owned by A whose replica is C (A's
+    replication task now waits 10 s for C's repl_apply), then 500 keys owned by A whose replica
+    is B; 1 s later SIGKILL A. B, promoted, has none of the 500 (the documented window is ~5-12 ms)."""
+    with _Repro(replicas=1) as r:
+        a, b, c = r.cluster.add(), r.cluster.add(), r.cluster.add()
+        smap = r.cluster.settled()
+        ia, ib, ic = (smap.index_of(n.endpoint) for n in (a, b, c))
+
+        def owned(replica: int, n: int, prefix: str) -> list[bytes]:
+            out, i = [], 0
+            while len(out) < n:
+                key = f"{prefix}{i}".encode()
+                i += 1
+                if smap.owners[slot_of(key)] == ia and smap.replicas[slot_of(key)] == replica:
+                    out.append(key)
+            return out
+
+        to_c, to_b = owned(ic, 1, "c"), owned(ib, 500, "b")
+        with ClusterClient([a.endpoint], timeout=10.0) as client:
+            c.kill_all()
+            client.set(to_c[0], b"x")
+            time.sleep(0.2)
+            for key in to_b:
+                client.set(key, b"acked")
+        time.sleep(1.0)
+        a.kill_all()
+        r.cluster.settled([b], timeout=120)
+        got = r.read([b.endpoint], to_b)
+        print(f"keys owned by A, replica B, acked 1 s before A's SIGKILL: lost {len(to_b) - len(got)} of {len(to_b)}")
+        return len(got) == len(to_b)
+
+
+def repro_freeze_source_handoff() -> bool:
+    """A handoff source is SIGSTOPped mid-chunk for TTL+2 s; its slots go to the new owner, where
+    every key is rewritten; on SIGCONT the source's agent finishes the chunk: the entries it took
+    before the freeze must not overwrite the new owner's (fixed on main in d4d64c8)."""
+    with _Repro() as r:
+        a, b = r.cluster.add(), r.cluster.add()
+        r.cluster.settled()
+        items = _keys(60_000)
+        r.load([a.endpoint], items)
+        new = r.cluster.add()
+        source = r.wait_log([a, b], f"keys) to {new.endpoint}")
+        frozen = r.cluster.freeze(source)
+        t = _now()
+        other = b if source is a else a
+        while (smap := r.cluster.map_of(other)) is None or smap.index_of(source.endpoint) >= 0:
+            time.sleep(0.05)
+        r.load([other.endpoint, new.endpoint], dict.fromkeys(items, b"fresh"))
+        time.sleep(max(0.0, r.ttl + 2 - (_now() - t)))
+        r.cluster.thaw(frozen)
+        r.cluster.settled(timeout=120)
+        got = r.read([other.endpoint], list(items))
+        stale = sum(1 for v in got.values() if v != b"fresh")
+        print(f"froze the source mid-handoff; every key rewritten on the new owners; after the thaw "
+              f"{stale} older values came back, {len(items) - len(got)} keys absent")
+        return stale == 0 and len(got) == len(items)
+
+
+def repro_freeze_owner_stream() -> bool:
+    """replicas=1: the owner A is SIGSTOPped while writes stream to its replica B; B is promoted
+    and every key is rewritten there; on SIGCONT A's agent applies what it had pulled: older
+    values must not come back (fixed on main in d4d64c8)."""
+    with _Repro(replicas=1) as r:
+        nodes = [r.cluster.add() for _ in range(3)]
+        smap = r.cluster.settled()
+        time.sleep(2.0)
+        a = nodes[0]
+        ia = smap.index_of(a.endpoint)
+        keys, i, rb = [], 0, None
+        while len(keys) < 300:
+            key = f"t{i}".encode()
+            i += 1
+            if smap.owners[slot_of(key)] == ia and rb in (None, smap.replicas[slot_of(key)]):
+                rb = smap.replicas[slot_of(key)]
+                keys.append(key)
+        b = next(n for n in nodes if n.endpoint == smap.nodes[rb].endpoint)  # type: ignore[index]
+        stop = threading.Event()
+
+        def load() -> None:
+            with ClusterClient([a.endpoint], timeout=2.0, failover_timeout=0.2) as client:
+                n = 0
+                while not stop.is_set():
+                    with contextlib.suppress(SharddError):
+                        client.set(keys[n % len(keys)], f"old{n}".encode())
+                    n += 1
+
+        thread = threading.Thread(target=load)
+        thread.start()
+        time.sleep(1.0)
+        frozen = r.cluster.freeze(a)
+        t = _now()
+        stop.set()
+        thread.join()
+        while (m := r.cluster.map_of(b)) is None or m.index_of(a.endpoint) >= 0:
+            time.sleep(0.05)
+        r.load([b.endpoint], dict.fromkeys(keys, b"fresh"))
+        time.sleep(max(0.0, r.ttl + 2 - (_now() - t)))
+        r.cluster.thaw(frozen)
+        r.cluster.settled(timeout=120)
+        time.sleep(1.0)
+        got = r.read([b.endpoint], keys)
+        stale = sum(1 for v in got.values() if v != b"fresh")
+        print(f"froze the owner under write load; 300 keys rewritten on the promoted replica; after the thaw "
+              f"{stale} older values came back")
+        return stale == 0 and len(got) == len(keys)
+
+
+REPRODUCTIONS = {
+    "etcd-down-handoff": repro_etcd_down_handoff,
+    "replica-join": repro_replica_join,
+    "replica-after-join": repro_replica_after_join,
+    "stream-stall": repro_stream_stall,
+    "freeze-source-handoff": repro_freeze_source_handoff,
+    "freeze-owner-stream": repro_freeze_owner_stream,
+}
+
+
+def run_repros(names: list[str]) -> int:
+    failed = []
+    for name in names:
+        print(f"== {name}: {REPRODUCTIONS[name].__doc__.split(chr(10))[0]}", flush=True)
+        try:
+            ok = REPRODUCTIONS[name]()
+        except Exception:
+            print(traceback.format_exc())
+            ok = False
+        print(f"   {'holds' if ok else 'FAILS'}\n", flush=True)
+        if not ok:
+            failed.append(name)
+    print(f"{len(names) - len(failed)} of {len(names)} hold; failing: {', '.join(failed) or 'none'}")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.repro:
+        atexit.register(lambda: [r.close() for r in list(_REPROS)])
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, lambda signum, frame: sys.exit(128 + signum))
+        return run_repros(list(REPRODUCTIONS) if args.repro == ["all"] else args.repro)
     from tests.etcd_server import running_etcd
 
     def on_signal(signum: int, frame: object) -> None:
