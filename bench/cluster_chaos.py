@@ -1335,6 +1335,48 @@ def repro_freeze_owner_stream() -> bool:
         return stale == 0 and len(got) == len(keys)
 
 
+def repro_multikey_redirects() -> bool:
+    """A get_many of 500 keys while slots are handed over (join, leave) raises Moved ("still
+    redirected after 16 redirects"): the new owner answers ask for one slot per round (a multi-key
+    part is refused as a whole with its first key's redirect) and MAX_REDIRECTS is per call."""
+    with _Repro() as r:
+        a = r.cluster.add()
+        r.cluster.add()
+        r.cluster.settled()
+        items = _keys(60_000)
+        r.load([a.endpoint], items)
+        keys = list(items)[:500]
+        errors: Counter[str] = Counter()
+        calls = 0
+        stop = threading.Event()
+
+        def read() -> None:
+            nonlocal calls
+            with ClusterClient([a.endpoint], timeout=10.0, failover_timeout=30.0) as client:
+                while not stop.is_set():
+                    try:
+                        got = client.get_many(keys)
+                        if len(got) != len(keys):
+                            errors["missing keys"] += 1
+                    except SharddError as exc:
+                        errors[f"{type(exc).__name__}: {str(exc)[:60]}"] += 1
+                    calls += 1
+
+        thread = threading.Thread(target=read)
+        thread.start()
+        try:
+            for _ in range(3):  # a join, then a graceful leave of the node that joined
+                node = r.cluster.add()
+                r.cluster.settled(timeout=120)
+                node.stop(timeout=120)
+                r.cluster.settled(r.cluster.live, timeout=120)
+        finally:
+            stop.set()
+            thread.join(60)
+        print(f"{calls} get_many of 500 keys during 3 joins and leaves; errors: {dict(errors) or 0}")
+        return not errors
+
+
 REPRODUCTIONS = {
     "etcd-down-handoff": repro_etcd_down_handoff,
     "replica-join": repro_replica_join,
@@ -1342,6 +1384,7 @@ REPRODUCTIONS = {
     "stream-stall": repro_stream_stall,
     "freeze-source-handoff": repro_freeze_source_handoff,
     "freeze-owner-stream": repro_freeze_owner_stream,
+    "multikey-redirects": repro_multikey_redirects,
 }
 
 
