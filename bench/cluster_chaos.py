@@ -1377,6 +1377,45 @@ def repro_multikey_redirects() -> bool:
         return not errors
 
 
+def repro_dead_source_redirects() -> bool:
+    """A handoff source is SIGKILLed mid-handoff while a client sets keys of the slots it was
+    handing over, on a client already connected to it through its router (direct=False, as
+    always with replicas on): the new owner answers ask (to the dead source), the ask fails at
+    once (NotSent), the map is unchanged for ~TTL, and the call raises Moved after 16 redirects
+    within milliseconds instead of riding the failover out (failover_timeout 30 s)."""
+    with _Repro() as r:
+        a, b = r.cluster.add(), r.cluster.add()
+        r.cluster.settled()
+        r.load([a.endpoint], _keys(60_000))
+        new = r.cluster.add()
+        r.wait_log([a], f"keys) to {new.endpoint}")  # a hands its first chunk over: more to come
+        smap = r.cluster.map_of(new, timeout=5.0)
+        assert smap is not None
+        ia = smap.index_of(a.endpoint)
+        pending = [s for s, source in smap.handoff.items() if source == ia]
+        keys, i = [], 0
+        while len(keys) < 200 and pending:
+            key = f"h{i}".encode()
+            i += 1
+            if smap.handoff.get(slot_of(key)) == ia:
+                keys.append(key)
+        errors: Counter[str] = Counter()
+        with ClusterClient([a.endpoint, b.endpoint, new.endpoint], timeout=3.0, failover_timeout=30.0,
+                           direct=False) as client:  # as with replicas on (no direct mode there)
+            client.topology()  # the map with the handoffs pending; and a connection to the source
+            client.get(keys[0])  # (asked there: the source still serves it)
+            a.kill_all()
+            t = _now()
+            for key in keys:
+                try:
+                    client.set(key, b"v")
+                except SharddError as exc:
+                    errors[f"{type(exc).__name__}: {str(exc)[:50]}"] += 1
+        print(f"{len(pending)} slots pending from the killed source; {len(keys)} sets of their keys in "
+              f"{_now() - t:.1f} s; errors: {dict(errors) or 0}")
+        return not errors
+
+
 REPRODUCTIONS = {
     "etcd-down-handoff": repro_etcd_down_handoff,
     "replica-join": repro_replica_join,
@@ -1385,6 +1424,7 @@ REPRODUCTIONS = {
     "freeze-source-handoff": repro_freeze_source_handoff,
     "freeze-owner-stream": repro_freeze_owner_stream,
     "multikey-redirects": repro_multikey_redirects,
+    "dead-source-redirects": repro_dead_source_redirects,
 }
 
 
