@@ -1211,7 +1211,7 @@ def repro_replica_after_join() -> bool:
     with _Repro(replicas=1) as r:
         a, b, c = r.cluster.add(), r.cluster.add(), r.cluster.add()
         r.cluster.settled()
-        items = _keys(30_000)
+        items = _keys(80_000)  # more keys: a longer copy, a wider window
         r.load([a.endpoint], items)
         r.replicated(len(items))
         new = r.cluster.add()
