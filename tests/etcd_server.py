@@ -138,8 +138,18 @@ class EtcdServer:
         # PDEATHSIG is tied to the thread that forks: only safe from the main thread (a worker
         # thread that exits, e.g. an executor's at asyncio.run's end, would kill etcd with it).
         on_main = threading.current_thread() is threading.main_thread()
-        self.proc = subprocess.Popen(self.argv(), stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent if on_main else None)
+        argv, preexec = self.argv(), None
+        if on_main:
+            # util-linux's setpriv sets PDEATHSIG and execs etcd, so no Python runs in the forked
+            # child: this process may hold gRPC threads (aetcd), and a Python preexec_fn after
+            # fork then aborts in gRPC's poller (seen: etcd "exited -6 while starting").
+            setpriv = shutil.which("setpriv")
+            if setpriv is not None:
+                argv = [setpriv, "--pdeathsig", "KILL", *argv]
+            else:
+                preexec = _die_with_parent
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, preexec_fn=preexec)
         atexit.register(self._reap)
         try:
             self._wait_ready(timeout)
