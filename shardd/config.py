@@ -77,6 +77,11 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     cluster_lease_ttl: int = 5
     cluster_leave_timeout: float = 60.0
     cluster_replicas: int = 0       # 1: each slot's writes stream to a second node, promoted if the owner dies
+    # The Redis-protocol endpoint (docs/resp.md): off unless resp_bind is set.
+    resp_bind: str = ""             # e.g. "tcp://127.0.0.1:6380"
+    resp_password: str = ""         # Redis requirepass: the "default" user's password
+    resp_admin_password: str = ""   # the "admin" user's; when set, FLUSHALL/FLUSHDB need it
+    resp_max_clients: int = 10000   # Redis maxclients
 
     def __post_init__(self) -> None:
         if not _ENDPOINT_RE.match(self.bind):
@@ -87,6 +92,17 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError(f"{self.bind} is reachable from other hosts and shardd has no authentication; "
                              f"bind loopback or ipc, set auth_dir (CURVE keys: shardd keys generate), "
                              f"or set allow_remote_without_auth = true - at `$.bind`")
+        if self.resp_bind:
+            if not re.match(r"^tcp://(\[[0-9a-fA-F:]+\]|[^\s:\[\]/]+):\d{1,5}$", self.resp_bind):
+                raise ValueError(f"must be tcp://HOST:PORT, got {self.resp_bind!r} - at `$.resp_bind`")
+            if not (self.resp_password or self.allow_remote_without_auth or is_local_endpoint(self.resp_bind)):
+                # Redis's protected mode: no password and reachable from other hosts is refused.
+                raise ValueError(f"{self.resp_bind} is reachable from other hosts and the RESP endpoint has no "
+                                 f"password; bind loopback, set resp_password, or set allow_remote_without_auth "
+                                 f"= true - at `$.resp_bind`")
+            if self.cluster_etcd:
+                raise ValueError("the RESP endpoint is not available in cluster mode yet (Redis clients cannot "
+                                 "follow shardd's slot map); unset resp_bind or cluster_etcd - at `$.resp_bind`")
         checks: list[tuple[str, bool, str]] = [
             ("shards", 0 <= self.shards <= MAX_SHARDS, f"between 0 (one per CPU) and {MAX_SHARDS}"),
             ("mailbox_limit", 1 <= self.mailbox_limit <= 10_000_000, "between 1 and 10000000"),
@@ -111,6 +127,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             ("compression_min_saving", 0.0 <= self.compression_min_saving < 1.0,
              "a fraction in [0, 1): a compressed value is kept only if it saves at least this much"),
             ("hotkeys_capacity", 0 <= self.hotkeys_capacity <= 100_000, "between 0 (off) and 100000"),
+            ("resp_max_clients", 1 <= self.resp_max_clients <= 1_000_000, "between 1 and 1000000"),
             ("metrics_bind", self.metrics_bind == "" or _HOST_PORT_RE.match(self.metrics_bind) is not None,
              '"" (off) or HOST:PORT, e.g. "127.0.0.1:9400"'),
         ]
@@ -219,6 +236,10 @@ SETTINGS: dict[str, Setting] = {
     "cluster_lease_ttl": Setting(RESTART),
     "cluster_leave_timeout": Setting(RESTART),
     "cluster_replicas": Setting(RESTART),
+    "resp_bind": Setting(RESTART),
+    "resp_password": Setting(RESTART),
+    "resp_admin_password": Setting(RESTART),
+    "resp_max_clients": Setting(RESTART),
     "mailbox_limit": Setting(frozenset({ROUTER, WORKER})),  # workers: direct clients' bound
     "max_memory": Setting(frozenset({WORKER})),
     "eviction_policy": Setting(frozenset({WORKER})),

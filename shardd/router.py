@@ -67,6 +67,7 @@ from shardd.config import RESTART_KEYS, Config, build_config
 from shardd.errors import ConfigError
 from shardd.hashing import shard_for
 from shardd.migration import Migration, MigrationStep, Phase, Send, StepKind
+from shardd.resp_server import RESP_TARGETS
 from shardd.router_stats import (
     GATHER_DEADLINE_S,
     combine_health,
@@ -143,6 +144,7 @@ class Router:
         # Cluster mode (docs/cluster.md): which slots this node serves; None on a single node.
         self.cluster: ClusterView | None = (ClusterView(config.cluster_name, config.node_id())
                                             if config.clustered else None)
+        self.resp: Any = None  # the RESP endpoint (resp_server.RespServer) when resp_bind is set
 
     # Hooks for the transport loop: start / stop watching a shard added / removed by a resize.
     def on_new_link(self, link: ShardLink) -> None:
@@ -162,6 +164,9 @@ class Router:
         if type(peer) is ControlPeer:
             self.control.send(peer.identity, frame)
             return
+        if type(peer) in RESP_TARGETS:  # an op of a Redis command (resp_server): it spells the reply
+            peer.answer_raw(frame)
+            return
         n = self.peer_inflight.get(peer, 0)  # Rule 5: one reply per request
         if n > 1:
             self.peer_inflight[peer] = n - 1
@@ -171,6 +176,9 @@ class Router:
 
     def reply(self, peer: Any, request_id: int, status: int, value: Any = None) -> None:
         if peer is None:  # the router's own request (balance check): nobody to answer
+            return
+        if type(peer) in RESP_TARGETS:
+            peer.answer(status, value)
             return
         self.send_to(peer, p.encode_reply(request_id, status, value))
 
@@ -229,24 +237,49 @@ class Router:
                 self.reply(peer, env.id, *problem)
                 return
         if spec.kind == _KEYED:
-            cluster = self.cluster
-            if cluster is not None:
-                problem = cluster.refusal(op.key, _monotonic())
-                if problem is not None:
-                    self.reply(peer, env.id, *problem)
-                    return
-                if cluster.replicated and spec.write:
-                    cluster.note_write(op.key)
-            link = self.links[shard_for(op.key, self.n)]
-            problem = self._refusal(link)
-            if problem is not None:
-                self.reply(peer, env.id, *problem)
-                return
-            link.inflight += 1
-            link.out_frames.append(frame)
-            link.out_targets.append(peer)
+            self._keyed(peer, env.id, op, spec, frame)
             return
         _DISPATCH[type(op)](self, peer, env.id, op)
+
+    def _keyed(self, peer: Any, request_id: int, op: Any, spec: p.OpSpec, frame: bytes | None) -> None:
+        """Queue a keyed op on its shard's outbox (``frame``: its request, encoded here if None)."""
+        cluster = self.cluster
+        if cluster is not None:
+            problem = cluster.refusal(op.key, _monotonic())
+            if problem is not None:
+                self.reply(peer, request_id, *problem)
+                return
+            if cluster.replicated and spec.write:
+                cluster.note_write(op.key)
+        link = self.links[shard_for(op.key, self.n)]
+        problem = self._refusal(link)
+        if problem is not None:
+            self.reply(peer, request_id, *problem)
+            return
+        link.inflight += 1
+        link.out_frames.append(frame if frame is not None else p.encode_request(0, op))
+        link.out_targets.append(peer)
+
+    def submit(self, target: Any, op: p.Op) -> None:
+        """Route an op made in this process (a Redis command's, resp_server) as ``route`` routes a
+        client's: the same checks and placement, without a frame to decode. ``target`` answers."""
+        if self.draining:
+            target.answer(p.UNAVAILABLE, "the daemon is shutting down; retry shortly")
+            return
+        spec = _OPS[type(op)]
+        if spec.guarded or (spec.write and self.maintenance):
+            problem = _gate(self, spec, op, False)
+            if problem is not None:
+                target.answer(*problem)
+                return
+        if spec.kind == _KEYED:  # the worker checks it, as it checks every request it decodes
+            self._keyed(target, 0, op, spec, None)
+            return
+        problem = p.check_op(op, self.limits)
+        if problem is not None:
+            target.answer(*problem)
+            return
+        _DISPATCH[type(op)](self, target, 0, op)
 
     def _refusal(self, link: ShardLink) -> tuple[int, str] | None:
         return link.refusal(self.mailbox_limit, self.heavy)
@@ -394,6 +427,7 @@ class Router:
             "requests": self.requests,
             "maintenance": self.maintenance,
             "clients_in_flight": len(self.peer_inflight),  # connections with requests unanswered (Rule 5)
+            **({"resp": self.resp.stats()} if self.resp is not None else {}),
             **({"cluster": self.cluster.stats(_monotonic())} if self.cluster is not None else {}),
         }
 

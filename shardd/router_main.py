@@ -19,6 +19,7 @@ from shardd import transport
 from shardd.config import Config
 from shardd.errors import ExitCode
 from shardd.logs import setup_logging
+from shardd.resp_server import RespServer
 from shardd.router import Router
 from shardd.shard_link import ShardLink
 
@@ -56,8 +57,19 @@ def serve(config: Config) -> int:
             return ExitCode.BOOT_FAILED
         router = Router(config, frontend, links, control, connect)
         router.admin_ids = hub.admin_ids
+        if config.resp_bind:
+            try:
+                router.resp = RespServer(config, router, hub)
+            except OSError as exc:
+                log.error("%s", exc.strerror or exc)
+                return ExitCode.BOOT_FAILED
+            log.info("RESP (Redis protocol) endpoint on %s", config.resp_bind)
         log.info("listening on %s for %d shards", config.bind, config.shards)
-        _serve(router, hub, wakeup, lambda: stopping)
+        try:
+            _serve(router, hub, wakeup, lambda: stopping)
+        finally:
+            if router.resp is not None:
+                router.resp.close()
     finally:
         for endpoint in [*public, config.control_endpoint()]:
             transport.remove_ipc_file(endpoint)
@@ -79,6 +91,7 @@ def _serve(router: Router, hub: transport.Hub, wakeup: int, should_stop: Callabl
     router.on_new_link = watch  # type: ignore[method-assign]
     router.on_removed_link = lambda link: hub.unwatch(link.channel)  # type: ignore[method-assign]
     deadline = None
+    resp = router.resp
     while True:
         if deadline is None and should_stop():
             router.draining = True
@@ -95,6 +108,9 @@ def _serve(router: Router, hub: transport.Hub, wakeup: int, should_stop: Callabl
         if router.timed:
             timeout = 20  # a health gather's deadline needs a clock, not only socket events
         hub.poll(timeout)
+        if resp is not None:  # this pass's Redis commands go to the shards in one batch each, then
+            router.flush_outboxes()  # the replies that are ready go out, one send per connection
+            resp.flush()
         router.check_balance(time.monotonic())
         if router.timed:
             router.expire_gathers(time.monotonic())

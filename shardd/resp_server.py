@@ -1,0 +1,483 @@
+"""The RESP endpoint: Redis clients' TCP connections, served inside the router's poll loop.
+
+Theory of operation
+-------------------
+``resp_bind`` adds a plain TCP listener to the router process. Each connection's bytes go to its
+``RequestParser`` (shardd.resp); each command is checked (known, arity, authenticated, allowed)
+and its handler (shardd.resp_commands) turns it into a reply at once or into native ops, which
+``Router.submit`` places exactly as it places a native client's ops: same placement, same
+batches to the workers, same maintenance, resize and BUSY rules. A shard's answer comes back to
+the ``Call`` (or ``Part``) the op was queued with, which spells it in RESP.
+
+Why the router's loop and not a gateway process per core (docs/resp.md, bench/resp.py): the
+router already owns the shard links, batching, the resize re-routing and the gathers; a gateway
+would need its own copy of all of it, and on this 2-core machine its extra process competes with
+the workers for the same cores.
+
+Rules
+-----
+Rule 1: replies leave in request order. Each command takes its place in its connection's queue
+        (``calls``) when it is read; a reply that is ready waits for the ones before it.
+Rule 2: one connection's memory is bounded: the parser bounds the request bytes it holds
+        (resp.RequestParser, Rule 2), and a connection with more than ``MAX_PENDING`` commands
+        unanswered or ``MAX_OUTPUT`` bytes unsent is not read until it drops below half: TCP
+        then stops the client. A client that never reads costs at most that, never the daemon.
+Rule 3: all socket writes happen once per poll pass (``flush``), one ``send`` per connection with
+        every reply ready by then: one syscall for a whole pipeline's worth of replies.
+Rule 4: nothing a client sends raises out of the loop: a handler that fails answers
+        ``-ERR internal error`` and the connection goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hmac
+import logging
+import os
+import select
+import socket
+import time
+from collections import deque
+from typing import Any
+
+from shardd import __version__
+from shardd import protocol as p
+from shardd import resp as r
+from shardd.config import Config
+from shardd.resp_commands import (
+    COMMANDS,
+    NOAUTH,
+    REDIS_VERSION,
+    Plan,
+    Session,
+    arity_error,
+    unknown_command,
+)
+
+log = logging.getLogger("shardd.resp")
+
+MAX_PENDING = 4096           # commands read but not yet answered, per connection (Rule 2)
+MAX_OUTPUT = 4 * 1024 * 1024  # reply bytes not yet sent, per connection (Rule 2)
+_READ_SIZE = 256 * 1024
+_ACCEPT_PER_PASS = 64
+
+
+class Call:
+    """One command waiting for its reply; the router's target for a one-op command."""
+
+    __slots__ = ("answers", "combine", "conn", "out", "remaining")
+
+    def __init__(self, conn: Connection, combine: Any) -> None:
+        self.conn = conn
+        self.combine = combine  # (status, value, resp3) → bytes; for a Plan: (answers, resp3) → bytes
+        self.out: bytes | None = None
+        self.answers: list[Any] | None = None
+        self.remaining = 0
+
+    def answer(self, status: int, value: Any) -> None:
+        conn = self.conn
+        self.out = self.combine(status, value, conn.session.resp3)
+        conn.ready(self)
+
+    def answer_raw(self, frame: bytes) -> None:
+        reply = p.decode_reply(frame)
+        self.answer(reply.status, reply.value)
+
+
+class Part:
+    """One op of a several-op command (Plan); the command's reply waits for all of them."""
+
+    __slots__ = ("call", "index")
+
+    def __init__(self, call: Call, index: int) -> None:
+        self.call = call
+        self.index = index
+
+    def answer(self, status: int, value: Any) -> None:
+        call = self.call
+        call.answers[self.index] = (status, value)  # type: ignore[index]
+        call.remaining -= 1
+        if not call.remaining:
+            conn = call.conn
+            call.out = call.combine(call.answers, conn.session.resp3)
+            conn.ready(call)
+
+    def answer_raw(self, frame: bytes) -> None:
+        reply = p.decode_reply(frame)
+        self.answer(reply.status, reply.value)
+
+
+RESP_TARGETS = (Call, Part)
+
+
+class Connection:
+    __slots__ = ("addr", "blocked", "calls", "closed", "fd", "out", "out_bytes", "parser", "paused", "server",
+                 "session", "sock")
+
+    def __init__(self, server: RespServer, sock: socket.socket, addr: str, client_id: int) -> None:
+        self.server = server
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.addr = addr
+        authenticated = not server.password
+        self.session = Session(server, client_id, addr, authenticated)
+        self.parser = r.RequestParser(server.max_bulk, authenticated=authenticated)
+        self.calls: deque[Call] = deque()  # Rule 1: commands not yet answered, oldest first
+        self.out: list[bytes] = []          # replies ready to send, in order
+        self.out_bytes = 0
+        self.paused = False   # not read: too much pending (Rule 2), or closing
+        self.blocked = False  # its socket's send buffer is full: wait until writable
+        self.closed = False
+
+    def ready(self, call: Call) -> None:
+        """A reply is ready: move every ready reply at the head of the queue to the output (Rule 1)."""
+        calls = self.calls
+        if call is not calls[0] if calls else True:
+            return
+        out = self.out
+        while calls and calls[0].out is not None:
+            data = calls.popleft().out
+            out.append(data)  # type: ignore[arg-type]
+            self.out_bytes += len(data)  # type: ignore[arg-type]
+        self.server.dirty.add(self)
+
+
+class RespServer:
+    """The listener, its connections and their counters; driven by router_main's loop."""
+
+    def __init__(self, config: Config, router: Any, hub: Any) -> None:
+        self.config = config
+        self.router = router
+        self.hub = hub
+        self.password = config.resp_password.encode()
+        self.admin_password = config.resp_admin_password.encode()
+        self.max_bulk = config.max_message_bytes
+        self.max_clients = config.resp_max_clients
+        self.conns: dict[int, Connection] = {}
+        self.dirty: set[Connection] = set()
+        self.next_id = 1
+        self.started = time.monotonic()
+        self.accepted = 0
+        self.rejected = 0
+        self.commands = 0
+        self.errors = 0
+        self.protocol_errors = 0
+        self.calls_by_command: dict[str, int] = {}
+        self.errors_by_command: dict[str, int] = {}
+        self.listener = listen(config.resp_bind)
+        self.port = self.listener.getsockname()[1]
+        # The connections wait in an epoll set whose own fd is in the hub's poll: a pass then costs
+        # one call for the ready ones, not a walk over every connection (zmq.Poller's cost is per fd).
+        self.epoll = select.epoll()
+        self.epoll.register(self.listener.fileno(), select.EPOLLIN)
+        hub.watch_fd(self.epoll.fileno(), self.on_epoll)
+
+    def on_epoll(self) -> None:
+        conns = self.conns
+        listener = self.listener.fileno()
+        for fd, _ in self.epoll.poll(0, 1024):
+            conn = conns.get(fd)
+            if conn is not None:
+                self.on_event(conn)
+            elif fd == listener:
+                self.on_accept()
+
+    def close(self) -> None:
+        for conn in list(self.conns.values()):
+            self._close(conn)
+        self.listener.close()
+        self.epoll.close()
+
+    # --- connections -----------------------------------------------------------------------
+
+    def on_accept(self) -> None:
+        for _ in range(_ACCEPT_PER_PASS):
+            try:
+                sock, addr = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and friends: the backlog waits; log, never crash
+                log.warning("resp: accept failed: %s", exc)
+                return
+            if len(self.conns) >= self.max_clients:
+                self.rejected += 1
+                try:
+                    sock.send(b"-ERR max number of clients reached\r\n")
+                finally:
+                    sock.close()
+                continue
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+            conn = Connection(self, sock, peer, self.next_id)
+            self.next_id += 1
+            self.accepted += 1
+            self.conns[conn.fd] = conn
+            self.epoll.register(conn.fd, select.EPOLLIN)
+
+    def on_event(self, conn: Connection) -> None:
+        """Readable or (when blocked) writable: the poll does not say which, so try what applies."""
+        if conn.blocked:
+            self.dirty.add(conn)
+        if conn.paused or conn.closed:
+            return
+        try:
+            data = conn.sock.recv(_READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(conn)
+            return
+        if not data:
+            self._close(conn)
+            return
+        commands, problem = conn.parser.feed(data)
+        if commands:
+            self._run(conn, commands)
+        if problem is not None:
+            self.protocol_errors += 1
+            self._push(conn, r.error(f"ERR {problem}"))
+            conn.session.closing = True
+            self._pause(conn)
+        elif len(conn.calls) > MAX_PENDING or conn.out_bytes > MAX_OUTPUT:
+            self._pause(conn)  # Rule 2
+
+    def _run(self, conn: Connection, commands: list[list[bytes]]) -> None:
+        session = conn.session
+        submit = self.router.submit
+        by_command = self.calls_by_command
+        self.commands += len(commands)
+        router = self.router
+        router.caller_is_admin = True  # the RESP endpoint checked its own users (below)
+        for args in commands:
+            if session.closing:
+                break
+            name = args[0].lower()
+            command = COMMANDS.get(name)
+            if command is None:
+                self._push(conn, unknown_command(args), "unknown")
+                continue
+            text = command.name
+            by_command[text] = by_command.get(text, 0) + 1
+            arity = command.arity
+            if (len(args) != arity) if arity > 0 else (len(args) < -arity):
+                self._push(conn, arity_error(text), text)
+                continue
+            if session.user is None and not command.no_auth:
+                self._push(conn, NOAUTH, text)
+                continue
+            if command.admin and not session.admin:
+                self._push(conn, r.error(f"NOPERM User {session.user} has no permissions to run the "
+                                         f"'{text}' command"), text)
+                continue
+            try:
+                result = command.handler(session, args)
+            except Exception as exc:  # Rule 4
+                log.exception("resp: %s failed", text)
+                self._push(conn, r.error(f"ERR internal error: {exc!r}"), text)
+                continue
+            kind = type(result)
+            if kind is tuple:
+                call = Call(conn, result[1])
+                conn.calls.append(call)
+                submit(call, result[0])
+            elif kind is bytes:
+                self._push(conn, result, text)  # type: ignore[arg-type]
+            else:
+                plan: Plan = result
+                call = Call(conn, plan.combine)
+                call.answers = [None] * len(plan.ops)
+                call.remaining = len(plan.ops)
+                conn.calls.append(call)
+                for index, op in enumerate(plan.ops):
+                    submit(Part(call, index), op)
+        if not session.user:  # Rule 3 of resp: the parser's limits follow authentication
+            return
+        conn.parser.authenticated = True
+
+    def _push(self, conn: Connection, data: bytes, command: str | None = None) -> None:
+        """A reply known at once: it still waits behind earlier ones (Rule 1)."""
+        if data[0] == 45:  # "-": count errors answered here (shard errors are counted in flush)
+            self.errors += 1
+            if command is not None:
+                self.errors_by_command[command] = self.errors_by_command.get(command, 0) + 1
+        if conn.calls:
+            call = Call(conn, None)
+            call.out = data
+            conn.calls.append(call)
+            return
+        conn.out.append(data)
+        conn.out_bytes += len(data)
+        self.dirty.add(conn)
+
+    def _pause(self, conn: Connection) -> None:
+        if not conn.paused:
+            conn.paused = True
+            self._watch(conn)
+
+    def _watch(self, conn: Connection) -> None:
+        self.epoll.modify(conn.fd, (0 if conn.paused else select.EPOLLIN) | (select.EPOLLOUT if conn.blocked else 0))
+
+    def flush(self) -> None:
+        """Send every connection's ready replies: one send per connection per pass (Rule 3)."""
+        if not self.dirty:
+            return
+        dirty, self.dirty = self.dirty, set()
+        for conn in dirty:
+            if conn.closed:
+                continue
+            out = conn.out
+            if out:
+                data = out[0] if len(out) == 1 else b"".join(out)
+                try:
+                    sent = conn.sock.send(data)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                except OSError:
+                    self._close(conn)
+                    continue
+                rest = data[sent:]
+                if rest:
+                    conn.out = [rest]
+                    conn.out_bytes = len(rest)
+                    if not conn.blocked:
+                        conn.blocked = True
+                        self._watch(conn)
+                    continue
+                out.clear()
+                conn.out_bytes = 0
+                if conn.blocked:
+                    conn.blocked = False
+                    self._watch(conn)
+            if conn.session.closing:
+                if not conn.calls:
+                    self._close(conn)
+            elif conn.paused and not conn.blocked and len(conn.calls) <= MAX_PENDING // 2:
+                conn.paused = False
+                self._watch(conn)
+
+    def _close(self, conn: Connection) -> None:
+        if conn.closed:
+            return
+        conn.closed = True
+        conn.calls.clear()  # replies still on their way find a closed connection and are dropped
+        self.conns.pop(conn.fd, None)
+        self.dirty.discard(conn)
+        with contextlib.suppress(OSError):
+            self.epoll.unregister(conn.fd)
+        with contextlib.suppress(OSError):
+            conn.sock.close()
+
+    # --- what commands read ---------------------------------------------------------------------
+
+    def shards(self) -> int:
+        return int(self.router.n)
+
+    def check_password(self, user: str, password: bytes) -> bool:
+        expected = {"default": self.password, "admin": self.admin_password}.get(user)
+        if not expected:
+            # The default user without a password is "nopass", as Redis's; admin needs one.
+            return user == "default" and not self.password
+        return hmac.compare_digest(expected, password)
+
+    def redis_config(self) -> dict[str, str]:
+        policy = self.router.config.eviction_policy
+        return {"maxmemory": str(self.router.config.max_memory), "maxmemory-policy": policy,
+                "save": "", "appendonly": "no", "databases": "1", "maxclients": str(self.max_clients),
+                "port": str(self.port)}
+
+    def client_line(self, s: Session) -> str:
+        return (f"id={s.client_id} addr={s.peer} name={s.name.decode('utf-8', 'replace')} "
+                f"age={int(time.monotonic() - s.created)} db=0 user={s.user or 'default'} "
+                f"resp={3 if s.resp3 else 2} lib-name={s.lib_name.decode('utf-8', 'replace')} "
+                f"lib-ver={s.lib_ver.decode('utf-8', 'replace')}")
+
+    def client_lines(self) -> list[str]:
+        return [self.client_line(conn.session) for conn in self.conns.values()]
+
+    def stats(self) -> dict[str, Any]:
+        return {"bind": self.config.resp_bind, "connections": len(self.conns), "accepted": self.accepted,
+                "rejected": self.rejected, "commands": self.commands, "errors": self.errors,
+                "protocol_errors": self.protocol_errors, "by_command": dict(self.calls_by_command),
+                "errors_by_command": dict(self.errors_by_command)}
+
+    def info_text(self, stats: dict[str, Any], wanted: set[str]) -> str:
+        return info_text(stats, wanted, self)
+
+
+def info_text(stats: dict[str, Any], wanted: set[str], server: RespServer) -> str:
+    """INFO's sections from a combined ``stats`` answer (router_stats.combine_stats)."""
+    total = stats.get("total", {})
+    router = stats.get("router", {})
+    config = server.router.config
+    uptime = int(time.monotonic() - server.started)
+    sections: dict[str, list[tuple[str, Any]]] = {
+        "server": [("redis_version", REDIS_VERSION), ("shardd_version", __version__), ("redis_mode", "standalone"),
+                   ("os", f"{os.uname().sysname} {os.uname().release} {os.uname().machine}"), ("arch_bits", 64),
+                   ("process_id", os.getpid()), ("tcp_port", server.port), ("uptime_in_seconds", uptime),
+                   ("uptime_in_days", uptime // 86400)],
+        "clients": [("connected_clients", len(server.conns)), ("maxclients", server.max_clients),
+                    ("blocked_clients", 0)],
+        "memory": [("used_memory", total.get("used_bytes", 0)),
+                   ("used_memory_human", _human(total.get("used_bytes", 0))),
+                   ("used_memory_rss", total.get("rss_bytes", 0)),
+                   ("maxmemory", config.max_memory), ("maxmemory_human", _human(config.max_memory)),
+                   ("maxmemory_policy", config.eviction_policy)],
+        "stats": [("total_connections_received", server.accepted),
+                  ("total_commands_processed", server.commands),
+                  ("instantaneous_ops_per_sec", int(total.get("ops_per_s", 0))),
+                  ("rejected_connections", server.rejected),
+                  ("expired_keys", total.get("expired", 0)), ("evicted_keys", total.get("evicted", 0)),
+                  ("keyspace_hits", total.get("hits", 0)), ("keyspace_misses", total.get("misses", 0)),
+                  ("total_error_replies", server.errors)],
+        "keyspace": ([("db0", f"keys={total.get('keys', 0)},expires={total.get('expiring', 0)},avg_ttl=0")]
+                     if total.get("keys") else []),
+        "shardd": [("shards", router.get("shards", len(stats.get("shards", [])))),
+                   ("maintenance", int(bool(router.get("maintenance")))),
+                   *[(f"shard{row.get('shard')}",
+                      f"status={row.get('status')},keys={row.get('keys', 0)},used_bytes={row.get('used_bytes', 0)},"
+                      f"ops_per_s={row.get('ops_per_s', 0)},hits={row.get('hits', 0)},misses={row.get('misses', 0)},"
+                      f"evicted={row.get('evicted', 0)},mailbox={row.get('mailbox', 0)}")
+                     for row in stats.get("shards", [])]],
+    }
+    if "commandstats" in wanted or "all" in wanted or "everything" in wanted:
+        sections["commandstats"] = [(f"cmdstat_{name}", f"calls={calls},failed_calls="
+                                     f"{server.errors_by_command.get(name, 0)}")
+                                    for name, calls in sorted(server.calls_by_command.items())]
+    if wanted & {"default", "all", "everything"}:
+        names = [n for n in sections if n != "commandstats" or "default" not in wanted or len(wanted) > 1]
+    else:
+        names = [n for n in sections if n in wanted]
+    lines = []
+    for name in names:
+        if lines:
+            lines.append("")
+        lines.append(f"# {name.capitalize() if name != 'commandstats' else 'Commandstats'}")
+        lines.extend(f"{key}:{value}" for key, value in sections[name])
+    return "\r\n".join(lines) + "\r\n"
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "K", "M", "G", "T"):
+        if n < 1024 or unit == "T":
+            return f"{n:.2f}{unit}" if unit != "B" else f"{n}B"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def listen(endpoint: str) -> socket.socket:
+    """A non-blocking listening TCP socket on ``tcp://HOST:PORT``."""
+    host, port = endpoint.removeprefix("tcp://").rsplit(":", 1)
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host if host != "*" else "", int(port)))
+        sock.listen(511)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno or errno.EINVAL, f"cannot bind resp_bind {endpoint}: {exc.strerror or exc}") from None
+    sock.setblocking(False)
+    return sock
