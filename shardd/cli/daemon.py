@@ -35,6 +35,8 @@ def serve(
     enable_debug_ops: Annotated[bool | None, typer.Option("--enable-debug-ops", hidden=True)] = None,
     allow_remote_without_auth: Annotated[bool | None, typer.Option(
         "--allow-remote-without-auth", help="Serve a non-loopback TCP address with no authentication.")] = None,
+    resp_bind: Annotated[str | None, typer.Option(
+        "--resp-bind", help="Redis-protocol endpoint, e.g. tcp://127.0.0.1:6380 (off by default).")] = None,
 ) -> None:
     """Run the daemon in the foreground (supervisor, router, one worker per shard)."""
     from shardd.config import load_config
@@ -43,7 +45,7 @@ def serve(
         "bind": bind, "shards": shards, "runtime_dir": runtime_dir, "state_dir": state_dir, "auth_dir": auth_dir,
         "mailbox_limit": mailbox_limit,
         "log_level": log_level, "pin_cpus": pin_cpus, "enable_debug_ops": enable_debug_ops,
-        "allow_remote_without_auth": allow_remote_without_auth,
+        "allow_remote_without_auth": allow_remote_without_auth, "resp_bind": resp_bind,
     }
     try:
         cfg = load_config(config, overrides)
