@@ -66,10 +66,11 @@ _ACCEPT_PER_PASS = 64
 class Call:
     """One command waiting for its reply; the router's target for a one-op command."""
 
-    __slots__ = ("answers", "combine", "conn", "out", "remaining")
+    __slots__ = ("answers", "combine", "command", "conn", "out", "remaining")
 
-    def __init__(self, conn: Connection, combine: Any) -> None:
+    def __init__(self, conn: Connection, combine: Any, command: str = "") -> None:
         self.conn = conn
+        self.command = command
         self.combine = combine  # (status, value, resp3) → bytes; for a Plan: (answers, resp3) → bytes
         self.out: bytes | None = None
         self.answers: list[Any] | None = None
@@ -136,11 +137,15 @@ class Connection:
         if call is not calls[0] if calls else True:
             return
         out = self.out
+        server = self.server
         while calls and calls[0].out is not None:
-            data = calls.popleft().out
-            out.append(data)  # type: ignore[arg-type]
-            self.out_bytes += len(data)  # type: ignore[arg-type]
-        self.server.dirty.add(self)
+            done = calls.popleft()
+            data: bytes = done.out  # type: ignore[assignment]
+            out.append(data)
+            self.out_bytes += len(data)
+            if data[0] == 45 and done.command:  # "-": an error from a shard's answer
+                server.count_error(done.command)
+        server.dirty.add(self)
 
 
 class RespServer:
@@ -237,7 +242,7 @@ class RespServer:
             self._run(conn, commands)
         if problem is not None:
             self.protocol_errors += 1
-            self._push(conn, r.error(f"ERR {problem}"))
+            self._push(conn, r.error(f"ERR {problem}"), "protocol")
             conn.session.closing = True
             self._pause(conn)
         elif len(conn.calls) > MAX_PENDING or conn.out_bytes > MAX_OUTPUT:
@@ -279,14 +284,14 @@ class RespServer:
                 continue
             kind = type(result)
             if kind is tuple:
-                call = Call(conn, result[1])
+                call = Call(conn, result[1], text)
                 conn.calls.append(call)
                 submit(call, result[0])
             elif kind is bytes:
                 self._push(conn, result, text)  # type: ignore[arg-type]
             else:
                 plan: Plan = result
-                call = Call(conn, plan.combine)
+                call = Call(conn, plan.combine, text)
                 call.answers = [None] * len(plan.ops)
                 call.remaining = len(plan.ops)
                 conn.calls.append(call)
@@ -296,12 +301,14 @@ class RespServer:
             return
         conn.parser.authenticated = True
 
-    def _push(self, conn: Connection, data: bytes, command: str | None = None) -> None:
+    def count_error(self, command: str) -> None:
+        self.errors += 1
+        self.errors_by_command[command] = self.errors_by_command.get(command, 0) + 1
+
+    def _push(self, conn: Connection, data: bytes, command: str = "") -> None:
         """A reply known at once: it still waits behind earlier ones (Rule 1)."""
-        if data[0] == 45:  # "-": count errors answered here (shard errors are counted in flush)
-            self.errors += 1
-            if command is not None:
-                self.errors_by_command[command] = self.errors_by_command.get(command, 0) + 1
+        if data[0] == 45:  # "-": count errors answered here (a shard's are counted in Connection.ready)
+            self.count_error(command or "unknown")
         if conn.calls:
             call = Call(conn, None)
             call.out = data
