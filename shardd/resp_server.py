@@ -78,11 +78,19 @@ class Call:
 
     def answer(self, status: int, value: Any) -> None:
         conn = self.conn
-        self.out = self.combine(status, value, conn.session.resp3)
+        try:
+            self.out = self.combine(status, value, conn.session.resp3)
+        except Exception as exc:  # Rule 4: a bug spelling one reply must not stop the loop
+            log.exception("resp: spelling the reply of %s failed", self.command or "a command")
+            self.out = r.error(f"ERR internal error: {exc!r}")
         conn.ready(self)
 
     def answer_raw(self, frame: bytes) -> None:
-        reply = p.decode_reply(frame)
+        try:
+            reply = p.decode_reply(frame)
+        except Exception:
+            self.answer(p.INTERNAL_ERROR, "a shard sent an undecodable reply")
+            return
         self.answer(reply.status, reply.value)
 
 
@@ -101,11 +109,19 @@ class Part:
         call.remaining -= 1
         if not call.remaining:
             conn = call.conn
-            call.out = call.combine(call.answers, conn.session.resp3)
+            try:
+                call.out = call.combine(call.answers, conn.session.resp3)
+            except Exception as exc:  # Rule 4
+                log.exception("resp: spelling the reply of %s failed", call.command)
+                call.out = r.error(f"ERR internal error: {exc!r}")
             conn.ready(call)
 
     def answer_raw(self, frame: bytes) -> None:
-        reply = p.decode_reply(frame)
+        try:
+            reply = p.decode_reply(frame)
+        except Exception:
+            self.answer(p.INTERNAL_ERROR, "a shard sent an undecodable reply")
+            return
         self.answer(reply.status, reply.value)
 
 
@@ -151,7 +167,7 @@ class Connection:
 class RespServer:
     """The listener, its connections and their counters; driven by router_main's loop."""
 
-    def __init__(self, config: Config, router: Any, hub: Any) -> None:
+    def __init__(self, config: Config, router: Any, hub: Any, reuse_port: bool = False) -> None:
         self.config = config
         self.router = router
         self.hub = hub
@@ -170,7 +186,7 @@ class RespServer:
         self.protocol_errors = 0
         self.calls_by_command: dict[str, int] = {}
         self.errors_by_command: dict[str, int] = {}
-        self.listener = listen(config.resp_bind)
+        self.listener = listen(config.resp_bind, reuse_port)
         self.port = self.listener.getsockname()[1]
         # The connections wait in an epoll set whose own fd is in the hub's poll: a pass then costs
         # one call for the ready ones, not a walk over every connection (zmq.Poller's cost is per fd).
@@ -473,14 +489,17 @@ def _human(n: int) -> str:
     return str(n)
 
 
-def listen(endpoint: str) -> socket.socket:
-    """A non-blocking listening TCP socket on ``tcp://HOST:PORT``."""
+def listen(endpoint: str, reuse_port: bool = False) -> socket.socket:
+    """A non-blocking listening TCP socket on ``tcp://HOST:PORT`` (``reuse_port``: one of several
+    processes' sockets on it, among which the kernel spreads the connections)."""
     host, port = endpoint.removeprefix("tcp://").rsplit(":", 1)
     host = host.strip("[]")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host if host != "*" else "", int(port)))
         sock.listen(511)
     except OSError as exc:
