@@ -39,6 +39,7 @@ from shardd.config import RESTART_KEYS, Config, allowed_cpus, build_config
 from shardd.errors import BadRequest, ConfigError, ExitCode, InternalError, ServerError
 from shardd.hashing import shard_for, shards_for
 from shardd.hotkeys import HotKeys
+from shardd.keyscan import KeyScans
 from shardd.logs import setup_logging
 from shardd.memory import tune_allocator
 from shardd.slots import slots_of
@@ -133,6 +134,7 @@ class Shard:
         # Cluster mode: a copy of the router's slot states, for requests on our own endpoint.
         self.cluster = ClusterView(config.cluster_name, config.node_id()) if config.clustered else None
         self._track: Callable[[bytes], None] | None = None  # self.hot.add, bound once (hotkeys Rule 4)
+        self.scans = KeyScans(store.keys, store.exists, clock)  # the scan op's snapshots (keyscan)
         self._set_hotkeys_capacity(config.hotkeys_capacity)
         s = store
         # type(op) → function(op) → reply value. Built once: the dispatch is a dict lookup. Every
@@ -152,6 +154,12 @@ class Shard:
             p.Touch: lambda op: s.touch(op.key, op.ttl_ms),
             p.Gets: lambda op: s.gets(op.key),
             p.Cas: lambda op: s.cas(op.key, op.value, op.version, op.ttl_ms),
+            p.SetGet: lambda op: s.setget(op.key, op.value, op.ttl_ms, op.cond, op.keep_ttl),
+            p.ExpireIf: lambda op: s.expire_if(op.key, op.ttl_ms, op.when),
+            p.GetEx: lambda op: s.getex(op.key, op.ttl_ms, op.persist),
+            p.Strlen: lambda op: s.strlen(op.key),
+            p.SetManyNx: lambda op: s.set_many_nx(op.items, op.ttl_ms),  # the router sent it whole: one shard
+            p.Scan: lambda op: self.scans.scan(op.cursor, op.count, op.match),
             p.GetMany: lambda op: s.get_many(op.keys),
             p.SetMany: lambda op: s.set_many(op.items, op.ttl_ms),
             p.DeleteMany: lambda op: s.delete_many(op.keys),
@@ -206,7 +214,7 @@ class Shard:
                 track(op.key)
             elif cls in _MULTI_KEYS:
                 deque(map(track, op.keys), 0)  # no Python loop per key
-            elif cls is p.SetMany:
+            elif cls is p.SetMany or cls is p.SetManyNx:
                 deque(map(track, next(zip(*op.items, strict=True), ())), 0)
         if self.new_shards is not None and cls in _MOVES:
             key = op.key
@@ -255,6 +263,7 @@ class Shard:
             self._window_started, self._window_ops, self._window_service = now, self.ops, list(self.service)
             if self.hot is not None:
                 self.hot.rotate(now)
+            self.scans.prune(now)  # idle scans give their snapshots back even if no scan comes again
             # Entries are long-lived and never form reference cycles, but the cyclic GC still
             # walks them all in every full collection: with a million keys that is a pause of
             # 70-250 ms on this machine. Freezing moves what exists now out of its reach, so a
