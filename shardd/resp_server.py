@@ -255,7 +255,12 @@ class RespServer:
             return
         commands, problem = conn.parser.feed(data)
         if commands:
-            self._run(conn, commands)
+            try:
+                self._run(conn, commands)
+            except Exception:  # Rule 4: a bug here must cost this connection, not the process
+                log.exception("resp: internal error serving %s; closing the connection", conn.addr)
+                self._close(conn)
+                return
         if problem is not None:
             self.protocol_errors += 1
             self._push(conn, r.error(f"ERR {problem}"), "protocol")
@@ -274,6 +279,8 @@ class RespServer:
         for args in commands:
             if session.closing:
                 break
+            if not args:  # (both parsers drop empty commands; an empty one must not reach args[0])
+                continue
             name = args[0].lower()
             command = COMMANDS.get(name)
             if command is None:
