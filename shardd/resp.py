@@ -117,7 +117,8 @@ class RequestParser:
             while (command := gets()) is not False:
                 if type(command) is not list:
                     break
-                commands.append(command)
+                if command:  # "*0": Redis ignores an empty command, as parse does
+                    commands.append(command)
             else:
                 if not reader.has_data() and all(type(arg) is bytes for command in commands for arg in command):
                     return commands
@@ -189,19 +190,20 @@ def parse(buf: bytes, max_bulk: int, max_args: int,
             p = start + length + 2
             if p > n:
                 return commands, pos, None, p - pos
-            if buf[p - 2:p] != b"\r\n":
-                return commands, pos, ProtocolError("Protocol error: invalid bulk length"), 0
             args.append(buf[start:start + length])
         commands.append(args)
         pos = p
     return commands, pos, None, 0
 
 
-_DIGITS = re.compile(rb"-?\d{1,19}")
+_DIGITS = re.compile(rb"0|-?[1-9]\d{0,18}")  # Redis's string2ll: no "+", no leading zeros, no "-0"
 
 
 def _int(text: bytes) -> int | None:
-    return int(text) if _DIGITS.fullmatch(text) else None
+    if not _DIGITS.fullmatch(text):
+        return None
+    value = int(text)
+    return value if -(2**63) <= value < 2**63 else None  # string2ll fails on overflow
 
 
 _ESCAPES = {ord("n"): b"\n", ord("r"): b"\r", ord("t"): b"\t", ord("b"): b"\b", ord("a"): b"\a"}
@@ -252,7 +254,7 @@ def split_inline(line: bytes) -> list[bytes]:
                     break
                 else:
                     current.append(c)
-            elif c in b" \t\n\r\v\f":
+            elif c in b" \t\n\r":  # sdssplitargs: \v and \f only separate outside a word
                 break
             elif c in (34, 39):
                 quote = c
