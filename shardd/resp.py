@@ -42,10 +42,11 @@ _HEADER_MAX = 64 * 1024  # a count line without its CRLF after this many bytes i
 UNAUTH_MAX_ARGS = 10
 UNAUTH_MAX_BULK = 16384
 
-# Anything the fast path must not see: a count or length that is negative or 9+ digits, or a
-# buffer that does not start with an array. Values can contain these bytes too; then the exact
-# parser runs, which only costs time.
-_UNUSUAL = re.compile(rb"[*$](?:-|\d{9})")
+# Anything the fast path must not see: a count or length that is negative or 9+ digits, or an
+# element hiredis would turn into bytes although it is not a bulk string (simple string "+",
+# verbatim "=", big number "("; Redis answers "expected '$'"). Values can contain these bytes
+# too; then the exact parser runs, which only costs time.
+_UNUSUAL = re.compile(rb"[*$](?:-|\d{9})|\r\n[+=(]")
 
 
 class ProtocolError(Exception):
