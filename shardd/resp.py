@@ -122,7 +122,12 @@ class RequestParser:
                     commands.append(command)
             else:
                 if not reader.has_data() and all(type(arg) is bytes for command in commands for arg in command):
-                    return commands
+                    # has_data() is also False when the buffer ends between two elements of an
+                    # array: hiredis holds that partial command. An empty array tells: read
+                    # alone it comes back as [], inside a partial command it does not.
+                    reader.feed(b"*0\r\n")
+                    if reader.gets() == []:
+                        return commands
         except hiredis.ProtocolError:
             pass
         self._reader = hiredis.Reader()  # it holds a partial command or an error: start a new one
