@@ -96,7 +96,7 @@ class RequestParser:
                                            self.max_args if authenticated else UNAUTH_MAX_ARGS,
                                            unauthenticated=not authenticated)
         rest = buf[pos:]
-        if error is None and len(rest) > self.max_bulk + _HEADER_MAX:
+        if error is None and max(len(rest), need) > self.max_bulk + _HEADER_MAX:
             error = ProtocolError("Protocol error: request too large")  # Rule 2 (a valid one cannot be)
         if error is not None:
             self._failed = True
