@@ -121,6 +121,9 @@ DIVERGENCES = {
                               "Redis ends a count line at '\\r' and skips the next byte unchecked; shardd needs CRLF"),
     "nul-in-unknown-name": (mb(b"PI\x00G"),
                             "Redis prints the unknown name with %s: it stops at the NUL; shardd prints it whole"),
+    "non-ascii-byte-in-error": (b"*1\r\n\xff\r\n",
+                                "Redis quotes the unexpected byte as it is (0xff); shardd sends it UTF-8 encoded "
+                                "(0xc3 0xbf): shardd/resp.py chr(buf[p]) in parse, encoded by resp.error"),
     "inline-line-over-64k": (b"ECHO " + b"x" * 70000 + b"\r\n",
                              "Redis checks the 64 KiB inline limit only while no newline has arrived: with its "
                              "16 KiB reads a 70000-byte line is run; shardd refuses it"),
