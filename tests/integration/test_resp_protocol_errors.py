@@ -230,7 +230,7 @@ def test_a_client_that_never_reads_costs_bounded_memory(tmp_path: Path) -> None:
         router = router_process(d, port)
         keys = [b"bp:%04d:" % i + b"k" * 180 for i in range(512)]  # ~200-byte keys: fewer, larger requests
         with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
-            s.sendall(b"".join(mb(b"SET", key, b"value-%04d" % i) for i, key in enumerate(keys)))
+            s.sendall(b"".join(mb(b"SET", key, b"value-%04d-" % i + b"v" * 200) for i, key in enumerate(keys)))
             reader = Reader(s)
             assert [reader.read() for _ in keys] == ["OK"] * len(keys)
         request = b"".join(mb(b"GET", key) for key in keys)
@@ -256,14 +256,14 @@ def test_a_client_that_never_reads_costs_bounded_memory(tmp_path: Path) -> None:
                 other.sendall(mb(b"GET", keys[i % len(keys)]) + mb(b"ECHO", b"%d" % i))
                 r = Reader(other)
                 got = (r.read(), r.read())
-                if got != (b"value-%04d" % (i % len(keys)), b"%d" % i):
+                if got != (b"value-%04d-" % (i % len(keys)) + b"v" * 200, b"%d" % i):
                     others_wrong.append(got)
             peak = max(peak, router.memory_info().rss)
         assert sender.is_alive() and sent[0] < rounds, "the hog was never held back"
         assert alive(d)
         # Now read everything: every reply, in order, while the sender finishes.
         reader = Reader(hog)
-        expected = [b"value-%04d" % i for i in range(len(keys))]
+        expected = [b"value-%04d-" % i + b"v" * 200 for i in range(len(keys))]  # ~50 MB of replies
         hog_wrong = []
         for n in range(rounds):
             for want in expected:
