@@ -89,6 +89,7 @@ EXPIRE_NX = 1  # only if the key has no TTL
 EXPIRE_XX = 2  # only if it has one
 EXPIRE_GT = 3  # only if the new deadline is later than the current one
 EXPIRE_LT = 4  # only if it is earlier
+EXPIRE_XX_LT = 5  # only if it has one and the new deadline is earlier (Redis EXPIRE ... XX LT)
 
 # The longest TTL a request may ask for: 2**53 - 1 ms (~285,000 years). It keeps ``ttl``
 # replies and expiry times far inside int64, and exact as a double (JavaScript's
@@ -898,8 +899,9 @@ def _check_setget(op: SetGet, limits: Limits) -> tuple[int, str] | None:
 
 
 def _check_expire_if(op: ExpireIf, limits: Limits) -> tuple[int, str] | None:
-    if not EXPIRE_ALWAYS <= op.when <= EXPIRE_LT:
-        return BAD_REQUEST, f"expire_if when must be 0 (always), 1 (NX), 2 (XX), 3 (GT) or 4 (LT), got {op.when}"
+    if not EXPIRE_ALWAYS <= op.when <= EXPIRE_XX_LT:
+        return BAD_REQUEST, (f"expire_if when must be 0 (always), 1 (NX), 2 (XX), 3 (GT), 4 (LT) or 5 (XX and LT), "
+                             f"got {op.when}")
     return None
 
 

@@ -132,6 +132,7 @@ from shardd.protocol import (
     EXPIRE_LT,
     EXPIRE_NX,
     EXPIRE_XX,
+    EXPIRE_XX_LT,
     IF_ABSENT,
     IF_PRESENT,
 )
@@ -817,12 +818,13 @@ class Store:
         ``when``: EXPIRE_ALWAYS; EXPIRE_NX only if the key has no TTL; EXPIRE_XX only if it has
         one; EXPIRE_GT / EXPIRE_LT only if the new deadline is later / earlier than the current
         one, where no TTL counts as an infinite deadline (so GT never applies to such a key and LT
-        always does). ``ttl_ms`` may be <= 0: if the condition holds the key is deleted at once
+        always does); EXPIRE_XX_LT only if it has a TTL and the new deadline is earlier (XX with GT
+        is GT already). ``ttl_ms`` may be <= 0: if the condition holds the key is deleted at once
         (counted as expired, as Redis counts it) and the answer is True. False if missing.
         The version is kept, as EXPIRE keeps it.
         """
-        if not EXPIRE_ALWAYS <= when <= EXPIRE_LT:
-            raise ValueError(f"when must be 0 (always), 1 (NX), 2 (XX), 3 (GT) or 4 (LT), got {when!r}")
+        if not EXPIRE_ALWAYS <= when <= EXPIRE_XX_LT:
+            raise ValueError(f"when must be 0 (always), 1 (NX), 2 (XX), 3 (GT), 4 (LT) or 5 (XX LT), got {when!r}")
         i, hd = self._live(key)
         if hd < 0:
             return False
@@ -836,6 +838,8 @@ class Store:
             applies = bool(current) and deadline > current
         elif when == EXPIRE_LT:
             applies = not current or deadline < current
+        elif when == EXPIRE_XX_LT:
+            applies = bool(current) and deadline < current
         else:
             applies = True
         if not applies:
