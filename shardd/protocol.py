@@ -82,6 +82,14 @@ IF_PRESENT = 2
 
 SetCondition = Literal[0, 1, 2]
 
+# expire_if conditions (Redis EXPIRE NX / XX / GT / LT). A key without a TTL has an infinite
+# deadline: GT never applies to it, LT always does (as in Redis).
+EXPIRE_ALWAYS = 0
+EXPIRE_NX = 1  # only if the key has no TTL
+EXPIRE_XX = 2  # only if it has one
+EXPIRE_GT = 3  # only if the new deadline is later than the current one
+EXPIRE_LT = 4  # only if it is earlier
+
 # The longest TTL a request may ask for: 2**53 - 1 ms (~285,000 years). It keeps ``ttl``
 # replies and expiry times far inside int64, and exact as a double (JavaScript's
 # Number.MAX_SAFE_INTEGER), so no client needs a big integer type for a TTL.
