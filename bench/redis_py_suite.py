@@ -182,8 +182,9 @@ def main() -> None:
         try:
             url = f"redis://127.0.0.1:{server.port}/0"
             env = dict(os.environ, PYTHONPATH=f"{work}{os.pathsep}{tree}")
-            base = [python, "-m", "pytest", "-p", "shardd_compat", "-o", "addopts=", "-o", "log_cli=false",
-                    "-q", "--redis-url", url, "-p", "no:cacheprovider", "--timeout", "30"]
+            base = [python, "-m", "pytest", "-p", "shardd_compat", "-o", "addopts=", "-o", "log_cli=false", "-q",
+                    "-m", "not onlycluster and not redismod and not ssl", "--redis-url", url,
+                    "-p", "no:cacheprovider", "--timeout", "30"]
             if args.protocol:
                 base += ["--protocol", args.protocol]
             collected = subprocess.run([*base, "--collect-only", *FILES], cwd=tree, env=env, capture_output=True,
