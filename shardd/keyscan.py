@@ -37,11 +37,13 @@ from collections import OrderedDict
 from collections.abc import Callable
 from itertools import accumulate
 
+from shardd.protocol import SCAN_CURSOR_LIMIT
+
 MAX_SNAPSHOTS = 16
 IDLE_S = 60.0
 _ID_BITS = 16
 _ID_MASK = (1 << _ID_BITS) - 1
-MAX_CURSOR = 1 << 48  # cursors are below this: the caller multiplies them by its shard count
+MAX_CURSOR = SCAN_CURSOR_LIMIT  # cursors are below this: the caller folds a shard number into them
 
 
 # --- Redis glob patterns ---------------------------------------------------------------------

@@ -410,10 +410,7 @@ class Store:
         return data  # type: ignore[return-value]
 
     def _unpack(self, data: bytes) -> bytes:
-        if self._codec is None:
-            from shardd.codec import default_codec  # values packed before compression was turned off
-            return default_codec().unpack(data)
-        return self._codec.unpack(data)
+        return self._reading_codec().unpack(data)
 
     def _key_at(self, hd: int) -> bytes:
         seg = self._segs[hd >> _SEG_BITS]
@@ -891,17 +888,10 @@ class Store:
         kf, vlen = _U32.unpack_from(seg, p)[0], _U32.unpack_from(seg, p + 4)[0]  # type: ignore[arg-type]
         if not kf & _PACKED:
             return len(self._aside[vlen]) if kf & _ASIDE else vlen  # type: ignore[arg-type]
-        if kf & _ASIDE:
-            data = self._aside[vlen]
-        else:
-            v = p + (_WITH_TTL if kf & _TTL else _BASE) + (kf & _KEY_MASK)
-            data = seg[v:v + vlen]  # type: ignore[index]
-        codec = self._codec
-        if codec is None:
-            from shardd.codec import default_codec  # values packed before compression was turned off
-            codec = default_codec()
-        size = codec.raw_size(data)  # type: ignore[arg-type]
-        return size if size >= 0 else len(codec.unpack(data))  # type: ignore[arg-type]
+        data = self._stored(kf, vlen, seg, p)
+        codec = self._reading_codec()
+        size = codec.raw_size(data)
+        return size if size >= 0 else len(codec.unpack(data))
 
     def delete(self, key: bytes) -> bool:
         """Remove a key; True if it was live."""
@@ -1305,20 +1295,26 @@ class Store:
         self._aside[index] = None
         self._aside_free.append(index)
 
+    def _stored(self, kf: int, vlen: int, seg: Any, p: int) -> bytes:
+        """The value bytes as stored (maybe compressed) of the record at ``p`` with header ``kf``, ``vlen``."""
+        if kf & _ASIDE:
+            return self._aside[vlen]  # type: ignore[return-value]
+        v = p + (_WITH_TTL if kf & _TTL else _BASE) + (kf & _KEY_MASK)
+        return seg[v:v + vlen]  # type: ignore[no-any-return]
+
+    def _reading_codec(self) -> Codec:
+        """The codec that reads packed values: values packed before compression was turned off stay packed."""
+        if self._codec is None:
+            from shardd.codec import default_codec
+            return default_codec()
+        return self._codec
+
     def _unpacked(self, kf: int, vlen: int, seg: Any, p: int) -> None:
         """A compressed value leaves the store: take it out of the compression figures."""
-        if kf & _ASIDE:
-            data = self._aside[vlen]
-        else:
-            v = p + (_WITH_TTL if kf & _TTL else _BASE) + (kf & _KEY_MASK)
-            data = seg[v:v + vlen]
+        data = self._stored(kf, vlen, seg, p)
         self.packed_keys -= 1
-        self.packed_bytes -= len(data)  # type: ignore[arg-type]
-        codec = self._codec
-        if codec is None:
-            from shardd.codec import default_codec
-            codec = default_codec()
-        self.packed_raw_bytes -= codec.raw_size(data)  # type: ignore[arg-type]
+        self.packed_bytes -= len(data)
+        self.packed_raw_bytes -= self._reading_codec().raw_size(data)
 
     def _alloc(self, size: int) -> int:
         """A handle for ``size`` new bytes at the head (a new segment when the head is full)."""

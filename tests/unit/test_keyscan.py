@@ -302,3 +302,18 @@ def scan_all_from(scans: KeyScans, cursor: int) -> list[bytes]:
         cursor, found = scans.scan(cursor, 10)
         out += found
     return out
+
+
+def test_a_workers_idle_scans_are_pruned_between_batches() -> None:
+    from shardd.config import build_config
+    from shardd.worker import Shard
+
+    now = [0.0]
+    store = Store(FakeClock(1000), random.Random(1))
+    store.set_many([(b"k%d" % i, b"v") for i in range(20)])
+    shard = Shard(store, build_config({"shards": 1, "runtime_dir": "/nonexistent"}), 0, None, clock=lambda: now[0])
+    cursor, found = shard.scans.scan(0, 5)
+    assert cursor and len(found) == 5 and len(shard.scans) == 1
+    now[0] += IDLE_S + 10
+    shard.tick()
+    assert len(shard.scans) == 0
