@@ -424,6 +424,13 @@ def test_info_parses(r: redis.Redis) -> None:
     assert r.info("commandstats")["cmdstat_get"]["calls"] >= 1
 
 
+def test_info_has_the_cluster_section(r: redis.Redis) -> None:
+    """Redis's default INFO has "# Cluster" with cluster_enabled:0; clients read it to choose between
+    a cluster and a standalone client (redis-py's own test harness fails without it)."""
+    assert r.info()["cluster_enabled"] == 0
+    assert r.info("cluster") == {"cluster_enabled": 0}
+
+
 def test_server_commands(r: redis.Redis) -> None:
     assert r.config_get("maxmemory") == {"maxmemory": str(1024**3)}
     assert r.config_get("maxmemory-policy") == {"maxmemory-policy": "allkeys-lru"}
