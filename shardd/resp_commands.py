@@ -27,6 +27,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import platform
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -212,11 +213,13 @@ def _now_ms() -> int:
 # --- argument parsing ----------------------------------------------------------------------------
 
 _I64 = (-(1 << 63), (1 << 63) - 1)
+_match_int = re.compile(rb"0|-?[1-9][0-9]*").fullmatch
 
 
 def _parse_int(arg: bytes) -> int | None:
-    """A Redis integer argument (signed 64-bit decimal, no spaces or "+"), or None."""
-    if not arg or len(arg) > 20 or not (arg.isdigit() or (arg[0] == 45 and arg[1:].isdigit() and len(arg) > 1)):
+    """A Redis integer argument (signed 64-bit decimal, no spaces, "+", leading zeros or "-0": as
+    Redis's string2ll), or None."""
+    if not arg or len(arg) > 20 or _match_int(arg) is None:
         return None
     value = int(arg)
     return value if _I64[0] <= value <= _I64[1] else None
