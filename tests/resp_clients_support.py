@@ -1,5 +1,5 @@
-"""Shared pieces of the client-level RESP tests (test_resp_clients, test_resp_django): a daemon with the endpoint, a real redis-server, a raw connection."""
-``redis-server`` to compare against, and a raw RESP connection that returns a reply's exact bytes.
+"""Shared pieces of the client-level RESP tests (test_resp_clients, test_resp_django): a daemon with
+the endpoint, a real ``redis-server`` to compare against, and a raw RESP connection that returns a reply's exact bytes.
 
 Readiness is always polled (a PING through a real connection), never slept for; every timeout is
 a deadline against a hang, generous because CI machines are busy.
