@@ -27,7 +27,9 @@ Rule 2: memory is bounded by the limits: no bulk string longer than ``max_bulk``
         more than ``max_args`` arguments, no inline line longer than 64 KiB, and no more than
         ``max_bulk`` + 64 KiB buffered while a command is incomplete.
 Rule 3: until the connection has authenticated (when a password is required), a command may have
-        at most 10 arguments and 16 KiB per argument (Redis's unauthenticated limits).
+        at most 10 arguments and 16 KiB per argument (Redis's unauthenticated limits), and ``feed``
+        returns one command at a time (``feed(b"")`` for the next), so that the command after an
+        AUTH is parsed with the limits AUTH lifted.
 """
 
 from __future__ import annotations
@@ -85,6 +87,8 @@ class RequestParser:
             data = b"".join(self._chunks)
             self._chunks, self._have, self._need = [], 0, 0
         buf = self._buf + data if self._buf else data
+        if not buf:
+            return [], None
         if (buf[0] == 42 and buf.endswith(b"\r\n") and self.authenticated
                 and _UNUSUAL.search(buf) is None):
             commands = self._fast(buf)
@@ -144,6 +148,8 @@ def parse(buf: bytes, max_bulk: int, max_args: int,
     n = len(buf)
     find = buf.find
     while pos < n:
+        if unauthenticated and commands:  # one at a time: an AUTH may lift the limits for the next (Rule 3)
+            break
         if buf[pos] != 42:  # "*": otherwise an inline command
             end = find(b"\n", pos)
             if end < 0:

@@ -70,8 +70,8 @@ class Plan:
 class Session:
     """One connection's state: protocol, name, user; and what the server lets commands read."""
 
-    __slots__ = ("admin", "client_id", "closing", "created", "lib_name", "lib_ver", "name", "peer", "resp3",
-                 "server", "user")
+    __slots__ = ("admin", "client_id", "closing", "created", "lib_name", "lib_ver", "multi", "multi_failed", "name",
+                 "peer", "resp3", "server", "user")
 
     def __init__(self, server: Any, client_id: int, peer: str, authenticated: bool) -> None:
         self.server = server  # resp_server.RespServer: config, counters
@@ -84,6 +84,8 @@ class Session:
         self.user: str | None = "default" if authenticated else None
         self.admin = authenticated and not server.admin_password
         self.closing = False  # QUIT: close once the reply is written
+        self.multi: list[tuple[Command, list[bytes]]] | None = None  # MULTI: the commands queued for EXEC
+        self.multi_failed = False  # a queued command was refused: EXEC answers EXECABORT
         self.created = time.monotonic()
 
 
@@ -179,10 +181,15 @@ def _ttl_seconds(status: int, value: Any, resp3: bool) -> bytes:
 
 
 def _expiretime(scale: int) -> Convert:
+    """EXPIRETIME (scale 1000) / PEXPIRETIME (1) from the TTL left. Deadlines are kept on the
+    monotonic clock, so the wall-clock time comes back within a millisecond of what EXPIREAT set;
+    EXPIRETIME snaps such a time to its second (2 ms of slack) so that it answers EXPIREAT's T."""
+    slack = 2 if scale == 1000 else 0
+
     def convert(status: int, value: Any, resp3: bool) -> bytes:
         if status:
             return native_error(status, value)
-        return b":%d\r\n" % (value if value < 0 else (_now_ms() + value) // scale)
+        return b":%d\r\n" % (value if value < 0 else (_now_ms() + value + slack) // scale)
     return convert
 
 
@@ -567,6 +574,7 @@ def cmd_quit(s: Session, args: list[bytes]) -> Any:
 
 
 def cmd_reset(s: Session, args: list[bytes]) -> Any:
+    s.multi = None
     s.resp3 = False
     s.name = b""
     authenticated = not s.server.password
@@ -757,6 +765,10 @@ def _group(c: Command) -> str:
     return "string" if "string" in c.flags else ("keyspace" if c.first_key else "server")
 
 
+def _server_runs(s: Session, args: list[bytes]) -> Any:
+    raise AssertionError("resp_server runs transactions itself")  # pragma: no cover
+
+
 # --- the table -----------------------------------------------------------------------------------
 
 _W, _R, _F = "write", "readonly", "fast"
@@ -820,6 +832,13 @@ COMMANDS: dict[bytes, Command] = {c.name.encode(): c for c in [
     _c("info", -1, "", _NOKEYS, cmd_info, "Returns information and statistics about the daemon."),
     _c("config", -2, "", _NOKEYS, cmd_config, "CONFIG GET maxmemory, maxmemory-policy."),
     _c("time", 1, "fast", _NOKEYS, cmd_time, "Returns the server time."),
+    # Run by resp_server itself (queue-and-run transactions); their handlers are never called.
+    _c("multi", 1, "noscript loading stale fast allow_busy", _NOKEYS, _server_runs, "Starts a transaction."),
+    _c("exec", 1, "noscript loading stale skip_slowlog", _NOKEYS, _server_runs,
+       "Runs the queued commands, in order (without isolation from other clients)."),
+    _c("discard", 1, "noscript loading stale fast allow_busy", _NOKEYS, _server_runs, "Drops the queued commands."),
+    _c("watch", -2, "noscript loading stale fast allow_busy", _KEYS, _server_runs, "Not supported (an error)."),
+    _c("unwatch", 1, "noscript loading stale fast allow_busy", _NOKEYS, _server_runs, "Does nothing."),
 ]}
 
 

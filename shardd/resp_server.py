@@ -26,6 +26,9 @@ Rule 3: all socket writes happen once per poll pass (``flush``), one ``send`` pe
         every reply ready by then: one syscall for a whole pipeline's worth of replies.
 Rule 4: nothing a client sends raises out of the loop: a handler that fails answers
         ``-ERR internal error`` and the connection goes on.
+Rule 5: the endpoint never has more than ``budget`` (3/4 of mailbox_limit) ops in flight to the
+        shards; commands past it wait, read but not run, in their connection's backlog (the
+        connection is not read meanwhile). So its own pipelines never make a shard answer BUSY.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from shardd.resp_commands import (
     COMMANDS,
     NOAUTH,
     REDIS_VERSION,
+    Command,
     Plan,
     Session,
     arity_error,
@@ -60,6 +64,8 @@ log = logging.getLogger("shardd.resp")
 MAX_PENDING = 4096           # commands read but not yet answered, per connection (Rule 2)
 MAX_OUTPUT = 4 * 1024 * 1024  # reply bytes not yet sent, per connection (Rule 2)
 _READ_SIZE = 256 * 1024
+_TRANSACTION = frozenset(("multi", "exec", "discard", "watch", "unwatch"))
+_OUTSIDE_MULTI = frozenset(("multi", "exec", "discard", "watch", "quit", "reset"))  # run at once inside MULTI
 _ACCEPT_PER_PASS = 64
 
 
@@ -78,12 +84,17 @@ class Call:
 
     def answer(self, status: int, value: Any) -> None:
         conn = self.conn
+        conn.server.inflight -= 1
         try:
-            self.out = self.combine(status, value, conn.session.resp3)
+            out = self.combine(status, value, conn.session.resp3)
         except Exception as exc:  # Rule 4: a bug spelling one reply must not stop the loop
             log.exception("resp: spelling the reply of %s failed", self.command or "a command")
-            self.out = r.error(f"ERR internal error: {exc!r}")
-        conn.ready(self)
+            out = r.error(f"ERR internal error: {exc!r}")
+        self.done(out)
+
+    def done(self, out: bytes) -> None:
+        self.out = out
+        self.conn.ready(self)
 
     def answer_raw(self, frame: bytes) -> None:
         try:
@@ -92,6 +103,24 @@ class Call:
             self.answer(p.INTERNAL_ERROR, "a shard sent an undecodable reply")
             return
         self.answer(reply.status, reply.value)
+
+
+class SubCall(Call):
+    """One queued command of a MULTI ... EXEC: its reply is an element of EXEC's array."""
+
+    __slots__ = ("index", "parent")
+
+    def __init__(self, conn: Connection, combine: Any, command: str, parent: Call, index: int) -> None:
+        super().__init__(conn, combine, command)
+        self.parent = parent
+        self.index = index
+
+    def done(self, out: bytes) -> None:
+        parent = self.parent
+        parent.answers[self.index] = out  # type: ignore[index]
+        parent.remaining -= 1
+        if not parent.remaining:
+            parent.done(b"*%d\r\n%s" % (len(parent.answers), b"".join(parent.answers)))  # type: ignore[arg-type]
 
 
 class Part:
@@ -105,16 +134,17 @@ class Part:
 
     def answer(self, status: int, value: Any) -> None:
         call = self.call
+        conn = call.conn
+        conn.server.inflight -= 1
         call.answers[self.index] = (status, value)  # type: ignore[index]
         call.remaining -= 1
         if not call.remaining:
-            conn = call.conn
             try:
-                call.out = call.combine(call.answers, conn.session.resp3)
+                out = call.combine(call.answers, conn.session.resp3)
             except Exception as exc:  # Rule 4
                 log.exception("resp: spelling the reply of %s failed", call.command)
-                call.out = r.error(f"ERR internal error: {exc!r}")
-            conn.ready(call)
+                out = r.error(f"ERR internal error: {exc!r}")
+            call.done(out)
 
     def answer_raw(self, frame: bytes) -> None:
         try:
@@ -125,12 +155,12 @@ class Part:
         self.answer(reply.status, reply.value)
 
 
-RESP_TARGETS = (Call, Part)
+RESP_TARGETS = (Call, SubCall, Part)
 
 
 class Connection:
-    __slots__ = ("addr", "blocked", "calls", "closed", "fd", "out", "out_bytes", "parser", "paused", "server",
-                 "session", "sock")
+    __slots__ = ("addr", "backlog", "blocked", "calls", "closed", "fd", "out", "out_bytes", "parser", "paused",
+                 "server", "session", "sock")
 
     def __init__(self, server: RespServer, sock: socket.socket, addr: str, client_id: int) -> None:
         self.server = server
@@ -143,7 +173,8 @@ class Connection:
         self.calls: deque[Call] = deque()  # Rule 1: commands not yet answered, oldest first
         self.out: list[bytes] = []          # replies ready to send, in order
         self.out_bytes = 0
-        self.paused = False   # not read: too much pending (Rule 2), or closing
+        self.backlog: list[list[bytes]] = []  # commands read but not run yet (Rule 5)
+        self.paused = False   # not read: too much pending (Rule 2), a backlog, or closing
         self.blocked = False  # its socket's send buffer is full: wait until writable
         self.closed = False
 
@@ -185,6 +216,14 @@ class RespServer:
         self.errors = 0
         self.protocol_errors = 0
         self.calls_by_command: dict[str, int] = {}
+        # Rule 5: ops submitted and not yet answered, over every connection, stay under the budget,
+        # so that the endpoint's own pipelining never fills a shard's mailbox (BUSY is for overload
+        # from elsewhere, and Redis never refuses a pipelined command). Past it, a connection's
+        # remaining commands wait in its backlog, and the connection in ``stalled``, until answers
+        # bring the count under half of it.
+        self.inflight = 0
+        self.budget = max(16, config.mailbox_limit * 3 // 4)
+        self.stalled: deque[Connection] = deque()
         self.errors_by_command: dict[str, int] = {}
         self.listener = listen(config.resp_bind, reuse_port)
         self.port = self.listener.getsockname()[1]
@@ -253,76 +292,161 @@ class RespServer:
         if not data:
             self._close(conn)
             return
-        commands, problem = conn.parser.feed(data)
-        if commands:
+        self._serve(conn, data)
+
+    def _serve(self, conn: Connection, data: bytes) -> None:
+        """Parse what arrived and run it; then pause the connection if it is over its bounds (Rule 2)."""
+        parser = conn.parser
+        one_at_a_time = not parser.authenticated  # resp, Rule 3: feed(b"") gives the next one
+        commands, problem = parser.feed(data)
+        while commands:
             try:
                 self._run(conn, commands)
             except Exception:  # Rule 4: a bug here must cost this connection, not the process
                 log.exception("resp: internal error serving %s; closing the connection", conn.addr)
                 self._close(conn)
                 return
+            if problem is not None or not one_at_a_time or conn.backlog or conn.session.closing:
+                break
+            one_at_a_time = not parser.authenticated
+            commands, problem = parser.feed(b"")
         if problem is not None:
             self.protocol_errors += 1
             self._push(conn, r.error(f"ERR {problem}"), "protocol")
             conn.session.closing = True
             self._pause(conn)
-        elif len(conn.calls) > MAX_PENDING or conn.out_bytes > MAX_OUTPUT:
-            self._pause(conn)  # Rule 2
+        elif conn.backlog or len(conn.calls) > MAX_PENDING or conn.out_bytes > MAX_OUTPUT:
+            self._pause(conn)  # Rule 2 (and Rule 5: a backlog waits for the budget)
 
     def _run(self, conn: Connection, commands: list[list[bytes]]) -> None:
+        """Run commands in order; past the in-flight budget the rest wait in the backlog (Rule 5)."""
         session = conn.session
-        submit = self.router.submit
-        by_command = self.calls_by_command
-        self.commands += len(commands)
-        router = self.router
-        router.caller_is_admin = True  # the RESP endpoint checked its own users (below)
-        for args in commands:
+        self.router.caller_is_admin = True  # the RESP endpoint checked its own users (_check)
+        budget = self.budget
+        for at, args in enumerate(commands):
             if session.closing:
                 break
-            if not args:  # (both parsers drop empty commands; an empty one must not reach args[0])
-                continue
-            name = args[0].lower()
-            command = COMMANDS.get(name)
-            if command is None:
-                self._push(conn, unknown_command(args), "unknown")
-                continue
-            text = command.name
-            by_command[text] = by_command.get(text, 0) + 1
-            arity = command.arity
-            if (len(args) != arity) if arity > 0 else (len(args) < -arity):
-                self._push(conn, arity_error(text), text)
-                continue
-            if session.user is None and not command.no_auth:
-                self._push(conn, NOAUTH, text)
-                continue
-            if command.admin and not session.admin:
-                self._push(conn, r.error(f"NOPERM User {session.user} has no permissions to run the "
-                                         f"'{text}' command"), text)
-                continue
-            try:
-                result = command.handler(session, args)
-            except Exception as exc:  # Rule 4
-                log.exception("resp: %s failed", text)
-                self._push(conn, r.error(f"ERR internal error: {exc!r}"), text)
-                continue
-            kind = type(result)
-            if kind is tuple:
-                call = Call(conn, result[1], text)
-                conn.calls.append(call)
-                submit(call, result[0])
-            elif kind is bytes:
+            if self.inflight >= budget:
+                conn.backlog = commands[at:]
+                self.stalled.append(conn)
+                return
+            if args:  # (both parsers drop empty commands; an empty one must not reach args[0])
+                self._command(conn, args)
+        if conn.backlog:
+            conn.backlog = []
+        if session.user is not None:  # resp, Rule 3: the parser's limits follow authentication
+            conn.parser.authenticated = True
+
+    def _check(self, conn: Connection, args: list[bytes]) -> tuple[Command | None, bytes | None]:
+        """The command, or the error Redis answers before running anything (unknown, arity, auth)."""
+        session = conn.session
+        command = COMMANDS.get(args[0].lower())
+        self.commands += 1
+        if command is None:
+            return None, unknown_command(args)
+        text = command.name
+        self.calls_by_command[text] = self.calls_by_command.get(text, 0) + 1
+        arity = command.arity
+        if (len(args) != arity) if arity > 0 else (len(args) < -arity):
+            return command, arity_error(text)
+        if session.user is None and not command.no_auth:
+            return command, NOAUTH
+        if command.admin and not session.admin:
+            return command, r.error(f"NOPERM User {session.user} has no permissions to run the '{text}' command")
+        return command, None
+
+    def _command(self, conn: Connection, args: list[bytes]) -> None:
+        command, problem = self._check(conn, args)
+        session = conn.session
+        text = command.name if command is not None else "unknown"
+        if session.multi is not None and text not in _OUTSIDE_MULTI:  # queued for EXEC
+            if problem is None:
+                session.multi.append((command, args))
+                self._push(conn, b"+QUEUED\r\n", text)
+            else:
+                session.multi_failed = True
+                self._push(conn, problem, text)
+            return
+        if problem is not None:
+            self._push(conn, problem, text)
+            return
+        if text in _TRANSACTION:
+            self._transaction(conn, text, args)
+            return
+        self._dispatch(conn, command, args, None)  # type: ignore[arg-type]
+
+    def _dispatch(self, conn: Connection, command: Command, args: list[bytes], slot: tuple[Call, int] | None) -> None:
+        """Run one checked command; its reply goes in the connection's queue, or into ``slot``
+        (EXEC's array, at that index)."""
+        text = command.name
+        try:
+            result = command.handler(conn.session, args)
+        except Exception as exc:  # Rule 4
+            log.exception("resp: %s failed", text)
+            result = r.error(f"ERR internal error: {exc!r}")
+        kind = type(result)
+        if kind is bytes:
+            if slot is None:
                 self._push(conn, result, text)  # type: ignore[arg-type]
             else:
-                plan: Plan = result
-                call = Call(conn, plan.combine, text)
-                call.answers = [None] * len(plan.ops)
-                call.remaining = len(plan.ops)
-                conn.calls.append(call)
-                for index, op in enumerate(plan.ops):
-                    submit(Part(call, index), op)
-        if not session.user:  # Rule 3 of resp: the parser's limits follow authentication
+                SubCall(conn, None, text, *slot).done(result)  # type: ignore[arg-type]
             return
-        conn.parser.authenticated = True
+        if kind is tuple:
+            op, combine = result
+            ops = None
+        else:
+            plan: Plan = result
+            op, combine, ops = None, plan.combine, plan.ops
+        call = Call(conn, combine, text) if slot is None else SubCall(conn, combine, text, *slot)
+        if slot is None:
+            conn.calls.append(call)
+        submit = self.router.submit
+        if ops is None:
+            self.inflight += 1
+            submit(call, op)
+            return
+        call.answers = [None] * len(ops)
+        call.remaining = len(ops)
+        self.inflight += len(ops)
+        for index, part_op in enumerate(ops):
+            submit(Part(call, index), part_op)
+
+    def _transaction(self, conn: Connection, text: str, args: list[bytes]) -> None:
+        """MULTI / EXEC / DISCARD / WATCH / UNWATCH, as queue-and-run (docs/resp.md: no isolation)."""
+        session = conn.session
+        if text == "multi":
+            if session.multi is not None:
+                self._push(conn, r.error("ERR MULTI calls can not be nested"), text)
+            else:
+                session.multi, session.multi_failed = [], False
+                self._push(conn, r.OK, text)
+        elif text == "discard":
+            if session.multi is None:
+                self._push(conn, r.error("ERR DISCARD without MULTI"), text)
+            else:
+                session.multi = None
+                self._push(conn, r.OK, text)
+        elif text == "exec":
+            queued, failed = session.multi, session.multi_failed
+            session.multi = None
+            if queued is None:
+                self._push(conn, r.error("ERR EXEC without MULTI"), text)
+            elif failed:
+                self._push(conn, r.error("EXECABORT Transaction discarded because of previous errors."), text)
+            elif not queued:
+                self._push(conn, r.EMPTY_ARRAY, text)
+            else:
+                parent = Call(conn, None, text)
+                parent.answers = [None] * len(queued)
+                parent.remaining = len(queued)
+                conn.calls.append(parent)
+                for index, (command, queued_args) in enumerate(queued):
+                    self._dispatch(conn, command, queued_args, (parent, index))
+        elif text == "watch":
+            self._push(conn, r.error("ERR WATCH inside MULTI is not allowed") if session.multi is not None
+                       else r.error("ERR WATCH is not supported: MULTI/EXEC run without isolation here"), text)
+        else:  # unwatch
+            self._push(conn, r.OK, text)
 
     def count_error(self, command: str) -> None:
         self.errors += 1
@@ -351,6 +475,15 @@ class RespServer:
 
     def flush(self) -> None:
         """Send every connection's ready replies: one send per connection per pass (Rule 3)."""
+        stalled = self.stalled
+        while stalled and self.inflight < self.budget // 2:  # Rule 5: backlogs run again, oldest first
+            conn = stalled.popleft()
+            if not conn.closed:
+                backlog, conn.backlog = conn.backlog, []
+                self._run(conn, backlog)
+                self.dirty.add(conn)  # (to be unpaused once its backlog is gone)
+        if stalled:
+            self.router.flush_outboxes()
         if not self.dirty:
             return
         dirty, self.dirty = self.dirty, set()
@@ -383,7 +516,7 @@ class RespServer:
             if conn.session.closing:
                 if not conn.calls:
                     self._close(conn)
-            elif conn.paused and not conn.blocked and len(conn.calls) <= MAX_PENDING // 2:
+            elif conn.paused and not conn.blocked and not conn.backlog and len(conn.calls) <= MAX_PENDING // 2:
                 conn.paused = False
                 self._watch(conn)
 
@@ -461,6 +594,7 @@ def info_text(stats: dict[str, Any], wanted: set[str], server: RespServer) -> st
                   ("expired_keys", total.get("expired", 0)), ("evicted_keys", total.get("evicted", 0)),
                   ("keyspace_hits", total.get("hits", 0)), ("keyspace_misses", total.get("misses", 0)),
                   ("total_error_replies", server.errors)],
+        "cluster": [("cluster_enabled", 0)],  # (clients read it: redis-py's test harness does)
         "keyspace": ([("db0", f"keys={total.get('keys', 0)},expires={total.get('expiring', 0)},avg_ttl=0")]
                      if total.get("keys") else []),
         "shardd": [("shards", router.get("shards", len(stats.get("shards", [])))),

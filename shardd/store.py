@@ -142,7 +142,7 @@ _I64_MAX = (1 << 63) - 1
 
 # Redis's string2ll is this strict; Python's int() would also take b" 1", b"+1", b"1_0",
 # b"01" and non-ASCII digits, which would make INCR disagree with every other client.
-_match_int = re.compile(rb"-?(?:0|[1-9][0-9]*)").fullmatch
+_match_int = re.compile(rb"0|-?[1-9][0-9]*").fullmatch  # (not "-0", as string2ll)
 # len(b"-9223372036854775808"): anything longer cannot fit, and int() of a huge digit
 # string is slow (and past 4300 digits raises ValueError).
 _MAX_INT_LEN = 20

@@ -676,7 +676,7 @@ def test_ttl_over_the_maximum_is_a_bad_request_naming_the_limit(ttl: int, make: 
         (["debug_sleep", 0, 60_001], "ms"),
         (["debug_sleep", 0, -1], "ms"),
         (["setget", b"k", b"v", 100, None, True], "keep_ttl"),
-        (["expire_if", b"k", 100, 5], "when"),
+        (["expire_if", b"k", 100, 6], "when"),
         (["expire_if", b"k", 100, -1], "when"),
         (["getex", b"k", 100, True], "persist"),
         (["getex", b"k", -1, True], "persist"),

@@ -50,6 +50,9 @@ def feed_all(data: bytes, chunks: list[int] | None = None, **kw: Any) -> tuple[l
         commands, problem = parser.feed(data[pos:pos + size])
         pos += size
         out += commands
+        while commands and problem is None and not parser.authenticated:  # one at a time (Rule 3)
+            commands, problem = parser.feed(b"")
+            out += commands
         if problem is not None:
             assert error is None, "a second error from a failed parser"
             error = str(problem)

@@ -295,7 +295,7 @@ def test_incr_missing_key_starts_at_zero(store: Store) -> None:
     assert store.ttl(b"n") == -1
 
 
-@pytest.mark.parametrize("value", [b"0", b"-0", b"7", b"-7", b"10", str(I64_MAX).encode(),
+@pytest.mark.parametrize("value", [b"0", b"7", b"-7", b"10", str(I64_MAX).encode(),
                                    str(I64_MIN).encode()])
 def test_incr_accepts_canonical_integers(store: Store, value: bytes) -> None:
     store.set(b"n", value)
@@ -304,7 +304,7 @@ def test_incr_accepts_canonical_integers(store: Store, value: bytes) -> None:
 
 @pytest.mark.parametrize(
     "value",
-    [b"1.5", b" 1", b"1 ", b"+1", b"01", b"-01", b"00", b"1_0", b"", b"-", b"abc", b"1e3", b"0x10",
+    [b"1.5", b"-0", b" 1", b"1 ", b"+1", b"01", b"-01", b"00", b"1_0", b"", b"-", b"abc", b"1e3", b"0x10",
      b"1\n", "\u0661".encode(), b"\x00", str(I64_MAX + 1).encode(), str(I64_MIN - 1).encode(),
      b"9" * 25, b"1" * 5000],
 )
@@ -554,9 +554,7 @@ def model_int(value: bytes) -> int | None:
         text = value.decode("ascii")
     except UnicodeDecodeError:
         return None
-    if text == "-0":
-        return 0
-    try:
+    try:  # "-0" is not canonical (str(0) is "0"): Redis's string2ll refuses it too
         n = int(text)
     except ValueError:
         return None

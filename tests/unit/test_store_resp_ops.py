@@ -13,7 +13,16 @@ import pytest
 
 from shardd.codec import ZstdCodec
 from shardd.errors import OutOfMemory
-from shardd.protocol import EXPIRE_ALWAYS, EXPIRE_GT, EXPIRE_LT, EXPIRE_NX, EXPIRE_XX, IF_ABSENT, IF_PRESENT
+from shardd.protocol import (
+    EXPIRE_ALWAYS,
+    EXPIRE_GT,
+    EXPIRE_LT,
+    EXPIRE_NX,
+    EXPIRE_XX,
+    EXPIRE_XX_LT,
+    IF_ABSENT,
+    IF_PRESENT,
+)
 from shardd.store import ENTRY_OVERHEAD, Store, entry_cost
 from tests.unit.test_store import FakeClock, check_invariants
 
@@ -120,6 +129,7 @@ def test_setget_evicts_others_never_its_own_key(clock: FakeClock) -> None:
     (EXPIRE_XX, False, True, True),
     (EXPIRE_GT, False, True, False),  # no TTL is an infinite deadline: nothing is later
     (EXPIRE_LT, True, False, True),  # ... and anything is earlier
+    (EXPIRE_XX_LT, False, False, True),  # XX and LT: only a key with a TTL, only earlier
 ])
 def test_expire_if_conditions(store: Store, when: int, on_plain: bool, later_on_ttl: bool,
                               earlier_on_ttl: bool) -> None:
@@ -160,7 +170,7 @@ def test_expire_if_in_the_past_deletes_the_key_when_the_condition_holds(store: S
 def test_expire_if_rejects_an_unknown_condition(store: Store) -> None:
     store.set(b"k", b"v")
     with pytest.raises(ValueError, match="when"):
-        store.expire_if(b"k", 100, 5)
+        store.expire_if(b"k", 100, 6)
     assert store.ttl(b"k") == -1
 
 
