@@ -368,6 +368,8 @@ class RespServer:
                 self._push(conn, problem, text)
             return
         if problem is not None:
+            if text == "exec":  # Redis's execCommandAbort: the reason, without its "ERR "
+                problem = b"-EXECABORT Transaction discarded because of: " + problem[1:].removeprefix(b"ERR ")
             self._push(conn, problem, text)
             return
         if text in _TRANSACTION:

@@ -62,6 +62,7 @@ CASES = {
     # bytes after a bulk string: Redis skips 2 without looking
     "bulk-bad-crlf": b"*1\r\n$4\r\nPINGxx",
     "bulk-nul-inside": mb(b"ECHO", b"a\x00b\r\nc"),
+    "nul-in-unknown-name": mb(b"PI\x00G"),  # Redis prints the name with %s: up to the NUL
     # inline
     "inline-unbalanced-double": b'SET "a b\r\n',
     "inline-unbalanced-single": b"SET 'a b\r\n",
@@ -119,8 +120,6 @@ def test_mbulk_count_string_too_big_as_redis(ports: tuple[int, int]) -> None:
 DIVERGENCES = {
     "count-line-ends-at-cr": (b"*1\rx$4\r\nPING\r\n",
                               "Redis ends a count line at '\\r' and skips the next byte unchecked; shardd needs CRLF"),
-    "nul-in-unknown-name": (mb(b"PI\x00G"),
-                            "Redis prints the unknown name with %s: it stops at the NUL; shardd prints it whole"),
     "non-ascii-byte-in-error": (b"*1\r\n\xff\r\n",
                                 "Redis quotes the unexpected byte as it is (0xff); shardd sends it UTF-8 encoded "
                                 "(0xc3 0xbf): shardd/resp.py chr(buf[p]) in parse, encoded by resp.error"),
