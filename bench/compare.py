@@ -39,6 +39,14 @@ Then:
    ratio is printed): memory per key in each, then sync GET of those values from both shardd
    daemons in both client modes. A daemon that refuses the key gives "n/a" rows with its message.
 
+6. **resp** (``--resp``, or ``resp`` in ``--workloads``): fresh servers of its own, a Redis and a
+   shardd daemon with ``resp_bind`` on a free port (plus, with ``shardd-resp-gw`` in
+   ``--resp-systems``, the measuring prototype ``bench/resp_gateway_proto.py`` in front of it);
+   ``redis-benchmark -t TEST -n 200000 -c 50 -P 1|16 --csv`` per test (SET, GET), depth and
+   system, systems interleaved, 3 rounds unless ``--rounds``; server CPU (every process of the
+   server side) and redis-benchmark's own CPU per 1M requests; each figure's median with its
+   range; issue 14's targets as PASS/FAIL lines (``run_resp``, ``parse_benchmark_csv``).
+
 Steps 3 to 5 repeat ``--rounds`` times, systems interleaved within each round; each row shows
 the median round (by ops/s, or by CPU per op for step 4). Last come two targets tables:
 docs/design.md's, and the efficiency targets (``evaluate_efficiency_targets``: memory,
