@@ -24,6 +24,7 @@ from shardd.protocol import TUNABLE, Limits
 LogLevel = Literal["debug", "info", "warning", "error"]
 EvictionPolicy = Literal["allkeys-lru", "allkeys-lfu", "volatile-ttl", "allkeys-random", "noeviction"]
 Compression = Literal["zstd", "off"]
+RespFront = Literal["workers", "router"]
 
 _SIZE_UNITS = {
     "": 1, "b": 1,
@@ -81,7 +82,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     resp_bind: str = ""             # e.g. "tcp://127.0.0.1:6380"
     resp_password: str = ""         # Redis requirepass: the "default" user's password
     resp_admin_password: str = ""   # the "admin" user's; when set, FLUSHALL/FLUSHDB need it
-    resp_max_clients: int = 10000   # Redis maxclients
+    resp_max_clients: int = 10000   # Redis maxclients (per process serving the endpoint)
+    resp_front: RespFront = "workers"  # who serves RESP connections: every worker, or the router
 
     def __post_init__(self) -> None:
         if not _ENDPOINT_RE.match(self.bind):
@@ -240,6 +242,7 @@ SETTINGS: dict[str, Setting] = {
     "resp_password": Setting(RESTART),
     "resp_admin_password": Setting(RESTART),
     "resp_max_clients": Setting(RESTART),
+    "resp_front": Setting(RESTART),
     "mailbox_limit": Setting(frozenset({ROUTER, WORKER})),  # workers: direct clients' bound
     "max_memory": Setting(frozenset({WORKER})),
     "eviction_policy": Setting(frozenset({WORKER})),

@@ -144,6 +144,27 @@ def families(stats: dict[str, Any] | None) -> Iterator[Metric]:
         for state, count in sorted(cluster["slots"].items()):
             slots.add_metric([state], count)
         yield slots
+    resp = router.get("resp")
+    if resp:  # the Redis-protocol endpoint (docs/resp.md)
+        conns = GaugeMetricFamily("shardd_resp_connections", "Open connections on the RESP endpoint.")
+        conns.add_metric([], resp["connections"])
+        yield conns
+        for field, name, doc in (("accepted", "resp_connections_accepted", "RESP connections accepted."),
+                                 ("rejected", "resp_connections_rejected", "RESP connections refused (maxclients)."),
+                                 ("protocol_errors", "resp_protocol_errors",
+                                  "RESP connections closed for a malformed request.")):
+            counter = CounterMetricFamily(f"shardd_{name}", doc)
+            counter.add_metric([], resp[field])
+            yield counter
+        commands = CounterMetricFamily("shardd_resp_commands", "RESP commands received, by command.",
+                                       labels=["command"])
+        for command, count in sorted(resp["by_command"].items()):
+            commands.add_metric([command], count)
+        yield commands
+        errors = CounterMetricFamily("shardd_resp_errors", "RESP error replies, by command.", labels=["command"])
+        for command, count in sorted(resp["errors_by_command"].items()):
+            errors.add_metric([command], count)
+        yield errors
 
 
 class MetricsServer:

@@ -82,6 +82,15 @@ IF_PRESENT = 2
 
 SetCondition = Literal[0, 1, 2]
 
+# expire_if conditions (Redis EXPIRE NX / XX / GT / LT). A key without a TTL has an infinite
+# deadline: GT never applies to it, LT always does (as in Redis).
+EXPIRE_ALWAYS = 0
+EXPIRE_NX = 1  # only if the key has no TTL
+EXPIRE_XX = 2  # only if it has one
+EXPIRE_GT = 3  # only if the new deadline is later than the current one
+EXPIRE_LT = 4  # only if it is earlier
+EXPIRE_XX_LT = 5  # only if it has one and the new deadline is earlier (Redis EXPIRE ... XX LT)
+
 # The longest TTL a request may ask for: 2**53 - 1 ms (~285,000 years). It keeps ``ttl``
 # replies and expiry times far inside int64, and exact as a double (JavaScript's
 # Number.MAX_SAFE_INTEGER), so no client needs a big integer type for a TTL.
@@ -184,6 +193,59 @@ class Cas(_Op, tag="cas"):
     ttl_ms: int | None = None
 
 
+# Redis-exact variants (for a RESP endpoint): each is one atomic step on the key's owner.
+
+
+class SetGet(_Op, tag="setget"):
+    """``set`` under ``cond`` that answers the value it replaced, nil if the key was missing, whether
+    or not it stored (Redis ``SET … [NX|XX] GET``, ``GETSET``). ``keep_ttl``: the key keeps its TTL
+    (``KEEPTTL``; only with ``ttl_ms`` nil); otherwise no ``ttl_ms`` clears it, as ``set`` does."""
+
+    key: bytes
+    value: bytes
+    ttl_ms: int | None = None
+    cond: SetCondition | None = ALWAYS  # nil on the wire: ALWAYS
+    keep_ttl: bool | None = False  # nil on the wire: false
+
+    def __post_init__(self) -> None:
+        if self.cond is None:
+            _force_setattr(self, "cond", ALWAYS)
+        if self.keep_ttl is None:
+            _force_setattr(self, "keep_ttl", False)
+
+
+class ExpireIf(_Op, tag="expire_if"):
+    """Give ``key`` a TTL of ``ttl_ms`` if ``when`` (EXPIRE_*) allows it; whether it did. ``ttl_ms`` <= 0
+    deletes the key when the condition holds (Redis EXPIRE with a time in the past)."""
+
+    key: bytes
+    ttl_ms: int
+    when: int | None = EXPIRE_ALWAYS  # nil on the wire: EXPIRE_ALWAYS
+
+    def __post_init__(self) -> None:
+        if self.when is None:
+            _force_setattr(self, "when", EXPIRE_ALWAYS)
+
+
+class GetEx(_Op, tag="getex"):
+    """The value at ``key`` (nil if missing), with its TTL changed in the same step (Redis GETEX):
+    ``ttl_ms`` > 0 from now, <= 0 deletes the key after reading it, ``persist`` removes the TTL."""
+
+    key: bytes
+    ttl_ms: int | None = None
+    persist: bool | None = False  # nil on the wire: false
+
+    def __post_init__(self) -> None:
+        if self.persist is None:
+            _force_setattr(self, "persist", False)
+
+
+class Strlen(_Op, tag="strlen"):
+    """The length of the value at ``key`` as written, 0 if missing (Redis STRLEN)."""
+
+    key: bytes
+
+
 # --- multi-key ops (split per shard by the router) --------------------------------
 
 
@@ -198,6 +260,31 @@ class SetMany(_Op, tag="set_many"):
 
 class DeleteMany(_Op, tag="delete_many"):
     keys: list[bytes]
+
+
+class SetManyNx(_Op, tag="set_many_nx"):
+    """Store every pair only if none of the keys is live, all or nothing (Redis MSETNX); whether it
+    stored. Not split: every key must be on one shard (BAD_REQUEST otherwise), where it is one step."""
+
+    items: list[tuple[bytes, bytes]]
+    ttl_ms: int | None = None
+
+
+class Scan(_Op, tag="scan"):
+    """Shard ``shard``'s keys, a few at a time (keyscan): ``[next_cursor (0: done), [key, ...]]``.
+    ``cursor`` 0 starts; each call examines up to ``count`` keys and answers those live that match
+    the Redis glob ``match`` (nil: all)."""
+
+    shard: int
+    cursor: int | None = 0  # nil on the wire: 0
+    count: int | None = 10  # nil on the wire: 10 (Redis SCAN's COUNT default)
+    match: bytes | None = None
+
+    def __post_init__(self) -> None:
+        if self.cursor is None:
+            _force_setattr(self, "cursor", 0)
+        if self.count is None:
+            _force_setattr(self, "count", 10)
 
 
 # --- admin ops (fanned out to every shard) -----------------------------------------
@@ -462,7 +549,8 @@ Op = (
     | GetMany | SetMany | DeleteMany | Ping | Stats | Flush | DebugSleep | Maintenance | Health | Configure
     | Drain | Snapshot | Hotkeys | Tune | Topology | Resize | ResizeStart | Migrate | MigrateOut | MigrateIn
     | MigrateDone | SetTopology | SetMaintenance | Describe | ClusterSet | SlotFreeze | SlotGive | SlotTake | SlotDrop
-    | SlotPut | SlotImport | Leave | SlotCopy | ReplPull | ReplRead | ReplApply | SlotStates
+    | SlotPut | SlotImport | Leave | SlotCopy | ReplPull | ReplRead | ReplApply | SlotStates | SetGet | ExpireIf
+    | GetEx | Strlen | SetManyNx | Scan
 )
 
 
@@ -540,9 +628,19 @@ OPS: dict[type, OpSpec] = {
     GetDel: _WRITE,
     # touch only refreshes the access time without a TTL (a read); with one it is an expire.
     Touch: OpSpec(KEYED, write=True, direct=True, resize=MOVES, query=lambda op: op.ttl_ms is None),
+    SetGet: _WRITE,
+    ExpireIf: _WRITE,
+    # getex without ttl_ms or persist is a GET with another name.
+    GetEx: OpSpec(KEYED, write=True, direct=True, resize=MOVES, query=lambda op: op.ttl_ms is None and not op.persist),
+    Strlen: _READ,
     GetMany: OpSpec(MULTI, direct=True, resize=SPLIT),
     SetMany: OpSpec(MULTI, write=True, direct=True, resize=SPLIT),
     DeleteMany: OpSpec(MULTI, write=True, direct=True, resize=SPLIT),
+    # All or nothing, so never split: the router sends it whole to the one shard of all its keys. Keys in
+    # transit mid-resize could be checked on one shard and written on another: refused then.
+    SetManyNx: OpSpec(ROUTER, write=True, resize=REFUSE),
+    # One shard's keys, by number: the router sends it on (a worker's endpoint has no notion of the number).
+    Scan: OpSpec(ROUTER),
     Ping: OpSpec(FANOUT, direct=True),  # a worker's own endpoint answers 1: the one shard behind it
     Stats: OpSpec(FANOUT),
     Health: OpSpec(FANOUT),
@@ -742,9 +840,14 @@ def check_op(op: Op, limits: Limits) -> tuple[int, str] | None:
             f"value is {len(value)} bytes; the limit is {limits.max_value_bytes} (max_value_bytes)"
         )
     ttl = getattr(op, "ttl_ms", None)
-    if ttl is not None and not 0 < ttl <= MAX_TTL_MS:
-        return BAD_REQUEST, f"ttl_ms must be between 1 and {MAX_TTL_MS} milliseconds (MAX_TTL_MS = 2**53-1), got {ttl}"
     cls = type(op)
+    if ttl is not None and not 0 < ttl <= MAX_TTL_MS:
+        if cls is not ExpireIf and cls is not GetEx:
+            return BAD_REQUEST, (f"ttl_ms must be between 1 and {MAX_TTL_MS} milliseconds (MAX_TTL_MS = 2**53-1), "
+                                 f"got {ttl}")
+        if not -MAX_TTL_MS <= ttl <= MAX_TTL_MS:  # here <= 0 means "delete it now" (a deadline in the past)
+            return BAD_REQUEST, (f"{cls.__struct_config__.tag} ttl_ms must be between -{MAX_TTL_MS} and {MAX_TTL_MS} "
+                                 f"milliseconds (MAX_TTL_MS = 2**53-1), got {ttl}")
     # Multi-key ops: one C-level pass over the lengths; the loops only name the first culprit.
     if cls is GetMany or cls is DeleteMany:
         for k in op.keys if op.keys and max(map(len, op.keys)) > max_key else ():
@@ -784,7 +887,60 @@ def check_op(op: Op, limits: Limits) -> tuple[int, str] | None:
             return BAD_REQUEST, f"{cls.__struct_config__.tag} limit must be in [1, 100000], got {op.limit}"
     elif cls is ReplPull and not 1 <= op.limit <= 100_000:
         return BAD_REQUEST, f"repl_pull limit must be in [1, 100000], got {op.limit}"
+    elif cls in _REDIS_VARIANT_CHECKS:  # one lookup for all of them: every other op's path stays as it was
+        return _REDIS_VARIANT_CHECKS[cls](op, limits)
     return None
+
+
+def _check_setget(op: SetGet, limits: Limits) -> tuple[int, str] | None:
+    if op.keep_ttl and op.ttl_ms is not None:
+        return BAD_REQUEST, "setget: keep_ttl keeps the key's TTL, so ttl_ms must be nil with it"
+    return None
+
+
+def _check_expire_if(op: ExpireIf, limits: Limits) -> tuple[int, str] | None:
+    if not EXPIRE_ALWAYS <= op.when <= EXPIRE_XX_LT:
+        return BAD_REQUEST, (f"expire_if when must be 0 (always), 1 (NX), 2 (XX), 3 (GT), 4 (LT) or 5 (XX and LT), "
+                             f"got {op.when}")
+    return None
+
+
+def _check_getex(op: GetEx, limits: Limits) -> tuple[int, str] | None:
+    if op.persist and op.ttl_ms is not None:
+        return BAD_REQUEST, "getex: ttl_ms and persist exclude each other (set a TTL, or remove it)"
+    return None
+
+
+def _check_set_many_nx(op: SetManyNx, limits: Limits) -> tuple[int, str] | None:
+    if not op.items:
+        return BAD_REQUEST, "set_many_nx needs at least one [key, value] pair"
+    return check_op(SetMany(op.items), limits)  # the sizes, checked as set_many's (its ttl_ms is checked already)
+
+
+# A worker's scan cursors stay below this (shardd.keyscan), so a caller may fold a shard number into one
+# (cursor * 1024 + shard) and stay inside u64, and inside i64 too.
+SCAN_CURSOR_LIMIT = 1 << 48
+
+
+def _check_scan(op: Scan, limits: Limits) -> tuple[int, str] | None:
+    if not 0 <= op.shard < MAX_SHARDS:
+        return BAD_REQUEST, f"scan shard must be between 0 and {MAX_SHARDS - 1}, got {op.shard}"
+    if not 0 <= op.cursor < SCAN_CURSOR_LIMIT:
+        return BAD_REQUEST, f"scan cursor must be in [0, 2**48), got {op.cursor}"
+    if not 1 <= op.count <= 100_000:
+        return BAD_REQUEST, f"scan count must be in [1, 100000], got {op.count}"
+    # A pattern is compiled and cached per worker: bound it by what could match a key (escapes and classes
+    # make a pattern longer than the keys it matches).
+    if op.match is not None and len(op.match) > 4 * limits.max_key_bytes:
+        return TOO_LARGE, (f"scan match is {len(op.match)} bytes; the limit is 4 x max_key_bytes "
+                           f"({4 * limits.max_key_bytes})")
+    return None
+
+
+_REDIS_VARIANT_CHECKS: dict[type, Callable[[Any, Limits], tuple[int, str] | None]] = {
+    SetGet: _check_setget, ExpireIf: _check_expire_if, GetEx: _check_getex, SetManyNx: _check_set_many_nx,
+    Scan: _check_scan,
+}
 
 
 def salvage_id(frame: bytes, limit: int | None = None) -> int:

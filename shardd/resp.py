@@ -42,10 +42,11 @@ _HEADER_MAX = 64 * 1024  # a count line without its CRLF after this many bytes i
 UNAUTH_MAX_ARGS = 10
 UNAUTH_MAX_BULK = 16384
 
-# Anything the fast path must not see: a count or length that is negative or 9+ digits, or a
-# buffer that does not start with an array. Values can contain these bytes too; then the exact
-# parser runs, which only costs time.
-_UNUSUAL = re.compile(rb"[*$](?:-|\d{9})")
+# Anything the fast path must not see: a count or length that is negative or 9+ digits, or an
+# element hiredis would turn into bytes although it is not a bulk string (simple string "+",
+# verbatim "=", big number "("; Redis answers "expected '$'"). Values can contain these bytes
+# too; then the exact parser runs, which only costs time.
+_UNUSUAL = re.compile(rb"[*$](?:-|\d{9})|\r\n[+=(]")
 
 
 class ProtocolError(Exception):
@@ -95,7 +96,7 @@ class RequestParser:
                                            self.max_args if authenticated else UNAUTH_MAX_ARGS,
                                            unauthenticated=not authenticated)
         rest = buf[pos:]
-        if error is None and len(rest) > self.max_bulk + _HEADER_MAX:
+        if error is None and max(len(rest), need) > self.max_bulk + _HEADER_MAX:
             error = ProtocolError("Protocol error: request too large")  # Rule 2 (a valid one cannot be)
         if error is not None:
             self._failed = True
@@ -117,10 +118,16 @@ class RequestParser:
             while (command := gets()) is not False:
                 if type(command) is not list:
                     break
-                commands.append(command)
+                if command:  # "*0": Redis ignores an empty command, as parse does
+                    commands.append(command)
             else:
                 if not reader.has_data() and all(type(arg) is bytes for command in commands for arg in command):
-                    return commands
+                    # has_data() is also False when the buffer ends between two elements of an
+                    # array: hiredis holds that partial command. An empty array tells: read
+                    # alone it comes back as [], inside a partial command it does not.
+                    reader.feed(b"*0\r\n")
+                    if reader.gets() == []:
+                        return commands
         except hiredis.ProtocolError:
             pass
         self._reader = hiredis.Reader()  # it holds a partial command or an error: start a new one
@@ -189,19 +196,20 @@ def parse(buf: bytes, max_bulk: int, max_args: int,
             p = start + length + 2
             if p > n:
                 return commands, pos, None, p - pos
-            if buf[p - 2:p] != b"\r\n":
-                return commands, pos, ProtocolError("Protocol error: invalid bulk length"), 0
             args.append(buf[start:start + length])
         commands.append(args)
         pos = p
     return commands, pos, None, 0
 
 
-_DIGITS = re.compile(rb"-?\d{1,19}")
+_DIGITS = re.compile(rb"0|-?[1-9]\d{0,18}")  # Redis's string2ll: no "+", no leading zeros, no "-0"
 
 
 def _int(text: bytes) -> int | None:
-    return int(text) if _DIGITS.fullmatch(text) else None
+    if not _DIGITS.fullmatch(text):
+        return None
+    value = int(text)
+    return value if -(2**63) <= value < 2**63 else None  # string2ll fails on overflow
 
 
 _ESCAPES = {ord("n"): b"\n", ord("r"): b"\r", ord("t"): b"\t", ord("b"): b"\b", ord("a"): b"\a"}
@@ -252,7 +260,7 @@ def split_inline(line: bytes) -> list[bytes]:
                     break
                 else:
                     current.append(c)
-            elif c in b" \t\n\r\v\f":
+            elif c in b" \t\n\r":  # sdssplitargs: \v and \f only separate outside a word
                 break
             elif c in (34, 39):
                 quote = c

@@ -27,6 +27,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import platform
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -101,13 +102,19 @@ def arity_error(name: str) -> bytes:
 
 
 def unknown_command(args: list[bytes]) -> bytes:
-    """Redis's text, including its trailing space and its 128-character caps."""
-    listed = ""
+    """Redis's text, byte for byte: its 128-byte caps, C strings (cut at a NUL), the trailing space."""
+    listed = b""
     for arg in args[1:]:
         if len(listed) >= 128:
             break
-        listed += f"'{_text(arg)[: 128 - len(listed)]}' "
-    return r.error(f"ERR unknown command '{_text(args[0])[:128]}', with args beginning with: {listed}")
+        listed += b"'" + _cstr(arg, 128 - len(listed)) + b"' "
+    text = b"ERR unknown command '" + _cstr(args[0], 128) + b"', with args beginning with: " + listed
+    return b"-" + text.replace(b"\r", b" ").replace(b"\n", b" ") + b"\r\n"
+
+
+def _cstr(arg: bytes, limit: int) -> bytes:
+    """``%.*s`` of a C string: up to the first NUL, at most ``limit`` bytes."""
+    return arg.split(b"\0", 1)[0][:limit]
 
 
 def unknown_subcommand(command: str, sub: bytes) -> bytes:
@@ -206,11 +213,13 @@ def _now_ms() -> int:
 # --- argument parsing ----------------------------------------------------------------------------
 
 _I64 = (-(1 << 63), (1 << 63) - 1)
+_match_int = re.compile(rb"0|-?[1-9][0-9]*").fullmatch
 
 
 def _parse_int(arg: bytes) -> int | None:
-    """A Redis integer argument (signed 64-bit decimal, no spaces or "+"), or None."""
-    if not arg or len(arg) > 20 or not (arg.isdigit() or (arg[0] == 45 and arg[1:].isdigit() and len(arg) > 1)):
+    """A Redis integer argument (signed 64-bit decimal, no spaces, "+", leading zeros or "-0": as
+    Redis's string2ll), or None."""
+    if not arg or len(arg) > 20 or _match_int(arg) is None:
         return None
     value = int(arg)
     return value if _I64[0] <= value <= _I64[1] else None
@@ -228,54 +237,70 @@ def cmd_get(s: Session, args: list[bytes]) -> Any:
 
 
 def _expiry(command: str, unit: bytes, arg: bytes) -> int | bytes:
-    """EX/PX/EXAT/PXAT's argument as a TTL in ms (may be ≤ 0 for a past EXAT/PXAT), or the error reply."""
+    """EX/PX/EXAT/PXAT's argument as a TTL in ms (≤ 0 for a past EXAT/PXAT), or the error reply
+    (Redis's getExpireMillisecondsOrReply; past 2**53-1 ms, shardd's limit, is invalid too)."""
     value = _parse_int(arg)
     if value is None:
         return NOT_INT
     if value <= 0:
         return expire_error(command)
     if unit == b"EX" or unit == b"EXAT":
-        if value > p.MAX_TTL_MS // 1000 + (_now_ms() // 1000 if unit == b"EXAT" else 0):
-            return expire_error(command)
         value *= 1000
-    elif value > p.MAX_TTL_MS + (_now_ms() if unit == b"PXAT" else 0):
-        return expire_error(command)
     if unit == b"EXAT" or unit == b"PXAT":
         value -= _now_ms()
+    if value > p.MAX_TTL_MS:
+        return expire_error(command)
     return value
+
+
+_UNITS = (b"EX", b"PX", b"EXAT", b"PXAT")
+
+
+def _string_options(args: list[bytes], start: int, is_set: bool) -> tuple[int, bool, bool, bool, bytes | None, bytes]:
+    """Redis's parseExtendedStringArgumentsOrReply for SET (``is_set``) and GETEX: (cond, get,
+    keepttl, persist, unit, its argument) or, in ``unit``'s place, b"" for a syntax error.
+    An option may repeat (the last EX/PX/... wins); options that exclude each other do not mix."""
+    cond, get, keep, persist = p.ALWAYS, False, False, False
+    unit: bytes | None = None
+    amount = b""
+    i, n = start, len(args)
+    while i < n:
+        opt = args[i].upper()
+        if opt == b"NX" and is_set and cond != p.IF_PRESENT:
+            cond = p.IF_ABSENT
+        elif opt == b"XX" and is_set and cond != p.IF_ABSENT:
+            cond = p.IF_PRESENT
+        elif opt == b"GET" and is_set:
+            get = True
+        elif opt == b"KEEPTTL" and is_set and not persist and unit is None:
+            keep = True
+        elif opt == b"PERSIST" and not is_set and not keep and unit is None:
+            persist = True
+        elif opt in _UNITS and not keep and not persist and unit in (None, opt) and i + 1 < n:
+            unit, amount = opt, args[i + 1]
+            i += 1
+        else:
+            return cond, get, keep, persist, b"", b""
+        i += 1
+    return cond, get, keep, persist, unit, amount
 
 
 def cmd_set(s: Session, args: list[bytes]) -> Any:
     key, value = args[1], args[2]
     if len(args) == 3:
         return p.Set(key, value), _ok
+    cond, get, keep, _, unit, amount = _string_options(args, 3, True)
+    if unit == b"":
+        return SYNTAX
     ttl: int | None = None
-    cond = p.ALWAYS
-    get = keep = False
-    expiry = None
-    i, n = 3, len(args)
-    while i < n:
-        opt = args[i].upper()
-        if opt in (b"EX", b"PX", b"EXAT", b"PXAT") and expiry is None and not keep and i + 1 < n:
-            expiry = opt
-            got = _expiry("set", opt, args[i + 1])
-            if type(got) is bytes:
-                return got
-            ttl = got  # type: ignore[assignment]
-            i += 2
-            continue
-        if opt == b"NX" and cond == p.ALWAYS:
-            cond = p.IF_ABSENT
-        elif opt == b"XX" and cond == p.ALWAYS:
-            cond = p.IF_PRESENT
-        elif opt == b"GET" and not get:
-            get = True
-        elif opt == b"KEEPTTL" and expiry is None and not keep:
-            keep = True
-        else:
-            return SYNTAX
-        i += 1
+    if unit is not None:
+        got = _expiry("set", unit, amount)
+        if type(got) is bytes:
+            return got
+        ttl = got  # type: ignore[assignment]
     if ttl is not None and ttl <= 0:  # EXAT/PXAT in the past: the key is set and gone at once
+        if cond != p.ALWAYS:  # ... if it would have been set at all
+            return p.SetGet(key, value, 1, cond), (_bulk_or_nil if get else _stored_from_old(cond))
         if get:
             return p.GetDel(key), _bulk_or_nil
         return p.Delete(key), _ok
@@ -322,17 +347,17 @@ def cmd_getdel(s: Session, args: list[bytes]) -> Any:
 
 def cmd_getex(s: Session, args: list[bytes]) -> Any:
     key = args[1]
-    if len(args) == 2:
-        return p.Get(key), _bulk_or_nil
-    opt = args[2].upper()
-    if opt == b"PERSIST" and len(args) == 3:
-        return p.GetEx(key, None, True), _bulk_or_nil
-    if opt in (b"EX", b"PX", b"EXAT", b"PXAT") and len(args) == 4:
-        got = _expiry("getex", opt, args[3])
+    _, _, _, persist, unit, amount = _string_options(args, 2, False)
+    if unit == b"":
+        return SYNTAX
+    if unit is not None:
+        got = _expiry("getex", unit, amount)
         if type(got) is bytes:
             return got
         return p.GetEx(key, got, False), _bulk_or_nil
-    return SYNTAX
+    if persist:
+        return p.GetEx(key, None, True), _bulk_or_nil
+    return p.Get(key), _bulk_or_nil
 
 
 def cmd_append(s: Session, args: list[bytes]) -> Any:
@@ -410,21 +435,24 @@ def cmd_touch(s: Session, args: list[bytes]) -> Any:
     return Plan([p.Touch(key) for key in args[1:]], _sum_of)
 
 
-_WHEN = {b"NX": 1, b"XX": 2, b"GT": 3, b"LT": 4}
+_FLAGS = {b"NX": 1, b"XX": 2, b"GT": 4, b"LT": 8}
+# The flags given → expire_if's ``when``: GT implies XX (a key without TTL is never "less" than it).
+_WHEN = {0: p.EXPIRE_ALWAYS, 1: p.EXPIRE_NX, 2: p.EXPIRE_XX, 4: p.EXPIRE_GT, 6: p.EXPIRE_GT, 8: p.EXPIRE_LT,
+         10: p.EXPIRE_XX_LT}
 
 
 def _expire(command: str, scale: int, absolute: bool) -> Handler:
     def handler(s: Session, args: list[bytes]) -> Any:
-        when = 0
+        flags = 0  # Redis's parseExtendedExpireArgumentsOrReply: every option first, then conflicts
         for arg in args[3:]:
-            flag = _WHEN.get(arg.upper())
+            flag = _FLAGS.get(arg.upper())
             if flag is None:
                 return r.error(f"ERR Unsupported option {_text(arg)}")
-            if when and when != flag:
-                if {when, flag} == {3, 4}:
-                    return r.error("ERR GT and LT options at the same time are not compatible")
-                return r.error("ERR NX and XX, GT or LT options at the same time are not compatible")
-            when = flag
+            flags |= flag
+        if flags & 1 and flags & 14:
+            return r.error("ERR NX and XX, GT or LT options at the same time are not compatible")
+        if flags & 4 and flags & 8:
+            return r.error("ERR GT and LT options at the same time are not compatible")
         amount = _parse_int(args[2])
         if amount is None:
             return NOT_INT
@@ -433,7 +461,7 @@ def _expire(command: str, scale: int, absolute: bool) -> Handler:
             ms -= _now_ms()
         if not -p.MAX_TTL_MS <= ms <= p.MAX_TTL_MS:
             return expire_error(command)
-        return p.ExpireIf(args[1], ms, when), _int
+        return p.ExpireIf(args[1], ms, _WHEN[flags]), _int
     return handler
 
 

@@ -66,10 +66,11 @@ _ACCEPT_PER_PASS = 64
 class Call:
     """One command waiting for its reply; the router's target for a one-op command."""
 
-    __slots__ = ("answers", "combine", "conn", "out", "remaining")
+    __slots__ = ("answers", "combine", "command", "conn", "out", "remaining")
 
-    def __init__(self, conn: Connection, combine: Any) -> None:
+    def __init__(self, conn: Connection, combine: Any, command: str = "") -> None:
         self.conn = conn
+        self.command = command
         self.combine = combine  # (status, value, resp3) → bytes; for a Plan: (answers, resp3) → bytes
         self.out: bytes | None = None
         self.answers: list[Any] | None = None
@@ -77,11 +78,19 @@ class Call:
 
     def answer(self, status: int, value: Any) -> None:
         conn = self.conn
-        self.out = self.combine(status, value, conn.session.resp3)
+        try:
+            self.out = self.combine(status, value, conn.session.resp3)
+        except Exception as exc:  # Rule 4: a bug spelling one reply must not stop the loop
+            log.exception("resp: spelling the reply of %s failed", self.command or "a command")
+            self.out = r.error(f"ERR internal error: {exc!r}")
         conn.ready(self)
 
     def answer_raw(self, frame: bytes) -> None:
-        reply = p.decode_reply(frame)
+        try:
+            reply = p.decode_reply(frame)
+        except Exception:
+            self.answer(p.INTERNAL_ERROR, "a shard sent an undecodable reply")
+            return
         self.answer(reply.status, reply.value)
 
 
@@ -100,11 +109,19 @@ class Part:
         call.remaining -= 1
         if not call.remaining:
             conn = call.conn
-            call.out = call.combine(call.answers, conn.session.resp3)
+            try:
+                call.out = call.combine(call.answers, conn.session.resp3)
+            except Exception as exc:  # Rule 4
+                log.exception("resp: spelling the reply of %s failed", call.command)
+                call.out = r.error(f"ERR internal error: {exc!r}")
             conn.ready(call)
 
     def answer_raw(self, frame: bytes) -> None:
-        reply = p.decode_reply(frame)
+        try:
+            reply = p.decode_reply(frame)
+        except Exception:
+            self.answer(p.INTERNAL_ERROR, "a shard sent an undecodable reply")
+            return
         self.answer(reply.status, reply.value)
 
 
@@ -136,17 +153,21 @@ class Connection:
         if call is not calls[0] if calls else True:
             return
         out = self.out
+        server = self.server
         while calls and calls[0].out is not None:
-            data = calls.popleft().out
-            out.append(data)  # type: ignore[arg-type]
-            self.out_bytes += len(data)  # type: ignore[arg-type]
-        self.server.dirty.add(self)
+            done = calls.popleft()
+            data: bytes = done.out  # type: ignore[assignment]
+            out.append(data)
+            self.out_bytes += len(data)
+            if data[0] == 45 and done.command:  # "-": an error from a shard's answer
+                server.count_error(done.command)
+        server.dirty.add(self)
 
 
 class RespServer:
     """The listener, its connections and their counters; driven by router_main's loop."""
 
-    def __init__(self, config: Config, router: Any, hub: Any) -> None:
+    def __init__(self, config: Config, router: Any, hub: Any, reuse_port: bool = False) -> None:
         self.config = config
         self.router = router
         self.hub = hub
@@ -165,7 +186,7 @@ class RespServer:
         self.protocol_errors = 0
         self.calls_by_command: dict[str, int] = {}
         self.errors_by_command: dict[str, int] = {}
-        self.listener = listen(config.resp_bind)
+        self.listener = listen(config.resp_bind, reuse_port)
         self.port = self.listener.getsockname()[1]
         # The connections wait in an epoll set whose own fd is in the hub's poll: a pass then costs
         # one call for the ready ones, not a walk over every connection (zmq.Poller's cost is per fd).
@@ -234,10 +255,15 @@ class RespServer:
             return
         commands, problem = conn.parser.feed(data)
         if commands:
-            self._run(conn, commands)
+            try:
+                self._run(conn, commands)
+            except Exception:  # Rule 4: a bug here must cost this connection, not the process
+                log.exception("resp: internal error serving %s; closing the connection", conn.addr)
+                self._close(conn)
+                return
         if problem is not None:
             self.protocol_errors += 1
-            self._push(conn, r.error(f"ERR {problem}"))
+            self._push(conn, r.error(f"ERR {problem}"), "protocol")
             conn.session.closing = True
             self._pause(conn)
         elif len(conn.calls) > MAX_PENDING or conn.out_bytes > MAX_OUTPUT:
@@ -253,6 +279,8 @@ class RespServer:
         for args in commands:
             if session.closing:
                 break
+            if not args:  # (both parsers drop empty commands; an empty one must not reach args[0])
+                continue
             name = args[0].lower()
             command = COMMANDS.get(name)
             if command is None:
@@ -279,14 +307,14 @@ class RespServer:
                 continue
             kind = type(result)
             if kind is tuple:
-                call = Call(conn, result[1])
+                call = Call(conn, result[1], text)
                 conn.calls.append(call)
                 submit(call, result[0])
             elif kind is bytes:
                 self._push(conn, result, text)  # type: ignore[arg-type]
             else:
                 plan: Plan = result
-                call = Call(conn, plan.combine)
+                call = Call(conn, plan.combine, text)
                 call.answers = [None] * len(plan.ops)
                 call.remaining = len(plan.ops)
                 conn.calls.append(call)
@@ -296,12 +324,14 @@ class RespServer:
             return
         conn.parser.authenticated = True
 
-    def _push(self, conn: Connection, data: bytes, command: str | None = None) -> None:
+    def count_error(self, command: str) -> None:
+        self.errors += 1
+        self.errors_by_command[command] = self.errors_by_command.get(command, 0) + 1
+
+    def _push(self, conn: Connection, data: bytes, command: str = "") -> None:
         """A reply known at once: it still waits behind earlier ones (Rule 1)."""
-        if data[0] == 45:  # "-": count errors answered here (shard errors are counted in flush)
-            self.errors += 1
-            if command is not None:
-                self.errors_by_command[command] = self.errors_by_command.get(command, 0) + 1
+        if data[0] == 45:  # "-": count errors answered here (a shard's are counted in Connection.ready)
+            self.count_error(command or "unknown")
         if conn.calls:
             call = Call(conn, None)
             call.out = data
@@ -466,14 +496,17 @@ def _human(n: int) -> str:
     return str(n)
 
 
-def listen(endpoint: str) -> socket.socket:
-    """A non-blocking listening TCP socket on ``tcp://HOST:PORT``."""
+def listen(endpoint: str, reuse_port: bool = False) -> socket.socket:
+    """A non-blocking listening TCP socket on ``tcp://HOST:PORT`` (``reuse_port``: one of several
+    processes' sockets on it, among which the kernel spreads the connections)."""
     host, port = endpoint.removeprefix("tcp://").rsplit(":", 1)
     host = host.strip("[]")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host if host != "*" else "", int(port)))
         sock.listen(511)
     except OSError as exc:

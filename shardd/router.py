@@ -61,7 +61,7 @@ from typing import Any
 import msgspec
 
 from shardd import protocol as p
-from shardd import router_cluster
+from shardd import router_cluster, router_keyspace
 from shardd.cluster_view import ClusterView
 from shardd.config import RESTART_KEYS, Config, build_config
 from shardd.errors import ConfigError
@@ -744,6 +744,7 @@ _ROUTER_LOCAL: dict[type, Callable[[Router, Any, int, Any], None]] = {
     p.Drain: _drain,
     p.DebugSleep: Router._debug_sleep,
     **router_cluster.HANDLERS,
+    **router_keyspace.HANDLERS,  # set_many_nx, scan: sent whole to one shard
 }
 _BY_KIND: dict[str, Callable[[Router, Any, int, Any], None]] = {
     p.MULTI: _multi, p.FANOUT: Router._fan_out, p.INTERNAL: _internal,

@@ -57,7 +57,7 @@ def serve(config: Config) -> int:
             return ExitCode.BOOT_FAILED
         router = Router(config, frontend, links, control, connect)
         router.admin_ids = hub.admin_ids
-        if config.resp_bind:
+        if config.resp_bind and config.resp_front == "router":
             try:
                 router.resp = RespServer(config, router, hub)
             except OSError as exc:

@@ -125,7 +125,17 @@ from typing import Any, Protocol
 from xxhash import xxh3_64_intdigest
 
 from shardd.errors import NotInteger, OutOfMemory, TooLarge
-from shardd.protocol import ALWAYS, IF_ABSENT, IF_PRESENT
+from shardd.protocol import (
+    ALWAYS,
+    EXPIRE_ALWAYS,
+    EXPIRE_GT,
+    EXPIRE_LT,
+    EXPIRE_NX,
+    EXPIRE_XX,
+    EXPIRE_XX_LT,
+    IF_ABSENT,
+    IF_PRESENT,
+)
 
 _I64_MIN = -(1 << 63)
 _I64_MAX = (1 << 63) - 1
@@ -212,9 +222,10 @@ class Store:
     """One shard's keys. Not thread-safe: exactly one worker loop may call it.
 
     Counters (plain ints, read them for stats): ``hits`` and ``misses`` count key lookups
-    by get/gets/get_many/getdel; ``sets`` counts values written (set, set_many items, a CAS that
-    stored, INCR, APPEND); ``deletes`` counts live keys removed by delete/delete_many/getdel; ``expired``
-    counts keys reclaimed because their TTL had passed (lazily, actively or by flush);
+    by get/gets/get_many/getdel/getex/setget; ``sets`` counts values written (set, setget, set_many
+    and set_many_nx items, a CAS that stored, INCR, APPEND); ``deletes`` counts live keys removed by
+    delete/delete_many/getdel; ``expired`` counts keys reclaimed because their TTL had passed (lazily,
+    actively or by flush) or was set in the past (expire_if, getex);
     ``used_bytes`` is the accounted size (Rule 4); ``evictions`` counts keys evicted, by the
     policy that chose them; ``oom_rejected`` counts writes refused with OutOfMemory.
     Memory figures: ``arena_bytes`` (segments mapped), ``garbage_bytes`` (dead records not yet
@@ -400,10 +411,7 @@ class Store:
         return data  # type: ignore[return-value]
 
     def _unpack(self, data: bytes) -> bytes:
-        if self._codec is None:
-            from shardd.codec import default_codec  # values packed before compression was turned off
-            return default_codec().unpack(data)
-        return self._codec.unpack(data)
+        return self._reading_codec().unpack(data)
 
     def _key_at(self, hd: int) -> bytes:
         seg = self._segs[hd >> _SEG_BITS]
@@ -607,8 +615,30 @@ class Store:
         if ttl_ms is not None and ttl_ms <= 0:
             raise ValueError(f"ttl_ms must be a positive number of milliseconds, got {ttl_ms}")
         items = list(items)
+        self._set_items(items, ttl_ms, each=not self._reserve_many(items, ttl_ms is not None))
+        return len(items)
+
+    def set_many_nx(self, items: Iterable[tuple[bytes, bytes]], ttl_ms: int | None = None) -> bool:
+        """SET every (key, value) only if none of the keys is live: all or nothing (Redis MSETNX).
+
+        Returns whether it stored. A later duplicate wins, as in set_many. Raises OutOfMemory,
+        writing nothing, if the items do not fit: unlike set_many, a batch larger than the whole
+        share is refused rather than stored while evicting its own first items, so that a True
+        answer always means every item was written.
+        """
+        if ttl_ms is not None and ttl_ms <= 0:
+            raise ValueError(f"ttl_ms must be a positive number of milliseconds, got {ttl_ms}")
+        items = list(items)
+        live = self._live
+        if any(live(key)[1] >= 0 for key, _ in items):  # (reclaims expired ones on the way: Rule 5)
+            return False
+        self._reserve_many(items, ttl_ms is not None, whole=True)
+        self._set_items(items, ttl_ms, each=False)
+        return True
+
+    def _set_items(self, items: list[tuple[bytes, bytes]], ttl_ms: int | None, each: bool) -> None:
+        """set_many's write loop; ``each``: the batch was not reserved whole, every item makes its own room."""
         ttl = ttl_ms is not None
-        each = not self._reserve_many(items, ttl)
         clock = self._clock
         find, hash_ = self._find, self._hash
         write = self._write
@@ -642,7 +672,6 @@ class Store:
                 write(key, h, i, hd, value, deadline, reserved=True)
             written += len(key) + len(value) + _BASE
         self._clean(written)
-        return len(items)
 
     def cas(self, key: bytes, value: bytes, version: int, ttl_ms: int | None = None) -> bool | None:
         """Store ``value`` only if the key's version is still ``version``.
@@ -750,6 +779,123 @@ class Store:
             return False
         self._set_deadline(key, i, hd, 0)
         return True
+
+    # --- Redis-exact variants (SET … GET / KEEPTTL, EXPIRE NX|XX|GT|LT, GETEX, STRLEN) ----------
+
+    def setget(self, key: bytes, value: bytes, ttl_ms: int | None = None, cond: int = ALWAYS,
+               keep_ttl: bool = False) -> bytes | None:
+        """Store ``value`` as :meth:`set` does under ``cond`` and return the value it replaced (None if missing).
+
+        The old value is returned whether or not ``cond`` let the write happen (Redis ``SET … NX|XX GET``,
+        ``GETSET``). ``keep_ttl``: the key keeps its TTL (``KEEPTTL``; a missing key is created
+        without one), only without ``ttl_ms``; otherwise no ``ttl_ms`` clears the TTL. Counts a
+        lookup (hit or miss) as GET does, and OutOfMemory changes nothing, as in SET.
+        """
+        if ttl_ms is not None and ttl_ms <= 0:
+            raise ValueError(f"ttl_ms must be a positive number of milliseconds, got {ttl_ms}")
+        if keep_ttl and ttl_ms is not None:
+            raise ValueError("keep_ttl keeps the key's TTL: it cannot go with a new ttl_ms")
+        if cond and cond not in (IF_ABSENT, IF_PRESENT):
+            raise ValueError(f"cond must be ALWAYS, IF_ABSENT or IF_PRESENT (0, 1, 2), got {cond!r}")
+        i, hd = self._live(key)
+        old = None if hd < 0 else self._value(hd)
+        if not ((cond == IF_ABSENT and hd >= 0) or (cond == IF_PRESENT and hd < 0)):
+            if keep_ttl:
+                expires = self._expires(hd) if hd >= 0 else 0
+            else:
+                expires = self._clock() + ttl_ms if ttl_ms is not None else 0
+            self._write(key, self._hash(key), i, hd, value, expires)  # OutOfMemory: nothing counted either
+            self._clean(len(value) + len(key) + _BASE)
+        if old is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return old
+
+    def expire_if(self, key: bytes, ttl_ms: int, when: int = EXPIRE_ALWAYS) -> bool:
+        """Give a live key a deadline ``ttl_ms`` from now if ``when`` allows it; whether it did (Redis EXPIRE's flags).
+
+        ``when``: EXPIRE_ALWAYS; EXPIRE_NX only if the key has no TTL; EXPIRE_XX only if it has
+        one; EXPIRE_GT / EXPIRE_LT only if the new deadline is later / earlier than the current
+        one, where no TTL counts as an infinite deadline (so GT never applies to such a key and LT
+        always does); EXPIRE_XX_LT only if it has a TTL and the new deadline is earlier (XX with GT
+        is GT already). ``ttl_ms`` may be <= 0: if the condition holds the key is deleted at once
+        (counted as expired, as Redis counts it) and the answer is True. False if missing.
+        The version is kept, as EXPIRE keeps it.
+        """
+        if not EXPIRE_ALWAYS <= when <= EXPIRE_XX_LT:
+            raise ValueError(f"when must be 0 (always), 1 (NX), 2 (XX), 3 (GT), 4 (LT) or 5 (XX LT), got {when!r}")
+        i, hd = self._live(key)
+        if hd < 0:
+            return False
+        current = self._expires(hd)  # 0: no TTL, an infinite deadline
+        deadline = self._clock() + ttl_ms
+        if when == EXPIRE_NX:
+            applies = not current
+        elif when == EXPIRE_XX:
+            applies = bool(current)
+        elif when == EXPIRE_GT:
+            applies = bool(current) and deadline > current
+        elif when == EXPIRE_LT:
+            applies = not current or deadline < current
+        elif when == EXPIRE_XX_LT:
+            applies = bool(current) and deadline < current
+        else:
+            applies = True
+        if not applies:
+            return False
+        if ttl_ms <= 0:
+            self._delete_at(i, hd)
+            self.expired += 1
+        else:
+            self._set_deadline(key, i, hd, deadline)
+        return True
+
+    def getex(self, key: bytes, ttl_ms: int | None = None, persist: bool = False) -> bytes | None:
+        """The value at ``key`` (None if missing), changing its TTL in the same step (Redis GETEX).
+
+        ``ttl_ms`` > 0: the TTL becomes ``ttl_ms`` from now; ``ttl_ms`` <= 0: the key is deleted
+        after it is read (counted as expired: GETEX with a deadline in the past); ``persist``: the
+        TTL is removed; neither: the TTL is left as it is. Counts as a lookup and an access, as GET.
+        """
+        if ttl_ms is not None and persist:
+            raise ValueError("getex: ttl_ms and persist exclude each other")
+        i, hd = self._live(key)
+        if hd < 0:
+            self.misses += 1
+            return None
+        self._touch(hd)
+        self.hits += 1
+        value = self._value(hd)
+        if ttl_ms is not None:
+            if ttl_ms <= 0:
+                self._delete_at(i, hd)
+                self.expired += 1
+            else:
+                self._set_deadline(key, i, hd, self._clock() + ttl_ms)
+        elif persist:
+            self._set_deadline(key, i, hd, 0)
+        return value
+
+    def strlen(self, key: bytes) -> int:
+        """The length of the value at ``key`` as the client wrote it; 0 if missing (Redis STRLEN).
+
+        Not a lookup for the counters and not an access, like ``exists``. A compressed value is
+        measured from its frame header (the codec's ``raw_size``); only a frame that does not
+        record its size is decompressed.
+        """
+        _, hd = self._live(key)
+        if hd < 0:
+            return 0
+        seg = self._segs[hd >> _SEG_BITS]
+        p = hd & _OFFSET_MASK
+        kf, vlen = _U32.unpack_from(seg, p)[0], _U32.unpack_from(seg, p + 4)[0]  # type: ignore[arg-type]
+        if not kf & _PACKED:
+            return len(self._aside[vlen]) if kf & _ASIDE else vlen  # type: ignore[arg-type]
+        data = self._stored(kf, vlen, seg, p)
+        codec = self._reading_codec()
+        size = codec.raw_size(data)
+        return size if size >= 0 else len(codec.unpack(data))
 
     def delete(self, key: bytes) -> bool:
         """Remove a key; True if it was live."""
@@ -1153,20 +1299,26 @@ class Store:
         self._aside[index] = None
         self._aside_free.append(index)
 
+    def _stored(self, kf: int, vlen: int, seg: Any, p: int) -> bytes:
+        """The value bytes as stored (maybe compressed) of the record at ``p`` with header ``kf``, ``vlen``."""
+        if kf & _ASIDE:
+            return self._aside[vlen]  # type: ignore[return-value]
+        v = p + (_WITH_TTL if kf & _TTL else _BASE) + (kf & _KEY_MASK)
+        return seg[v:v + vlen]  # type: ignore[no-any-return]
+
+    def _reading_codec(self) -> Codec:
+        """The codec that reads packed values: values packed before compression was turned off stay packed."""
+        if self._codec is None:
+            from shardd.codec import default_codec
+            return default_codec()
+        return self._codec
+
     def _unpacked(self, kf: int, vlen: int, seg: Any, p: int) -> None:
         """A compressed value leaves the store: take it out of the compression figures."""
-        if kf & _ASIDE:
-            data = self._aside[vlen]
-        else:
-            v = p + (_WITH_TTL if kf & _TTL else _BASE) + (kf & _KEY_MASK)
-            data = seg[v:v + vlen]
+        data = self._stored(kf, vlen, seg, p)
         self.packed_keys -= 1
-        self.packed_bytes -= len(data)  # type: ignore[arg-type]
-        codec = self._codec
-        if codec is None:
-            from shardd.codec import default_codec
-            codec = default_codec()
-        self.packed_raw_bytes -= codec.raw_size(data)  # type: ignore[arg-type]
+        self.packed_bytes -= len(data)
+        self.packed_raw_bytes -= self._reading_codec().raw_size(data)
 
     def _alloc(self, size: int) -> int:
         """A handle for ``size`` new bytes at the head (a new segment when the head is full)."""
@@ -1349,14 +1501,16 @@ class Store:
             return self._make_room(size, grow, (key,)) > 0
         return False
 
-    def _reserve_many(self, items: list[tuple[bytes, bytes]], ttl: bool) -> bool:
+    def _reserve_many(self, items: list[tuple[bytes, bytes]], ttl: bool, whole: bool = False) -> bool:
         """Make room for a whole set_many before any of it is written (all or nothing).
 
         Returns False, having reserved nothing, for a batch that is bigger than the whole
         share under an evicting policy: then each item must make its own room as it is
         written, evicting older items of the same batch (Redis would store it all and
-        evict afterwards). Raises OutOfMemory, writing nothing, if any single item is
-        bigger than the share or, under noeviction, if the batch does not fit.
+        evict afterwards). With ``whole`` (set_many_nx) such a batch raises OutOfMemory
+        instead, having evicted nothing: no eviction could make it fit. Raises OutOfMemory,
+        writing nothing, if any single item is bigger than the share or, under noeviction,
+        if the batch does not fit.
         """
         final = dict(items)  # a later duplicate wins, as in the write loop
         live = self._live
@@ -1375,6 +1529,11 @@ class Store:
         if grow > self._limit and self.policy != "noeviction":
             if largest > self._limit:
                 self._make_room(largest, grow, final)  # raises: one item alone cannot fit
+            if whole:
+                self.oom_rejected += 1
+                raise OutOfMemory(
+                    f"these items need {grow} bytes (keys + values + {ENTRY_OVERHEAD} bytes overhead each), more than "
+                    f"this shard's share of max_memory ({self._limit} bytes); raise max_memory or store fewer")
             return False
         if grow > 0 and self.used_bytes + grow > self._limit:
             self._make_room(largest, grow, final)

@@ -81,7 +81,8 @@ def bind(sock: zmq.Socket, endpoint: str, mode: int = PRIVATE_IPC_MODE) -> None:
 SHARD_RECONNECT_MS = 10
 
 
-def connect_shard_dealer(ctx: zmq.Context, endpoint: str) -> tuple[zmq.Socket, zmq.Socket]:
+def connect_shard_dealer(ctx: zmq.Context, endpoint: str,
+                         identity: bytes | None = None) -> tuple[zmq.Socket, zmq.Socket]:
     """The router's DEALER to one worker, and a monitor socket reporting its connection state.
 
     The monitor is attached before connecting: a handshake that completed before it would
@@ -89,6 +90,8 @@ def connect_shard_dealer(ctx: zmq.Context, endpoint: str) -> tuple[zmq.Socket, z
     """
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    if identity is not None:  # how a worker tells a peer's batches from the router's (resp_worker)
+        sock.setsockopt(zmq.IDENTITY, identity)
     # Queue only on a live connection: with no worker, a send fails at once (→ UNAVAILABLE)
     # instead of piling requests up for a worker that may never come back.
     sock.setsockopt(zmq.IMMEDIATE, 1)
@@ -423,8 +426,8 @@ class Hub:
             raise BindError(f"cannot bind {endpoint}: {exc}") from None
         return ClientInbox(sock, None, endpoint)
 
-    def shard_channel(self, endpoint: str) -> ShardChannel:
-        sock, monitor = connect_shard_dealer(self._ctx, endpoint)
+    def shard_channel(self, endpoint: str, identity: bytes | None = None) -> ShardChannel:
+        sock, monitor = connect_shard_dealer(self._ctx, endpoint, identity)
         channel = ShardChannel(sock, monitor, endpoint)
         self._channels.append(channel)
         return channel

@@ -39,6 +39,7 @@ from shardd.config import RESTART_KEYS, Config, allowed_cpus, build_config
 from shardd.errors import BadRequest, ConfigError, ExitCode, InternalError, ServerError
 from shardd.hashing import shard_for, shards_for
 from shardd.hotkeys import HotKeys
+from shardd.keyscan import KeyScans
 from shardd.logs import setup_logging
 from shardd.memory import tune_allocator
 from shardd.slots import slots_of
@@ -48,6 +49,10 @@ log = logging.getLogger("shardd.worker")
 
 # At most this many messages are taken from the socket before timers get a look-in.
 _DRAIN_LIMIT = 256
+
+# Batches from another worker's RESP endpoint come from a DEALER with this identity prefix
+# (resp_worker.PeerLinks); they are checked as direct clients' requests, the router's are not.
+PEER_IDENTITY = b"peer:"
 
 # Rates (ops/s, service-time quantiles, hot keys) cover the last one to two windows.
 WINDOW_S = 10.0
@@ -113,6 +118,7 @@ class Shard:
         self.mailbox_limit = config.mailbox_limit
         self.busy = 0  # direct requests answered BUSY
         self.direct_endpoint: str | None = None  # set once the direct socket is bound
+        self.resp: Any = None  # this worker's RESP endpoint (resp_worker), with resp_front = "workers"
         self._to_scan: list[bytes] = []
         self._scan_at = 0
         # slot_take / slot_copy cursors: the slots walked and their keys left
@@ -128,6 +134,7 @@ class Shard:
         # Cluster mode: a copy of the router's slot states, for requests on our own endpoint.
         self.cluster = ClusterView(config.cluster_name, config.node_id()) if config.clustered else None
         self._track: Callable[[bytes], None] | None = None  # self.hot.add, bound once (hotkeys Rule 4)
+        self.scans = KeyScans(store.keys, store.exists, clock)  # the scan op's snapshots (keyscan)
         self._set_hotkeys_capacity(config.hotkeys_capacity)
         s = store
         # type(op) → function(op) → reply value. Built once: the dispatch is a dict lookup. Every
@@ -147,6 +154,12 @@ class Shard:
             p.Touch: lambda op: s.touch(op.key, op.ttl_ms),
             p.Gets: lambda op: s.gets(op.key),
             p.Cas: lambda op: s.cas(op.key, op.value, op.version, op.ttl_ms),
+            p.SetGet: lambda op: s.setget(op.key, op.value, op.ttl_ms, op.cond, op.keep_ttl),
+            p.ExpireIf: lambda op: s.expire_if(op.key, op.ttl_ms, op.when),
+            p.GetEx: lambda op: s.getex(op.key, op.ttl_ms, op.persist),
+            p.Strlen: lambda op: s.strlen(op.key),
+            p.SetManyNx: lambda op: s.set_many_nx(op.items, op.ttl_ms),  # the router sent it whole: one shard
+            p.Scan: lambda op: self.scans.scan(op.cursor, op.count, op.match),
             p.GetMany: lambda op: s.get_many(op.keys),
             p.SetMany: lambda op: s.set_many(op.items, op.ttl_ms),
             p.DeleteMany: lambda op: s.delete_many(op.keys),
@@ -183,10 +196,15 @@ class Shard:
         env = p.decode_envelope(frame, self.limits)
         if type(env) is bytes:
             return env
-        op = env.op
+        status, value = self.run(env.op, direct)
+        return p.encode_reply(env.id, status, value)
+
+    def run(self, op: Any, direct: bool = True) -> tuple[int, Any]:
+        """Apply one decoded, checked op: (status, value) (never raises). ``direct`` as for ``apply``;
+        the RESP endpoint in this worker (resp_worker) runs its local ops as direct ones."""
         cls = type(op)
         if direct:
-            refusal = self._direct_refusal(env.id, op, cls)
+            refusal = self._direct_refusal(op, cls)
             if refusal is not None:
                 return refusal
         self.ops += 1
@@ -196,24 +214,24 @@ class Shard:
                 track(op.key)
             elif cls in _MULTI_KEYS:
                 deque(map(track, op.keys), 0)  # no Python loop per key
-            elif cls is p.SetMany:
+            elif cls is p.SetMany or cls is p.SetManyNx:
                 deque(map(track, next(zip(*op.items, strict=True), ())), 0)
         if self.new_shards is not None and cls in _MOVES:
             key = op.key
             if shard_for(key, self.new_shards) != self.shard_id and not self.store.exists(key):
                 # Moved out already, or never here: either way its new owner answers.
-                return p.encode_reply(env.id, p.MOVED, {"epoch": self.epoch, "shard": shard_for(key, self.new_shards)})
+                return p.MOVED, {"epoch": self.epoch, "shard": shard_for(key, self.new_shards)}
         try:
-            value = self._handlers.get(cls, _router_only)(op)
+            return p.OK, self._handlers.get(cls, _router_only)(op)
         except ServerError as exc:  # e.g. NotInteger from INCR: the op's own failure
-            return p.encode_reply(env.id, exc.status, exc.message)
+            return exc.status, exc.message
         except Exception as exc:  # Invariant 2: a bug must not take the shard down.
-            log.exception("internal error applying %s", type(env.op).__name__)
-            return p.encode_reply(env.id, p.INTERNAL_ERROR, f"internal error: {exc!r}")
-        return p.encode_reply(env.id, p.OK, value)
+            log.exception("internal error applying %s", cls.__name__)
+            return p.INTERNAL_ERROR, f"internal error: {exc!r}"
 
-    def apply_batch(self, frame: bytes) -> bytes | None:
-        """One Batch frame in, one BatchReply frame out; None if the frame is not a Batch."""
+    def apply_batch(self, frame: bytes, direct: bool = False) -> bytes | None:
+        """One Batch frame in, one BatchReply frame out; None if the frame is not a Batch.
+        ``direct``: from another worker's RESP endpoint (resp_worker), checked as a direct client's."""
         try:
             batch = p.decode_batch(frame)
         except Exception:
@@ -228,7 +246,7 @@ class Shard:
         start = perf()
         t0 = start
         for raw in batch.ops:
-            append(apply(bytes(raw)))
+            append(apply(bytes(raw), direct))
             t1 = perf()
             v = (t1 - t0) | 8  # histogram.bucket_of, inlined: this runs once per op
             b = v.bit_length()
@@ -245,20 +263,19 @@ class Shard:
             self._window_started, self._window_ops, self._window_service = now, self.ops, list(self.service)
             if self.hot is not None:
                 self.hot.rotate(now)
+            self.scans.prune(now)  # idle scans give their snapshots back even if no scan comes again
             # Entries are long-lived and never form reference cycles, but the cyclic GC still
             # walks them all in every full collection: with a million keys that is a pause of
             # 70-250 ms on this machine. Freezing moves what exists now out of its reach, so a
             # full collection only walks objects made since the last window.
             gc.freeze()
 
-    def _direct_refusal(self, request_id: int, op: Any, cls: type) -> bytes | None:
+    def _direct_refusal(self, op: Any, cls: type) -> tuple[int, Any] | None:
         """MOVED or TRYAGAIN for keys this shard must not answer for; BAD_REQUEST for router-only ops."""
         if cls not in _DIRECT:
-            return p.encode_reply(request_id, p.BAD_REQUEST,
-                                  f"{cls.__struct_config__.tag} goes to the router, not to a shard's own endpoint")
+            return p.BAD_REQUEST, f"{cls.__struct_config__.tag} goes to the router, not to a shard's own endpoint"
         if self.maintenance and p.is_write(p.OPS[cls], op):
-            return p.encode_reply(request_id, p.MAINTENANCE,
-                                  "the daemon is in maintenance mode: writes are refused, reads work; retry later")
+            return p.MAINTENANCE, "the daemon is in maintenance mode: writes are refused, reads work; retry later"
         cluster = self.cluster
         if cluster is not None and cls is not p.Ping and cls is not p.DebugSleep:
             # A cluster node: only keys of slots the node serves now (the router's states, pushed
@@ -269,7 +286,7 @@ class Shard:
                 keys = next(zip(*op.items, strict=True), ()) if cls is p.SetMany else op.keys
                 refusal = cluster.refusal_many(list(keys), time.monotonic())
             if refusal is not None:
-                return p.encode_reply(request_id, *refusal)
+                return refusal
         shards, me = self.shards, self.shard_id
         if cls in _KEYED:
             keys: Any = (op.key,)
@@ -281,11 +298,11 @@ class Shard:
             if owners.count(me) == len(owners):
                 return None
             owner = next(owner for owner in owners if owner != me)
-            return p.encode_reply(request_id, p.MOVED, {"epoch": self.epoch, "shard": owner})
+            return p.MOVED, {"epoch": self.epoch, "shard": owner}
         for key, owner in zip(keys, owners, strict=True):
             refusal = self._refusal_while_resizing(key, owner)
             if refusal is not None:
-                return p.encode_reply(request_id, *refusal)
+                return refusal
         return None
 
     def _refusal_while_resizing(self, key: bytes, old_owner: int) -> tuple[int, Any] | None:
@@ -609,13 +626,40 @@ def run_worker(config: Config, shard_id: int) -> int:
         shard = Shard(store, config, shard_id, cpu)
         if direct is not None:
             shard.direct_endpoint = direct.endpoint
+        if config.resp_bind and config.resp_front == "workers":
+            try:
+                shard.resp = _start_resp(config, shard, hub)
+            except OSError as exc:
+                log.error("%s", exc.strerror or exc)
+                return ExitCode.BOOT_FAILED
         log.info("serving shard %d on %s (cpu %s)", shard_id, config.worker_endpoint(shard_id), cpu)
-        _serve(hub, inbox, shard, wakeup, lambda: stopping, direct)
+        try:
+            _serve(hub, inbox, shard, wakeup, lambda: stopping, direct)
+        finally:
+            if shard.resp is not None:
+                shard.resp.close()
     finally:
         transport.remove_ipc_file(config.worker_endpoint(shard_id))
         hub.close()
     log.info("stopped")
     return ExitCode.OK
+
+
+def _start_resp(config: Config, shard: Shard, hub: transport.Hub) -> Any:
+    """This worker's share of the RESP endpoint (resp_worker): SO_REUSEPORT on resp_bind, and a
+    link to the router's control endpoint for what is not this shard's."""
+    from shardd.resp_server import RespServer
+    from shardd.resp_worker import RouterLink, WorkerFront
+
+    channel = hub.shard_channel(config.control_endpoint())
+    link = RouterLink(channel)
+    hub.watch(channel, link.on_readable, link.on_event)
+
+    def connect_peer(owner: int) -> Any:
+        return hub.shard_channel(config.worker_endpoint(owner), PEER_IDENTITY + b"%d" % shard.shard_id)
+
+    front = WorkerFront(shard, link, connect_peer, hub.watch)
+    return RespServer(config, front, hub, reuse_port=True)
 
 
 def _serve(hub: transport.Hub, inbox: transport.ClientInbox, shard: Shard, wakeup: int,
@@ -624,7 +668,7 @@ def _serve(hub: transport.Hub, inbox: transport.ClientInbox, shard: Shard, wakeu
 
     def on_batches() -> None:
         for peer, frame, _, _ in inbox.receive(_DRAIN_LIMIT):  # extra frames are dropped
-            reply = apply_batch(frame)
+            reply = apply_batch(frame, peer.startswith(PEER_IDENTITY))
             if reply is not None:
                 send(peer, reply)
 
@@ -634,8 +678,12 @@ def _serve(hub: transport.Hub, inbox: transport.ClientInbox, shard: Shard, wakeu
         hub.watch(direct, lambda: _serve_direct(direct, shard))
     active_expire, maintain = shard.store.active_expire, shard.store.maintain
     next_expiry = monotonic_ms() + shard.expiry_interval_ms
+    resp = shard.resp
     while not should_stop():
         hub.poll(max(0, next_expiry - monotonic_ms()))
+        if resp is not None:
+            resp.router.flush_outboxes()  # this pass's ops for other shards, one batch per shard
+            resp.flush()
         now = monotonic_ms()
         if now >= next_expiry:
             active_expire(shard.expiry_budget_ms)

@@ -43,8 +43,12 @@ SAMPLES: dict[type, Any] = {
     p.SlotImport: p.SlotImport([1], [(b"k", b"v", 0, 1)]), p.Leave: p.Leave(),
     p.SlotCopy: p.SlotCopy([1]), p.ReplPull: p.ReplPull(), p.ReplRead: p.ReplRead([b"k"]),
     p.ReplApply: p.ReplApply([(b"k", b"v", 0, 1)], []), p.SlotStates: p.SlotStates(None, 0.0),
+    p.SetGet: p.SetGet(b"k", b"v"), p.ExpireIf: p.ExpireIf(b"k", 1000, p.EXPIRE_XX), p.GetEx: p.GetEx(b"k", 1000),
+    p.Strlen: p.Strlen(b"k"),
+    p.SetManyNx: p.SetManyNx([(b"x", b"1"), (b"y", b"2")]),  # both on shard 0 of 2: the router sends it on
+    p.Scan: p.Scan(0),
 }
-QUERIES: dict[type, Any] = {p.Touch: p.Touch(b"k"), p.Maintenance: p.Maintenance(None)}
+QUERIES: dict[type, Any] = {p.Touch: p.Touch(b"k"), p.Maintenance: p.Maintenance(None), p.GetEx: p.GetEx(b"k")}
 
 # The intended policy, stated here apart from protocol.OPS so that a wrong flag fails: a new op that is
 # admin-only, control-only, ... must be added here too. Kind keyed / multi-key and ``write`` need no list:
@@ -56,9 +60,11 @@ INTERNAL = {p.Migrate, p.MigrateOut, p.MigrateIn, p.MigrateDone, p.SetTopology, 
             p.SlotDrop, p.SlotPut, p.ReplRead, p.SlotStates}
 ANSWERED_BY_ROUTER = {p.Maintenance, p.Topology, p.Tune, p.Resize, p.ResizeStart, p.Drain, p.Configure,
                       p.DebugSleep, p.ClusterSet, p.SlotFreeze, p.SlotGive, p.SlotImport, p.Leave, p.ReplPull,
-                      p.ReplApply}
+                      p.ReplApply, p.SetManyNx, p.Scan}
+# Router ops the router sends on to one or every shard as they are (the worker applies them too).
+SENT_ON = {p.Configure, p.DebugSleep, p.SetManyNx, p.Scan}
 DIRECT_BESIDES_DATA_OPS = {p.Ping, p.DebugSleep}
-REFUSED_MID_RESIZE = {p.Flush, p.Resize, p.Snapshot, p.SlotTake, p.SlotImport, p.SlotCopy, p.ReplApply}
+REFUSED_MID_RESIZE = {p.Flush, p.Resize, p.Snapshot, p.SlotTake, p.SlotImport, p.SlotCopy, p.ReplApply, p.SetManyNx}
 
 
 class FakeChannel:
@@ -149,8 +155,9 @@ OPS = pytest.mark.parametrize("cls", ALL_OPS, ids=lambda c: c.__struct_config__.
 def test_flags_are_the_intended_policy(cls: type) -> None:
     spec = p.OPS[cls]
     fields = set(cls.__struct_fields__)
-    kind = (p.KEYED if "key" in fields else p.MULTI if fields & {"keys", "items"} else p.INTERNAL if cls in INTERNAL
-            else p.ROUTER if cls in ANSWERED_BY_ROUTER else p.FANOUT)
+    # (set_many_nx has items but is not split: all or nothing, it goes whole to one shard)
+    kind = (p.KEYED if "key" in fields else p.ROUTER if cls in ANSWERED_BY_ROUTER
+            else p.MULTI if fields & {"keys", "items"} else p.INTERNAL if cls in INTERNAL else p.FANOUT)
     assert spec.kind == kind, cls
     assert spec.admin is (cls in ADMIN_ONLY), cls
     assert spec.control is (cls in CONTROL_ONLY), cls
@@ -195,6 +202,19 @@ def test_write_flag_means_refused_in_maintenance(cls: type) -> None:
             assert got == p.MAINTENANCE, f"{cls.__name__} is a write: refused while maintenance is on"
         else:
             assert got != p.MAINTENANCE, f"{cls.__name__} is not a write: served in maintenance"
+
+
+@OPS
+def test_write_flag_means_refused_in_maintenance_on_a_workers_own_endpoint(cls: type) -> None:
+    if not p.OPS[cls].direct:
+        return  # refused there whatever the mode (test_direct_flag_means_accepted_on_a_workers_own_endpoint)
+    for op in (SAMPLES[cls], QUERIES.get(cls)):
+        if op is None:
+            continue
+        shard = shard_under_test()
+        apply(shard, p.SetMaintenance(True))
+        got = apply(shard, op, direct=True).status
+        assert (got == p.MAINTENANCE) is (p.OPS[cls].write and not is_query(op)), (op, got)
 
 
 @OPS
@@ -290,6 +310,9 @@ def test_kind_says_where_the_router_sends_it(cls: type) -> None:
     else:
         assert spec.kind == p.ROUTER
         assert frame not in r.all_queued()
+        if cls in SENT_ON - {p.Configure}:  # to one shard: the op itself, re-framed with the router's id
+            sent = [p.decode_envelope(f, p.Limits()).op for f in r.all_queued()]
+            assert reply is None and sent == [SAMPLES[cls]], (cls, reply, sent)
 
 
 @OPS
@@ -297,8 +320,7 @@ def test_workers_apply_every_op_the_router_sends_them(cls: type) -> None:
     spec = p.OPS[cls]
     reply = apply(shard_under_test(), SAMPLES[cls])
     routers_only = reply.status == p.BAD_REQUEST and "answered by the router" in str(reply.value)
-    sent_on = {p.Configure, p.DebugSleep}  # router ops the router also sends to shards
-    assert routers_only is (spec.kind == p.ROUTER and cls not in sent_on), (cls, reply)
+    assert routers_only is (spec.kind == p.ROUTER and cls not in SENT_ON), (cls, reply)
 
 
 def test_a_wrong_spec_is_refused_at_import() -> None:

@@ -86,6 +86,7 @@ def test_op_names_are_the_documented_ones() -> None:
         "topology", "resize", "resize_start", "migrate", "migrate_out", "migrate_in", "migrate_done", "set_maintenance",
         "set_topology", "describe", "cluster_set", "slot_freeze", "slot_give", "slot_take", "slot_drop", "slot_put",
         "slot_import", "leave", "slot_copy", "repl_pull", "repl_read", "repl_apply", "slot_states",
+        "setget", "expire_if", "getex", "strlen", "set_many_nx", "scan",
     } == p.OP_NAMES
 
 
@@ -165,6 +166,20 @@ EXAMPLE_OPS: list[p.Op] = [
     p.ReplApply([(b"k", b"v", 0, 1)], [b"gone"]),
     p.SlotStates(None, 1.5),
     p.SlotStates({"epoch": 2, "state": b"\x00" * 4, "target": [0, 0, 0, 0], "redirects": []}, 9.0),
+    p.SetGet(b"k", b"v"),
+    p.SetGet(b"k", b"v", 100, IF_PRESENT),
+    p.SetGet(b"k", b"v", None, IF_ABSENT, True),
+    p.ExpireIf(b"k", 1000),
+    p.ExpireIf(b"k", 0, p.EXPIRE_GT),
+    p.ExpireIf(b"k", -p.MAX_TTL_MS, p.EXPIRE_LT),
+    p.GetEx(b"k"),
+    p.GetEx(b"k", -5),
+    p.GetEx(b"k", None, True),
+    p.Strlen(b"k"),
+    p.SetManyNx([(b"a", b"1"), (b"b", b"2")]),
+    p.SetManyNx([(b"a", b"1")], p.MAX_TTL_MS),
+    p.Scan(0),
+    p.Scan(3, (1 << 48) - 1, 100_000, b"user:*"),
 ]
 
 
@@ -218,6 +233,11 @@ NIL_CASES: list[tuple[list[Any], p.Op]] = [
     (["maintenance", None], p.Maintenance(None)),
     (["health", None], p.Health(1000)),
     (["hotkeys", None], p.Hotkeys(10)),
+    (["setget", b"k", b"v", None, None, None], p.SetGet(b"k", b"v", None, p.ALWAYS, False)),
+    (["expire_if", b"k", 5, None], p.ExpireIf(b"k", 5, p.EXPIRE_ALWAYS)),
+    (["getex", b"k", None, None], p.GetEx(b"k", None, False)),
+    (["set_many_nx", [[b"a", b"b"]], None], p.SetManyNx([(b"a", b"b")], None)),
+    (["scan", 1, None, None, None], p.Scan(1, 0, 10, None)),
 ]
 
 
@@ -538,9 +558,12 @@ _KEY_OPS = [
     lambda k: Expire(k, 10), lambda k: Ttl(k), lambda k: Persist(k), lambda k: Incr(k),
     lambda k: Gets(k), lambda k: Cas(k, b"v", 1), lambda k: GetMany([b"ok", k]),
     lambda k: SetMany([(b"ok", b"v"), (k, b"v")]), lambda k: DeleteMany([k, b"ok"]),
+    lambda k: p.SetGet(k, b"v"), lambda k: p.ExpireIf(k, 10), lambda k: p.GetEx(k), lambda k: p.Strlen(k),
+    lambda k: p.SetManyNx([(b"ok", b"v"), (k, b"v")]),
 ]
 _VALUE_OPS = [
     lambda v: Set(b"k", v), lambda v: Cas(b"k", v, 1), lambda v: SetMany([(b"a", b""), (b"k", v)]),
+    lambda v: p.SetGet(b"k", v), lambda v: p.SetManyNx([(b"a", b""), (b"k", v)]),
 ]
 
 
@@ -599,6 +622,8 @@ def test_oversized_garbage_is_too_large_with_id_zero() -> None:
         lambda t: ["expire", b"k", t],
         lambda t: ["cas", b"k", b"v", 1, t],
         lambda t: ["set_many", [[b"k", b"v"]], t],
+        lambda t: ["setget", b"k", b"v", t],
+        lambda t: ["set_many_nx", [[b"k", b"v"]], t],
     ],
 )
 def test_non_positive_ttl_is_a_bad_request(ttl: int, make: Any) -> None:
@@ -626,6 +651,12 @@ def test_max_ttl_is_2_to_the_53_minus_1() -> None:
         lambda t: ["expire", b"k", t],
         lambda t: ["cas", b"k", b"v", 1, t],
         lambda t: ["set_many", [[b"k", b"v"]], t],
+        lambda t: ["setget", b"k", b"v", t],
+        lambda t: ["set_many_nx", [[b"k", b"v"]], t],
+        lambda t: ["expire_if", b"k", t],
+        lambda t: ["expire_if", b"k", -min(t, 2**63)],  # i64 ends at -2**63
+        lambda t: ["getex", b"k", t],
+        lambda t: ["getex", b"k", -min(t, 2**63)],
     ],
 )
 def test_ttl_over_the_maximum_is_a_bad_request_naming_the_limit(ttl: int, make: Any) -> None:
@@ -644,12 +675,45 @@ def test_ttl_over_the_maximum_is_a_bad_request_naming_the_limit(ttl: int, make: 
         (["cas", b"k", b"v", I64_MIN], "version"),
         (["debug_sleep", 0, 60_001], "ms"),
         (["debug_sleep", 0, -1], "ms"),
+        (["setget", b"k", b"v", 100, None, True], "keep_ttl"),
+        (["expire_if", b"k", 100, 5], "when"),
+        (["expire_if", b"k", 100, -1], "when"),
+        (["getex", b"k", 100, True], "persist"),
+        (["getex", b"k", -1, True], "persist"),
+        (["set_many_nx", []], "at least one"),
+        (["scan", 0, None, 0], "count"),
+        (["scan", 0, None, 100_001], "count"),
+        (["scan", 0, -1], "cursor"),
+        (["scan", 0, 1 << 48], "cursor"),
+        (["scan", -1], "shard"),
+        (["scan", 1024], "shard"),
     ],
 )
 def test_out_of_range_arguments_are_bad_requests(args: list[Any], fragment: str) -> None:
     reply = error_for([1, 11, args])
     assert (reply.id, reply.status) == (11, p.BAD_REQUEST)
     assert fragment in reply.value
+
+
+@pytest.mark.parametrize("ttl", [0, -1, 1, -p.MAX_TTL_MS, p.MAX_TTL_MS])
+def test_expire_if_and_getex_take_a_ttl_in_the_past(ttl: int) -> None:
+    # Redis EXPIRE / GETEX PXAT with a time in the past delete the key: so ttl_ms <= 0 is valid here.
+    expire_if = p.decode_envelope(enc([1, 6, ["expire_if", b"k", ttl, 3]]), LIMITS)
+    assert expire_if == Envelope(1, 6, p.ExpireIf(b"k", ttl, 3))
+    assert p.decode_envelope(enc([1, 6, ["getex", b"k", ttl]]), LIMITS) == Envelope(1, 6, p.GetEx(b"k", ttl))
+
+
+def test_setget_cond_is_checked_as_sets() -> None:
+    assert error_for([1, 6, ["setget", b"k", b"v", None, 3]]).status == p.BAD_REQUEST
+    assert error_for([1, 6, ["set", b"k", b"v", None, 3]]).status == p.BAD_REQUEST
+
+
+def test_a_scan_pattern_is_bounded_by_the_key_limit() -> None:
+    at_limit = p.Scan(0, 0, 10, b"*" * (4 * SMALL.max_key_bytes))
+    assert isinstance(p.decode_envelope(p.encode_request(8, at_limit), SMALL), Envelope)
+    reply = reply_of(p.decode_envelope(p.encode_request(8, p.Scan(0, 0, 10, b"*" * (4 * SMALL.max_key_bytes + 1))),
+                                       SMALL))
+    assert reply.status == p.TOO_LARGE and "max_key_bytes" in reply.value
 
 
 def test_a_request_that_fails_validation_yields_no_envelope() -> None:

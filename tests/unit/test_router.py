@@ -281,3 +281,36 @@ def test_a_resize_is_refused_while_one_runs_or_a_shard_is_down(tmp_path) -> None
     d2 = Daemon(tmp_path / "b")
     d2.router.on_shard_event(d2.router.links[0], "down")
     assert d2.call(p.Resize(3)).status == p.UNAVAILABLE
+
+
+def test_set_many_nx_goes_whole_to_the_one_shard_of_its_keys(tmp_path) -> None:
+    d = Daemon(tmp_path)
+    zero, one = [k for k in (b"x", b"y", b"n1") if shard_for(k, 2) == 0], b"n1"
+    assert shard_for(one, 2) == 1 and len(zero) == 2
+    items = [(zero[0], b"1"), (zero[1], b"2")]
+    assert d.call(p.SetManyNx(items)).value is True
+    assert d.channels[0].worker.store.get_many(zero) == [b"1", b"2"]
+    assert d.call(p.SetManyNx([(zero[1], b"x")])).value is False  # live: nothing stored
+    assert d.channels[0].worker.store.get(zero[1]) == b"2"
+    reply = d.call(p.SetManyNx([(zero[0], b"1"), (one, b"2")]))
+    assert reply.status == p.BAD_REQUEST and "shards 0, 1" in reply.value and "one shard" in reply.value
+    assert not d.channels[1].worker.store.exists(one)  # nothing sent anywhere
+    assert all(link.inflight == 0 for link in d.router.links)
+
+
+def test_scan_walks_each_named_shard_and_refuses_a_shard_that_is_not_there(tmp_path) -> None:
+    d = Daemon(tmp_path)
+    keys = {b"scan:%d" % i for i in range(200)}
+    assert d.call(p.SetMany([(k, b"v") for k in keys])).status == p.OK
+    seen: list[bytes] = []
+    for shard in range(2):
+        cursor = 0
+        while True:
+            cursor, found = d.call(p.Scan(shard, cursor, 17, b"scan:*")).value
+            assert all(shard_for(k, 2) == shard for k in found)
+            seen += found
+            if not cursor:
+                break
+    assert sorted(seen) == sorted(keys)
+    reply = d.call(p.Scan(2))
+    assert reply.status == p.BAD_REQUEST and "no shard 2; there are 2" in reply.value

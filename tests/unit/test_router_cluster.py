@@ -123,3 +123,20 @@ def test_late_entries_from_a_former_owner_never_overwrite_a_slot_served_here() -
     route(r, replies, p.SlotImport([], [(mine, b"old", 0, 1), (theirs, b"x", 0, 2)]))
     puts = [op for op in queued(r) if type(op) is p.SlotPut]
     assert [e[0] for op in puts for e in op.entries] == [theirs]
+
+
+def test_set_many_nx_and_scan_only_touch_slots_served_here() -> None:
+    r, replies = router()
+    route(r, replies, p.ClusterSet(half().to_wire(), time.monotonic() + 60), privileged=True)
+    mine, theirs = key_in(0, 2048), key_in(2048, SLOTS)
+    reply = route(r, replies, p.SetManyNx([(mine, b"1"), (theirs, b"2")]))
+    assert reply.status == p.MOVED and queued(r) == []  # type: ignore[union-attr]  # nothing of it applied
+    assert route(r, replies, p.Scan(0, 0, 10)) is None
+    (target,) = r.links[0].out_targets
+    # the shard also holds a replicated entry of a slot served elsewhere: the scan does not show it
+    status, value = target[0].add_reply(0, None, p.encode_reply(0, p.OK, [7, [mine, theirs]]))
+    assert (status, value) == (p.OK, [7, [mine]])
+    route(r, replies, p.ClusterSet(None, time.monotonic() - 1), privileged=True)  # the lease lapsed
+    for op in (p.Scan(0), p.SetManyNx([(mine, b"1")])):
+        reply = route(r, replies, op)
+        assert reply.status == p.UNAVAILABLE and "lease" in reply.value, op  # type: ignore[union-attr]

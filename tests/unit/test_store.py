@@ -180,6 +180,13 @@ def test_ttl_boundary_key_is_gone_at_deadline() -> None:
         lambda s: s.getdel(b"k") is None,
         lambda s: s.touch(b"k") is False,
         lambda s: s.touch(b"k", 50) is False,
+        lambda s: s.setget(b"k", b"x") is None,
+        lambda s: s.setget(b"k", b"x", cond=IF_PRESENT) is None,
+        lambda s: s.expire_if(b"k", 50) is False,
+        lambda s: s.expire_if(b"k", -1) is False,
+        lambda s: s.getex(b"k", 50) is None,
+        lambda s: s.strlen(b"k") == 0,
+        lambda s: s.set_many_nx([(b"k", b"x")]) is True,
     ],
 )
 def test_every_path_sees_expired_key_as_absent_and_reclaims_it(probe) -> None:
@@ -711,6 +718,60 @@ class StoreModel(RuleBasedStateMachine):
         if item and ttl:
             item[1] = self.clock.now + ttl
         assert self.store.touch(key, ttl) is (item is not None)
+
+    @rule(key=KEYS, value=VALUES, ttl=TTLS, cond=st.sampled_from([ALWAYS, IF_ABSENT, IF_PRESENT]),
+          keep_ttl=st.booleans())
+    def setget(self, key, value, ttl, cond, keep_ttl) -> None:
+        ttl = None if keep_ttl else ttl
+        item = self.live(key)
+        old = item[0] if item else None
+        self.hits += item is not None
+        self.misses += item is None
+        if cond == ALWAYS or (cond == IF_ABSENT) != (item is not None):
+            self.write(key, value, ttl, keep_ttl=keep_ttl)
+        assert self.store.setget(key, value, ttl, cond, keep_ttl) == old
+
+    @rule(key=KEYS, ttl=st.integers(-5, 120), when=st.integers(0, 4))
+    def expire_if(self, key, ttl, when) -> None:
+        item = self.live(key)
+        applies = False
+        if item:
+            current, deadline = item[1], self.clock.now + ttl
+            applies = [True, not current, bool(current), bool(current) and deadline > current,
+                       not current or deadline < current][when]
+            if applies and ttl <= 0:
+                del self.model[key]
+            elif applies:
+                item[1] = deadline
+        assert self.store.expire_if(key, ttl, when) is applies
+
+    @rule(key=KEYS, ttl=st.none() | st.integers(-5, 120), persist=st.booleans())
+    def getex(self, key, ttl, persist) -> None:
+        persist = persist and ttl is None
+        item = self.live(key)
+        self.hits += item is not None
+        self.misses += item is None
+        expected = item[0] if item else None
+        if item and ttl is not None and ttl <= 0:
+            del self.model[key]
+        elif item and ttl is not None:
+            item[1] = self.clock.now + ttl
+        elif item and persist:
+            item[1] = 0
+        assert self.store.getex(key, ttl, persist) == expected
+
+    @rule(key=KEYS)
+    def strlen(self, key) -> None:
+        item = self.live(key)
+        assert self.store.strlen(key) == (len(item[0]) if item else 0)
+
+    @rule(items=st.lists(st.tuples(KEYS, VALUES), max_size=4), ttl=TTLS)
+    def set_many_nx(self, items, ttl) -> None:
+        stores = not any(self.live(key) is not None for key, _ in items)
+        if stores:
+            for key, value in items:
+                self.write(key, value, ttl)
+        assert self.store.set_many_nx(items, ttl) is stores
 
     @rule(budget=st.integers(0, 3))
     def active_expire(self, budget) -> None:
