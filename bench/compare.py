@@ -39,6 +39,14 @@ Then:
    ratio is printed): memory per key in each, then sync GET of those values from both shardd
    daemons in both client modes. A daemon that refuses the key gives "n/a" rows with its message.
 
+6. **resp** (``--resp``, or ``resp`` in ``--workloads``): fresh servers of its own, a Redis and a
+   shardd daemon with ``resp_bind`` on a free port (plus, with ``shardd-resp-gw`` in
+   ``--resp-systems``, the measuring prototype ``bench/resp_gateway_proto.py`` in front of it);
+   ``redis-benchmark -t TEST -n 200000 -c 50 -P 1|16 --csv`` per test (SET, GET), depth and
+   system, systems interleaved, 3 rounds unless ``--rounds``; server CPU (every process of the
+   server side) and redis-benchmark's own CPU per 1M requests; each figure's median with its
+   range; issue 14's targets as PASS/FAIL lines (``run_resp``, ``parse_benchmark_csv``).
+
 Steps 3 to 5 repeat ``--rounds`` times, systems interleaved within each round; each row shows
 the median round (by ops/s, or by CPU per op for step 4). Last come two targets tables:
 docs/design.md's, and the efficiency targets (``evaluate_efficiency_targets``: memory,
@@ -121,7 +129,7 @@ json_values = _load_helper("shardd_bench_json_values", "json_values.py")
 SYSTEMS = ("shardd", "shardd-direct", "redis", "memcached")  # the data systems (bench/profile_get.py's choices)
 FLOORS = ("echo", "echo-2hop")  # the raw ZeroMQ floors (bench/zmq_echo.py)
 ALL_SYSTEMS = SYSTEMS + FLOORS
-WORKLOADS = ("memory", "get", "set", "batch", "mixed", "cpu", "json")
+WORKLOADS = ("memory", "get", "set", "batch", "mixed", "cpu", "json", "resp")
 CLIENTS = {"shardd": "shardd.Client, router", "shardd-direct": "shardd.Client, direct",
            "redis": "redis-py", "memcached": "pymemcache",
            "echo": "pyzmq DEALER → ROUTER echo, 1 hop",
@@ -616,6 +624,194 @@ def format_targets(targets: Sequence[Target]) -> str:
         if t.detail:
             measured = f"{measured} ({t.detail})"
         lines.append(f"| {t.name} | {t.goal} | {measured} | {met} |")
+    return "\n".join(lines)
+
+
+# --- pure parts: the RESP section (redis-benchmark against Redis and shardd's RESP endpoint) ----------
+
+RESP_SYSTEMS = ("redis", "shardd-resp", "shardd-resp-gw")
+RESP_SERVERS = {
+    "redis": "redis-server",
+    "shardd-resp": "shardd RESP endpoint (router poll loop)",
+    "shardd-resp-gw": "bench/resp_gateway_proto.py: a gateway process per core (SO_REUSEPORT) → workers",
+}
+RESP_TESTS = ("set", "get")
+RESP_TARGETS = {1: 0.5, 16: 0.25}  # pipeline -> least ops/s vs Redis (issue 14)
+RESP_P99_GOAL = 3.0  # at most this times Redis's p99
+# redis-benchmark --csv (7.0) columns after "test"; older versions print "rps" only.
+BENCH_COLUMNS = ("rps", "avg_latency_ms", "min_latency_ms", "p50_latency_ms", "p95_latency_ms", "p99_latency_ms",
+                 "max_latency_ms")
+
+
+def parse_benchmark_csv(text: str) -> dict[str, dict[str, float | None]]:
+    """redis-benchmark ``--csv`` output → {test: {column: value}} (test as printed: "SET", "GET", …).
+
+    The header names the columns (7.0: ``"test","rps","avg_latency_ms",…,"max_latency_ms"``); a
+    column it lacks is None. Lines before the header (warnings such as "WARNING: Could not fetch
+    server CONFIG") and lines that are not rows are skipped.
+    """
+    import csv
+
+    header: list[str] | None = None
+    out: dict[str, dict[str, float | None]] = {}
+    for fields in csv.reader(line for line in text.replace("\r", "\n").splitlines() if line.strip()):
+        if not fields:
+            continue
+        if fields[0] == "test":
+            header = fields
+            continue
+        if header is None or len(fields) != len(header):
+            continue
+        row: dict[str, float | None] = dict.fromkeys(BENCH_COLUMNS)
+        try:
+            for name, value in zip(header[1:], fields[1:], strict=True):
+                row[name] = float(value)
+        except ValueError:
+            continue
+        out[fields[0]] = row
+    return out
+
+
+def benchmark_argv(exe: str, port: int, test: str, requests: int, clients: int, pipeline: int,
+                   keyspace: int = 0) -> list[str]:
+    """One redis-benchmark run of one test (one run per test, so each has its own CPU reading)."""
+    argv = [exe, "-h", "127.0.0.1", "-p", str(port), "-t", test, "-n", str(requests), "-c", str(clients),
+            "-P", str(pipeline), "--csv"]
+    if keyspace:
+        argv += ["-r", str(keyspace)]
+    return argv
+
+
+@dataclass
+class RespRun:
+    """One redis-benchmark run: one test, one pipeline depth, one system."""
+
+    system: str
+    test: str  # "SET" or "GET"
+    pipeline: int
+    requests: int
+    ops_per_s: float | None
+    p50_ms: float | None
+    p99_ms: float | None
+    server_cpu_s: float | None  # user + system over every process of the server side, across the run
+    bench_cpu_s: float | None  # redis-benchmark's own user + system
+    server_procs: int = 0
+
+
+@dataclass
+class RespRow:
+    """The median of a configuration's runs; each figure is its own median, with the range of the main ones."""
+
+    test: str
+    pipeline: int
+    system: str
+    runs: int
+    ops_per_s: float | None
+    ops_range: tuple[float, float] | None
+    p50_ms: float | None
+    p99_ms: float | None
+    p99_range: tuple[float, float] | None
+    server_cpu_per_m: float | None  # CPU seconds per 1M ops
+    server_cpu_range: tuple[float, float] | None
+    bench_cpu_per_m: float | None
+    server_procs: int = 0
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    import statistics
+
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def _span(values: Sequence[float | None]) -> tuple[float, float] | None:
+    present = [v for v in values if v is not None]
+    return (min(present), max(present)) if present else None
+
+
+def summarize_resp(runs: Sequence[RespRun]) -> list[RespRow]:
+    """One row per (pipeline, test, system), in that order (systems as in RESP_SYSTEMS)."""
+    groups: dict[tuple[int, str, str], list[RespRun]] = {}
+    for r in runs:
+        groups.setdefault((r.pipeline, r.test, r.system), []).append(r)
+
+    def order(key: tuple[int, str, str]) -> tuple[int, int, int]:
+        pipeline, test, system = key
+        t = test.lower()
+        return (pipeline, RESP_TESTS.index(t) if t in RESP_TESTS else len(RESP_TESTS),
+                RESP_SYSTEMS.index(system) if system in RESP_SYSTEMS else len(RESP_SYSTEMS))
+
+    rows = []
+    for key in sorted(groups, key=order):
+        g = groups[key]
+        server = [per_million(r.server_cpu_s, r.requests) for r in g]
+        bench = [per_million(r.bench_cpu_s, r.requests) for r in g]
+        rows.append(RespRow(key[1], key[0], key[2], len(g), _median([r.ops_per_s for r in g]),
+                            _span([r.ops_per_s for r in g]), _median([r.p50_ms for r in g]),
+                            _median([r.p99_ms for r in g]), _span([r.p99_ms for r in g]), _median(server),
+                            _span(server), _median(bench), max(r.server_procs for r in g)))
+    return rows
+
+
+def _with_range(value: float | None, span: tuple[float, float] | None, digits: int) -> str:
+    if value is None:
+        return "—"
+    text = f"{value:,.{digits}f}"
+    if span is not None and span[0] != span[1]:
+        text += f" ({span[0]:,.{digits}f} to {span[1]:,.{digits}f})"
+    return text
+
+
+def format_resp_table(rows: Sequence[RespRow]) -> str:
+    """redis-benchmark per test and pipeline depth; ratios to the Redis row of the same test and depth."""
+    lines = [
+        "| test | pipeline | system | ops/s (range) | p50 ms | p99 ms (range) | ops/s " + X + " Redis | p99 " + X
+        + " Redis | server CPU s per 1M ops (range) | server CPU " + X + " Redis | redis-benchmark CPU s per 1M ops "
+        "| server processes |",
+        "|" + "---|" * 12,
+    ]
+    redis = {(r.test, r.pipeline): r for r in rows if r.system == "redis"}
+    for r in rows:
+        base = redis.get((r.test, r.pipeline))
+        lines.append(
+            f"| {r.test} | {r.pipeline} | {r.system} | {_with_range(r.ops_per_s, r.ops_range, 0)} "
+            f"| {fmt_num(r.p50_ms, 3)} | {_with_range(r.p99_ms, r.p99_range, 3)} "
+            f"| {fmt_ratio(ratio(r.ops_per_s, base.ops_per_s if base else None))} "
+            f"| {fmt_ratio(ratio(r.p99_ms, base.p99_ms if base else None))} "
+            f"| {_with_range(r.server_cpu_per_m, r.server_cpu_range, 1)} "
+            f"| {fmt_ratio(ratio(r.server_cpu_per_m, base.server_cpu_per_m if base else None))} "
+            f"| {fmt_num(r.bench_cpu_per_m, 1)} | {r.server_procs} |"
+        )
+    return "\n".join(lines)
+
+
+def evaluate_resp_targets(rows: Sequence[RespRow]) -> list[Target]:
+    """Issue 14's targets for every shardd system in ``rows``: ops/s at least 0.5 times Redis's at
+    -P 1 and 0.25 times at -P 16, p99 at most 3 times Redis's; each per test (SET, GET) and depth."""
+    redis = {(r.test, r.pipeline): r for r in rows if r.system == "redis"}
+    out = []
+    for r in rows:
+        if r.system == "redis":
+            continue
+        base = redis.get((r.test, r.pipeline))
+        where = f"{r.system}, {r.test} -P {r.pipeline}"
+        goal = RESP_TARGETS.get(r.pipeline)
+        if goal is not None:
+            out.append(_check(f"{where}: ops/s vs Redis's", ratio(r.ops_per_s, base.ops_per_s if base else None),
+                              goal, True, _joined(f"{fmt_num(r.ops_per_s, 0)} vs {fmt_num(base.ops_per_s, 0)} ops/s"
+                                                  if base else "")))
+        out.append(_check(f"{where}: p99 vs Redis's", ratio(r.p99_ms, base.p99_ms if base else None), RESP_P99_GOAL,
+                          False, f"{fmt_num(r.p99_ms, 3)} vs {fmt_num(base.p99_ms, 3)} ms" if base else ""))
+    return out
+
+
+def format_resp_verdicts(targets: Sequence[Target]) -> str:
+    """One line per target: "PASS"/"FAIL"/"n/a", the name, measured vs goal."""
+    lines = []
+    for t in targets:
+        verdict = "n/a " if t.met is None else ("PASS" if t.met else "FAIL")
+        lines.append(f"- {verdict} {t.name}: {fmt_ratio(t.measured)} (goal {t.goal})"
+                     + (f"; {t.detail}" if t.detail else ""))
     return "\n".join(lines)
 
 
@@ -1385,20 +1581,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help=f"comma-separated subset of {','.join(ALL_SYSTEMS)}")
     ap.add_argument("--workloads", default=",".join(WORKLOADS),
                     help=f"comma-separated subset of {','.join(WORKLOADS)}")
-    ap.add_argument("--rounds", "--repeat", dest="rounds", type=int, default=1,
-                    help="rounds of every throughput, cpu and json row, systems interleaved within each round; "
-                         "the median round is shown (default 1)")
+    ap.add_argument("--rounds", "--repeat", dest="rounds", type=int,
+                    help="rounds of every throughput, cpu, json and resp row, systems interleaved within each round; "
+                         "the median round is shown (default 1; 3 for resp)")
+    ap.add_argument("--resp", action="store_true",
+                    help="the RESP section only (same as --workloads resp): redis-benchmark against Redis and "
+                         "shardd's RESP endpoint")
+    ap.add_argument("--resp-systems", default="redis,shardd-resp",
+                    help=f"resp: comma-separated subset of {','.join(RESP_SYSTEMS)} (default redis,shardd-resp; "
+                         "shardd-resp-gw is the measuring prototype bench/resp_gateway_proto.py)")
+    ap.add_argument("--resp-requests", type=int, help="resp: redis-benchmark -n per run (default 200000)")
+    ap.add_argument("--resp-clients", type=int, default=50, help="resp: redis-benchmark -c (default 50)")
+    ap.add_argument("--resp-pipelines", default="1,16", help="resp: redis-benchmark -P depths (default 1,16)")
+    ap.add_argument("--resp-tests", default="set,get", help="resp: redis-benchmark tests, each its own run "
+                                                            "(default set,get)")
+    ap.add_argument("--resp-keyspace", type=int, default=0,
+                    help="resp: redis-benchmark -r (default 0: not passed, so every op uses one key)")
+    ap.add_argument("--resp-gateways", type=int, default=0,
+                    help="resp: gateway processes of shardd-resp-gw (default 0: one per CPU)")
     ap.add_argument("--timeout", type=float, default=5.0, help="client timeout in seconds (default 5)")
     ap.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
     ap.add_argument("--json", metavar="PATH", help="also write every figure as JSON to PATH")
     args = ap.parse_args(argv)
-    quick = {"duration": 1.0, "warmup": 0.3, "memory_keys": 100_000, "cpu_duration": 1.0, "json_keys": 20_000}
-    full = {"duration": 10.0, "warmup": 2.0, "memory_keys": 1_000_000, "cpu_duration": 10.0, "json_keys": 100_000}
+    quick = {"duration": 1.0, "warmup": 0.3, "memory_keys": 100_000, "cpu_duration": 1.0, "json_keys": 20_000,
+             "resp_requests": 20_000}
+    full = {"duration": 10.0, "warmup": 2.0, "memory_keys": 1_000_000, "cpu_duration": 10.0, "json_keys": 100_000,
+            "resp_requests": 200_000}
     for name, default in (quick if args.quick else full).items():
         if getattr(args, name) is None:
             setattr(args, name, default)
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    args.workloads = ["resp"] if args.resp else [w.strip() for w in args.workloads.split(",") if w.strip()]
+    args.resp_rounds = 3 if args.rounds is None else args.rounds
+    args.rounds = 1 if args.rounds is None else args.rounds
+    args.resp_systems = [s.strip() for s in args.resp_systems.split(",") if s.strip()]
+    args.resp_tests = [t.strip().lower() for t in args.resp_tests.split(",") if t.strip()]
+    try:
+        args.resp_pipelines = [int(d) for d in args.resp_pipelines.split(",") if d.strip()]
+    except ValueError:
+        ap.error("--resp-pipelines must be comma-separated integers")
     problems = [
         (args.duration > 0, "--duration must be > 0"),
         (args.warmup >= 0, "--warmup must be >= 0"),
@@ -1417,6 +1638,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         (args.shards >= 0, "--shards must be >= 0"),
         (args.timeout > 0, "--timeout must be > 0"),
         (args.rounds >= 1, "--rounds must be at least 1"),
+        (bool(args.resp_systems) and set(args.resp_systems) <= set(RESP_SYSTEMS),
+         f"--resp-systems must be a subset of {RESP_SYSTEMS}"),
+        (bool(args.resp_tests) and set(args.resp_tests) <= {"set", "get"}, "--resp-tests must be a subset of set,get"),
+        (bool(args.resp_pipelines) and min(args.resp_pipelines) >= 1, "--resp-pipelines must be at least 1 each"),
+        (args.resp_requests >= 1 and args.resp_clients >= 1, "--resp-requests and --resp-clients must be at least 1"),
+        (args.resp_keyspace >= 0 and args.resp_gateways >= 0, "--resp-keyspace and --resp-gateways must be >= 0"),
         (bool(args.systems) and set(args.systems) <= set(ALL_SYSTEMS), f"--systems must be a subset of {ALL_SYSTEMS}"),
         (bool(args.workloads) and set(args.workloads) <= set(WORKLOADS),
          f"--workloads must be a subset of {WORKLOADS}"),
@@ -1591,6 +1818,156 @@ def run_json(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             "refused": refused}
 
 
+def wait_resp(server: Server, port: int) -> None:
+    """Ready: the RESP port answers a PING with +PONG (a bare socket: no client's handshake)."""
+
+    def ping() -> bool:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            s.sendall(b"*1\r\n$4\r\nPING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+
+    server.wait_ready(ping)
+
+
+def start_gateways(tmp: Path, router_port: int, procs: int) -> Server:
+    """bench/resp_gateway_proto.py: ``procs`` gateway processes on one SO_REUSEPORT port, in front
+    of the daemon at ``router_port`` (they ask it for the workers' direct endpoints once)."""
+    port = free_port()
+    server = Server("shardd-resp-gw", [sys.executable, str(HERE / "resp_gateway_proto.py"), "--port", str(port),
+                                       "--router", f"tcp://127.0.0.1:{router_port}", "--procs", str(procs)],
+                    tmp / "shardd-resp-gw.log", port)
+    server.start()
+    wait_resp(server, port)
+    return server
+
+
+def run_benchmark(argv: list[str], system: str, test: str, pipeline: int, requests: int,
+                  server_processes: Callable[[], list[Any]], timeout: float) -> RespRun:
+    """One redis-benchmark run; the server side's CPU read just before and just after it, its own
+    from ``wait4`` (exact, its whole life)."""
+    import threading
+
+    procs = server_processes()
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        before = cpu_seconds(procs)
+        proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        finally:
+            timer.cancel()
+        after = cpu_seconds(procs)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        text, errors = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+    figures = parse_benchmark_csv(text).get(test.upper())
+    if proc.returncode != 0 or figures is None or not figures.get("rps"):
+        raise RunError(f"redis-benchmark against {system} ({shlex.join(argv)}) exited with {proc.returncode} "
+                       f"and no {test.upper()} row:\n{one_line(text + ' ' + errors, 1000)}")
+    return RespRun(system, test.upper(), pipeline, requests, figures["rps"], figures.get("p50_latency_ms"),
+                   figures.get("p99_latency_ms"), cpu_used(before, after), usage.ru_utime + usage.ru_stime,
+                   len(after))
+
+
+def run_resp(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """The RESP section: redis-benchmark against Redis and shardd's RESP endpoint (and, with
+    ``shardd-resp-gw`` in ``--resp-systems``, the gateway prototype in front of the same daemon).
+
+    Fresh servers of its own: a Redis (no persistence) and a shardd daemon with ``resp_bind`` on
+    a free port (direct mode on, which the gateways need). Each round runs every pipeline depth,
+    test and system, systems innermost (interleaved), one redis-benchmark process per test; an
+    unmeasured warm-up run per system comes first.
+    """
+    exe = shutil.which("redis-benchmark")
+    if exe is None:
+        raise SetupError("redis-benchmark not found: apt-get update && apt-get install -y redis-tools")
+    systems = args.resp_systems
+    servers: dict[str, Server] = {}
+    procs_of: dict[str, Callable[[], list[Any]]] = {}
+    ports: dict[str, int] = {}
+    shards = 0
+    gateways = args.resp_gateways or len(os.sched_getaffinity(0))
+    runs: list[RespRun] = []
+    try:
+        if "redis" in systems:
+            print("compare: resp: starting redis", file=sys.stderr)
+            servers["redis"] = start_redis(tmp, "redis-resp")
+            ports["redis"] = servers["redis"].port
+            procs_of["redis"] = servers["redis"].processes
+        if "shardd-resp" in systems or "shardd-resp-gw" in systems:
+            resp_port = free_port()
+            print(f"compare: resp: starting shardd with resp_bind on port {resp_port}", file=sys.stderr)
+            daemon, shards = start_shardd(tmp, args.shards, direct="shardd-resp-gw" in systems, name="shardd-resp",
+                                          settings={"resp_bind": f"tcp://127.0.0.1:{resp_port}"})
+            servers["shardd-resp"] = daemon
+            wait_resp(daemon, resp_port)
+            ports["shardd-resp"] = resp_port
+            procs_of["shardd-resp"] = daemon.processes
+            if "shardd-resp-gw" in systems:
+                print(f"compare: resp: starting {gateways} gateway processes", file=sys.stderr)
+                gw = servers["shardd-resp-gw"] = start_gateways(tmp, daemon.port, gateways)
+                ports["shardd-resp-gw"] = gw.port
+                procs_of["shardd-resp-gw"] = lambda: daemon.processes() + gw.processes()
+        order = [s for s in RESP_SYSTEMS if s in systems]
+        timeout = max(120.0, args.resp_requests / 1000.0)  # a server that stops answering: 1,000 ops/s at least
+
+        def once(system: str, test: str, pipeline: int, requests: int) -> RespRun:
+            argv = benchmark_argv(exe, ports[system], test, requests, args.resp_clients, pipeline, args.resp_keyspace)
+            result = run_benchmark(argv, system, test, pipeline, requests, procs_of[system], timeout)
+            for name, server in servers.items():
+                if not server.alive():
+                    raise RunError(f"{name} died during redis-benchmark {test} -P {pipeline} ({system}):\n"
+                                   f"{server.log_tail()}")
+            return result
+
+        for system in order:  # warm-up: connections, allocators, the key
+            for test in args.resp_tests:
+                once(system, test, 16, min(args.resp_requests, 20_000))
+        for round_no in range(args.resp_rounds):
+            for pipeline in args.resp_pipelines:
+                for test in args.resp_tests:
+                    for system in order:
+                        print(f"compare: resp: round {round_no + 1}/{args.resp_rounds}: {test.upper()} -P {pipeline}, "
+                              f"{system} [load {loadavg()}]", file=sys.stderr)
+                        run = once(system, test, pipeline, args.resp_requests)
+                        runs.append(run)
+                        print(f"compare: resp:   {run.ops_per_s:,.0f} ops/s, p99 {fmt_num(run.p99_ms, 3)} ms, "
+                              f"server CPU {fmt_num(per_million(run.server_cpu_s, run.requests), 1)} s per 1M",
+                              file=sys.stderr)
+    finally:
+        for server in reversed(list(servers.values())):
+            server.stop()
+    argv_shown = " ".join(benchmark_argv("redis-benchmark", 0, "TEST", args.resp_requests, args.resp_clients, 0,
+                                         args.resp_keyspace)).replace("-p 0", "-p PORT").replace("-P 0", "-P DEPTH")
+    return {"systems": order, "shards": shards, "gateways": gateways if "shardd-resp-gw" in systems else 0,
+            "rounds": args.resp_rounds, "requests": args.resp_requests, "clients": args.resp_clients,
+            "keyspace": args.resp_keyspace, "argv": argv_shown,
+            "redis_benchmark": _run_out([exe, "--version"]), "runs": [asdict(r) for r in runs]}
+
+
+def format_resp_report(jr: dict[str, Any]) -> list[str]:
+    rows = summarize_resp([RespRun(**r) for r in jr["runs"]])
+    servers = "; ".join(f"`{s}`: {RESP_SERVERS[s]}" for s in jr["systems"])
+    gw = f", {jr['gateways']} gateway processes" if jr["gateways"] else ""
+    keys = (f"`-r {jr['keyspace']}` random keys" if jr["keyspace"]
+            else "one key (redis-benchmark's default without `-r`)")
+    return [
+        f"RESP endpoint (issue 14): {jr['redis_benchmark']}, `{jr['argv']}`, one run per test and depth, {keys}; "
+        f"shardd: {jr['shards']} shards{gw}; each figure the median of {jr['rounds']} interleaved rounds "
+        "(range in brackets). Server CPU = user + system summed over every process of the server side "
+        "(psutil, read just before and after each redis-benchmark run); redis-benchmark's own from wait4. "
+        f"{servers}.",
+        "", format_resp_table(rows), "",
+        "Targets (issue 14):", "", format_resp_verdicts(evaluate_resp_targets(rows)), "",
+    ]
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     check_libraries(args.systems)
     env = environment()
@@ -1602,11 +1979,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     memory: list[MemoryRow] = []
     cpu: list[CpuRow] = []
     json_report: dict[str, Any] | None = None
+    resp_report: dict[str, Any] | None = None
     value = b"v" * args.value_size
     try:
         shards = 0
-        # The json workload starts servers of its own; the others share these.
-        shared = [w for w in args.workloads if w != "json"]
+        # The json and resp workloads start servers of their own; the others share these.
+        shared = [w for w in args.workloads if w not in ("json", "resp")]
         for name in servers_for([s for s in args.systems if any(applies(s, w) for w in shared)]):
             print(f"compare: starting {name}", file=sys.stderr)
             if name == "redis":
@@ -1617,7 +1995,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 servers[name] = start_echo(tmp, name)
             else:
                 servers[name], shards = start_shardd(tmp, args.shards, direct="shardd-direct" in args.systems)
-        throughput = [w for w in WORKLOADS if w in args.workloads and w not in ("memory", "json")]
+        throughput = [w for w in WORKLOADS if w in args.workloads and w not in ("memory", "json", "resp")]
         # Memory and loading once per data server, through its own system's (router-mode) client.
         for name in servers:
             if name in ECHO_SYSTEMS:
@@ -1669,6 +2047,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if "json" in args.workloads:
             json_report = run_json(args, tmp)
             shards = shards or json_report["shards"]
+        if "resp" in args.workloads:
+            resp_report = run_resp(args, tmp)
+            shards = shards or resp_report["shards"]
     finally:
         for server in servers.values():
             server.stop()
@@ -1685,11 +2066,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "load_after": loadavg(),
         "settings": {k: getattr(args, k) for k in ("duration", "warmup", "keys", "value_size", "memory_keys", "batch",
                                                     "procs", "get_ratio", "zipf_s", "seed", "rounds", "cpu_rate",
-                                                    "cpu_duration", "cpu_procs", "json_keys", "json_value_size")},
+                                                    "cpu_duration", "cpu_procs", "json_keys", "json_value_size",
+                                                    "resp_requests", "resp_clients", "resp_keyspace",
+                                                    "resp_rounds")},
         "rows": [asdict(r) for r in rows],
         "memory": [asdict(m) for m in memory],
         "cpu": [asdict(c) for c in cpu],
         "json": json_report,
+        "resp": resp_report,
         "targets": [asdict(t) for t in evaluate_targets(rows, memory)],
         "targets_efficiency": [asdict(t) for t in evaluate_efficiency_targets(
             rows, memory, cpu, json_memory, json_rows, shards, args.batch, args.json_value_size)],
@@ -1708,13 +2092,18 @@ def format_report(report: dict[str, Any]) -> str:
         f"- machine: {env['cpu']}, {env['cores']} cores, Linux {env['kernel']}; "
         f"load average (1/5/15 min) before {report['load_before']}, after {report['load_after']}",
         f"- versions: {versions}",
+    ]
+    if not (rows or memory or cpu or report.get("json")):  # the RESP section alone: its own settings line
+        out += [""]
+    else:
+        out += [
         f"- settings: {s['warmup']:g} s warm-up + {s['duration']:g} s measured per row; {s['keys']:,} keys of "
         f"{s['value_size']} B loaded first (every GET hits); mixed: {s['procs']} processes, Zipf s={s['zipf_s']}; "
         f"shardd: {report['shards']} shards, tcp loopback, "
         f"router mode (shardd) and direct mode (shardd-direct, same daemon); seed {s['seed']}"
         + (f"; median of {s['rounds']} interleaved rounds" if s["rounds"] > 1 else ""),
         "",
-    ]
+        ]
     if rows:
         out += [format_table(rows), ""]
         if any(r.system in ECHO_SYSTEMS for r in rows):
@@ -1744,6 +2133,10 @@ def format_report(report: dict[str, Any]) -> str:
             out += [""]
         if jr["rows"]:
             out += [format_json_table([Row(**r) for r in jr["rows"]]), ""]
+    if report.get("resp"):
+        out += format_resp_report(report["resp"])
+    if not (rows or memory or cpu or jr):  # the RESP section alone: the other targets were not measured
+        return "\n".join(out).rstrip()
     out += ["Targets (docs/design.md):", "", format_targets([Target(**t) for t in report["targets"]]), "",
             "Targets (efficiency: memory, compression, get_many, server CPU per op, raw ZeroMQ floors):", "",
             format_targets([Target(**t) for t in report["targets_efficiency"]])]

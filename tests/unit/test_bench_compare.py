@@ -514,3 +514,121 @@ def test_efficiency_targets_with_nothing_measured_are_all_not_measured():
     assert len(targets) == 12 and all(t.measured is None and t.met is None for t in targets)
     text = compare.format_targets(targets)
     assert text.count("| not measured |") == 12
+
+
+# --- the RESP section: redis-benchmark output, medians, table, targets --------------------------
+
+X = compare.X
+BENCH_CSV_70 = (
+    '"test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms",'
+    '"max_latency_ms"\n'
+    '"SET","13869.62","3.233","0.584","2.951","6.031","8.159","13.023"\n'
+    '"GET","16556.29","2.771","0.440","2.071","7.271","12.711","22.431"\n'
+)
+
+
+def test_parse_benchmark_csv_reads_every_column_of_redis_benchmark_7():
+    out = compare.parse_benchmark_csv(BENCH_CSV_70)
+    assert set(out) == {"SET", "GET"}
+    assert out["SET"]["rps"] == 13869.62
+    assert out["SET"]["p50_latency_ms"] == 2.951 and out["SET"]["p99_latency_ms"] == 8.159
+    assert out["GET"]["max_latency_ms"] == 22.431
+
+
+def test_parse_benchmark_csv_skips_warnings_and_leaves_missing_columns_none():
+    text = "WARNING: Could not fetch server CONFIG\r\n" + '"test","rps"\n"PING_INLINE","51020.41"\n'
+    out = compare.parse_benchmark_csv(text)
+    assert out == {"PING_INLINE": {**dict.fromkeys(compare.BENCH_COLUMNS), "rps": 51020.41}}
+    assert compare.parse_benchmark_csv("") == {}
+    assert compare.parse_benchmark_csv('"SET","1.0"\n') == {}  # no header: nothing to name the columns
+    bad = BENCH_CSV_70 + '"INCR","n/a","1","1","1","1","1","1"\n"LPUSH","1"\n'
+    assert set(compare.parse_benchmark_csv(bad)) == {"SET", "GET"}
+
+
+def test_benchmark_argv_is_one_test_in_csv_with_the_keyspace_only_when_asked():
+    argv = compare.benchmark_argv("/usr/bin/redis-benchmark", 6380, "get", 200_000, 50, 16)
+    assert argv == ["/usr/bin/redis-benchmark", "-h", "127.0.0.1", "-p", "6380", "-t", "get", "-n", "200000",
+                    "-c", "50", "-P", "16", "--csv"]
+    assert compare.benchmark_argv("rb", 1, "set", 10, 1, 1, keyspace=1000)[-2:] == ["-r", "1000"]
+
+
+def _resp_run(system, test, pipeline, ops, p99, server_cpu, bench_cpu=1.0, requests=200_000):
+    return compare.RespRun(system, test, pipeline, requests, ops, p99 / 2, p99, server_cpu, bench_cpu, 1)
+
+
+def test_summarize_resp_takes_each_figures_median_and_range_in_a_fixed_order():
+    runs = [
+        _resp_run("shardd-resp", "GET", 1, 10_000, 9.0, 10.0),
+        _resp_run("redis", "GET", 1, 40_000, 2.0, 2.0),
+        _resp_run("shardd-resp", "GET", 1, 14_000, 7.0, 12.0),
+        _resp_run("shardd-resp", "GET", 1, 12_000, 11.0, 8.0),
+        _resp_run("redis", "SET", 16, 400_000, 3.0, 0.2),
+        _resp_run("redis", "SET", 1, 30_000, 2.0, 2.0),
+    ]
+    rows = compare.summarize_resp(runs)
+    assert [(r.pipeline, r.test, r.system) for r in rows] == [(1, "SET", "redis"), (1, "GET", "redis"),
+                                                             (1, "GET", "shardd-resp"), (16, "SET", "redis")]
+    s = rows[2]
+    assert (s.runs, s.ops_per_s, s.ops_range) == (3, 12_000, (10_000, 14_000))
+    assert (s.p99_ms, s.p99_range) == (9.0, (7.0, 11.0))
+    # 10, 12, 8 CPU seconds over 200,000 ops: 50, 60, 40 per 1M
+    assert s.server_cpu_per_m == pytest.approx(50.0) and s.server_cpu_range == pytest.approx((40.0, 60.0))
+    assert s.bench_cpu_per_m == pytest.approx(5.0)
+
+
+def test_summarize_resp_with_missing_figures():
+    rows = compare.summarize_resp([compare.RespRun("redis", "GET", 1, 100, 1.0, None, None, None, None, 1)])
+    assert rows[0].p99_ms is None and rows[0].p99_range is None and rows[0].server_cpu_per_m is None
+
+
+def test_resp_table_ratios_are_to_redis_at_the_same_test_and_depth():
+    rows = compare.summarize_resp([
+        _resp_run("redis", "GET", 1, 40_000, 2.0, 2.0),
+        _resp_run("shardd-resp", "GET", 1, 20_000, 5.0, 10.0),
+        _resp_run("redis", "GET", 16, 400_000, 4.0, 0.2),
+        _resp_run("shardd-resp", "GET", 16, 100_000, 8.0, 4.0),
+    ])
+    table = compare.format_resp_table(rows)
+    lines = table.splitlines()
+    assert lines[0].startswith("| test | pipeline | system |") and len(lines) == 6
+    cells = lines[3].split(" | ")[1:9]
+    assert cells == ["1", "shardd-resp", "20,000", "2.500", "5.000", f"0.50{X}", f"2.50{X}", "50.0"]
+    assert f"| 0.25{X} | 2.00{X} |" in lines[5] and f"| 20.0 | 20.00{X} |" in lines[5]
+
+
+def test_resp_targets_per_test_and_depth():
+    rows = compare.summarize_resp([
+        _resp_run("redis", "SET", 1, 40_000, 2.0, 2.0),
+        _resp_run("shardd-resp", "SET", 1, 20_000, 7.0, 10.0),   # 0.5 times: met; p99 3.5 times: not
+        _resp_run("redis", "SET", 16, 400_000, 4.0, 0.2),
+        _resp_run("shardd-resp", "SET", 16, 90_000, 12.0, 4.0),  # 0.225 times: not; p99 3 times: met
+        _resp_run("shardd-resp", "GET", 16, 90_000, 12.0, 4.0),  # no Redis row: not measured
+    ])
+    targets = compare.evaluate_resp_targets(rows)
+    got = {t.name: t.met for t in targets}
+    assert got == {
+        "shardd-resp, SET -P 1: ops/s vs Redis's": True,
+        "shardd-resp, SET -P 1: p99 vs Redis's": False,
+        "shardd-resp, SET -P 16: ops/s vs Redis's": False,
+        "shardd-resp, SET -P 16: p99 vs Redis's": True,
+        "shardd-resp, GET -P 16: ops/s vs Redis's": None,
+        "shardd-resp, GET -P 16: p99 vs Redis's": None,
+    }
+    text = compare.format_resp_verdicts(targets)
+    assert text.splitlines()[0].startswith(f"- PASS shardd-resp, SET -P 1: ops/s vs Redis's: 0.50{X} (goal ≥ 0.50{X})")
+    assert "- FAIL shardd-resp, SET -P 1: p99" in text and "- n/a  shardd-resp, GET -P 16" in text
+
+
+def test_resp_options():
+    args = compare.parse_args(["--resp"])
+    assert args.workloads == ["resp"] and args.resp_rounds == 3 and args.rounds == 1
+    assert (args.resp_requests, args.resp_clients, args.resp_pipelines, args.resp_tests) == (
+        200_000, 50, [1, 16], ["set", "get"])
+    assert args.resp_systems == ["redis", "shardd-resp"] and args.resp_keyspace == 0
+    assert compare.parse_args(["--resp", "--repeat", "5"]).resp_rounds == 5
+    assert compare.parse_args(["--quick", "--workloads", "get,resp"]).resp_requests == 20_000
+    assert "resp" in compare.parse_args([]).workloads
+    for bad in (["--resp-systems", "redis,dragonfly"], ["--resp-pipelines", "0"], ["--resp-pipelines", "x"],
+                ["--resp-tests", "incr"]):
+        with pytest.raises(SystemExit):
+            compare.parse_args(bad)
