@@ -629,10 +629,11 @@ def format_targets(targets: Sequence[Target]) -> str:
 
 # --- pure parts: the RESP section (redis-benchmark against Redis and shardd's RESP endpoint) ----------
 
-RESP_SYSTEMS = ("redis", "shardd-resp", "shardd-resp-gw")
+RESP_SYSTEMS = ("redis", "shardd-resp", "shardd-resp-router", "shardd-resp-gw")
 RESP_SERVERS = {
     "redis": "redis-server",
-    "shardd-resp": "shardd RESP endpoint (router poll loop)",
+    "shardd-resp": "shardd RESP endpoint, resp_front = workers (the default: every worker serves connections)",
+    "shardd-resp-router": "shardd RESP endpoint, resp_front = router (the router's poll loop serves them)",
     "shardd-resp-gw": "bench/resp_gateway_proto.py: a gateway process per core (SO_REUSEPORT) → workers",
 }
 RESP_TESTS = ("set", "get")
@@ -1587,8 +1588,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--resp", action="store_true",
                     help="the RESP section only (same as --workloads resp): redis-benchmark against Redis and "
                          "shardd's RESP endpoint")
-    ap.add_argument("--resp-systems", default="redis,shardd-resp",
-                    help=f"resp: comma-separated subset of {','.join(RESP_SYSTEMS)} (default redis,shardd-resp; "
+    ap.add_argument("--resp-systems", default="redis,shardd-resp,shardd-resp-router",
+                    help=f"resp: comma-separated subset of {','.join(RESP_SYSTEMS)} (default redis,shardd-resp,"
+                         "shardd-resp-router; "
                          "shardd-resp-gw is the measuring prototype bench/resp_gateway_proto.py)")
     ap.add_argument("--resp-requests", type=int, help="resp: redis-benchmark -n per run (default 200000)")
     ap.add_argument("--resp-clients", type=int, default=50, help="resp: redis-benchmark -c (default 50)")
@@ -1909,9 +1911,21 @@ def run_resp(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             wait_resp(daemon, resp_port)
             ports["shardd-resp"] = resp_port
             procs_of["shardd-resp"] = daemon.processes
+        if "shardd-resp-router" in systems:
+            router_port = free_port()
+            print(f"compare: resp: starting shardd (resp_front = router) on port {router_port}", file=sys.stderr)
+            routed, shards = start_shardd(tmp, args.shards, name="shardd-resp-router",
+                                          settings={"resp_bind": f"tcp://127.0.0.1:{router_port}",
+                                                    "resp_front": "router"})
+            servers["shardd-resp-router"] = routed
+            wait_resp(routed, router_port)
+            ports["shardd-resp-router"] = router_port
+            procs_of["shardd-resp-router"] = routed.processes
+        if "shardd-resp" in servers:
+            daemon = servers["shardd-resp"]
             if "shardd-resp-gw" in systems:
                 print(f"compare: resp: starting {gateways} gateway processes", file=sys.stderr)
-                gw = servers["shardd-resp-gw"] = start_gateways(tmp, daemon.port, gateways)
+                gw = servers["shardd-resp-gw"] = start_gateways(tmp, daemon.port, gateways)  # type: ignore[union-attr]
                 ports["shardd-resp-gw"] = gw.port
                 procs_of["shardd-resp-gw"] = lambda: daemon.processes() + gw.processes()
         order = [s for s in RESP_SYSTEMS if s in systems]
