@@ -624,7 +624,7 @@ def test_resp_options():
     assert args.workloads == ["resp"] and args.resp_rounds == 3 and args.rounds == 1
     assert (args.resp_requests, args.resp_clients, args.resp_pipelines, args.resp_tests) == (
         200_000, 50, [1, 16], ["set", "get"])
-    assert args.resp_systems == ["redis", "shardd-resp"] and args.resp_keyspace == 0
+    assert args.resp_systems == ["redis", "shardd-resp", "shardd-resp-router"] and args.resp_keyspace == 0
     assert compare.parse_args(["--resp", "--repeat", "5"]).resp_rounds == 5
     assert compare.parse_args(["--quick", "--workloads", "get,resp"]).resp_requests == 20_000
     assert "resp" in compare.parse_args([]).workloads
