@@ -16,10 +16,16 @@ def _python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 
+def _block(marker: str) -> str:
+    """The README's Python block that contains ``marker``."""
+    (code,) = [block for block in _python_blocks() if marker in block]
+    return code
+
+
 def test_readme_python_example_runs(make_daemon):
     blocks = _python_blocks()
-    assert len(blocks) == 2, "two Python examples expected (a daemon, a cluster): update this test"
-    code = blocks[0]
+    assert len(blocks) == 3, "three Python examples expected (a daemon, Redis clients, a cluster): update this test"
+    code = _block("shardd.Client(")
     assert '"tcp://127.0.0.1:7400"' in code
     d = make_daemon(shards=2)
     namespace: dict = {}
@@ -39,7 +45,7 @@ def test_readme_cluster_example_runs(tmp_path, etcd_server):
     from tests.cluster_harness import Cluster
     from tests.helpers import run_cli
 
-    code = _python_blocks()[1]
+    code = _block("ClusterClient")
     keys = tmp_path / "keys"
     assert run_cli(None, "keys", "generate", str(keys)).returncode == 0
     assert run_cli(None, "keys", "generate", str(keys), "--name", "app", "--client").returncode == 0
@@ -56,3 +62,36 @@ def test_readme_cluster_example_runs(tmp_path, etcd_server):
         namespace["client"].close()
     finally:
         cluster.close()
+
+
+def test_readme_redis_client_example_runs(make_daemon, tmp_path):
+    """"Use it from any Redis client": the redis-py block, against a daemon with resp_bind."""
+    import redis
+
+    from tests.conftest import free_port
+    from tests.helpers import wait_until
+
+    code = _block("redis.Redis(")
+    port = free_port()
+    config = tmp_path / "resp.toml"
+    config.write_text(f'resp_bind = "tcp://127.0.0.1:{port}"\n')
+    d = make_daemon(shards=2, config=str(config))
+
+    def answers() -> bool:
+        try:
+            with redis.Redis(port=port, socket_timeout=2) as r:
+                return bool(r.ping())
+        except redis.RedisError:
+            return False
+    wait_until(answers, what="the RESP endpoint answering")
+    assert "port=6380" in code
+    namespace: dict = {}
+    exec(compile(code.replace("port=6380", f"port={port}"), str(README), "exec"), namespace)
+    cache = namespace["cache"]
+    assert cache.mget("user:42", "nope") == [b"...", None]  # as the comment in the README says
+    assert 0 < cache.ttl("user:42") <= 60
+    import shardd
+
+    with shardd.Client(d.endpoint, timeout=1.0) as native:  # the same keys through the native endpoint
+        assert native.get("user:42") == b"..."
+    cache.close()
