@@ -44,11 +44,20 @@ _HEADER_MAX = 64 * 1024  # a count line without its CRLF after this many bytes i
 UNAUTH_MAX_ARGS = 10
 UNAUTH_MAX_BULK = 16384
 
-# Anything the fast path must not see: a count or length that is negative or 9+ digits, or an
-# element hiredis would turn into bytes although it is not a bulk string (simple string "+",
-# verbatim "=", big number "("; Redis answers "expected '$'"). Values can contain these bytes
-# too; then the exact parser runs, which only costs time.
-_UNUSUAL = re.compile(rb"[*$](?:-|\d{9})|\r\n[+=(]")
+# Anything the fast path must not see: a count that is negative or 9+ digits (hiredis allocates
+# an array as soon as it reads its count), a negative length, or an element hiredis would turn
+# into bytes although it is not a bulk string (simple string "+", verbatim "=", big number "(";
+# Redis answers "expected '$'"). A huge bulk length needs no check: hiredis allocates nothing
+# before the bytes are there, and the exact parser refuses the length as soon as it reads it while
+# the bytes are arriving. Values can contain these bytes too; then the exact parser runs, which
+# only costs time. One regex with a literal first byte and plain substring tests: a character
+# class first ("[*$]...") made the scan cost more than hiredis's parse (bench/resp.py).
+_HUGE_COUNT = re.compile(rb"\*(?:-|\d{9})")
+
+
+def _unusual(buf: bytes) -> bool:
+    return (_HUGE_COUNT.search(buf) is not None or b"$-" in buf or b"\r\n+" in buf or b"\r\n=" in buf
+            or b"\r\n(" in buf)
 
 
 class ProtocolError(Exception):
@@ -90,7 +99,7 @@ class RequestParser:
         if not buf:
             return [], None
         if (buf[0] == 42 and buf.endswith(b"\r\n") and self.authenticated
-                and _UNUSUAL.search(buf) is None):
+                and not _unusual(buf)):
             commands = self._fast(buf)
             if commands is not None:
                 self._buf = b""
