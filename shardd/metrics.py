@@ -144,8 +144,8 @@ def families(stats: dict[str, Any] | None) -> Iterator[Metric]:
         for state, count in sorted(cluster["slots"].items()):
             slots.add_metric([state], count)
         yield slots
-    resp = router.get("resp")
-    if resp:  # the Redis-protocol endpoint (docs/resp.md)
+    resp = stats.get("resp")
+    if resp:  # the Redis-protocol endpoint (docs/resp.md), summed over the processes serving it
         conns = GaugeMetricFamily("shardd_resp_connections", "Open connections on the RESP endpoint.")
         conns.add_metric([], resp["connections"])
         yield conns

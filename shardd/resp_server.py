@@ -29,6 +29,8 @@ Rule 4: nothing a client sends raises out of the loop: a handler that fails answ
 Rule 5: the endpoint never has more than ``budget`` (3/4 of mailbox_limit) ops in flight to the
         shards; commands past it wait, read but not run, in their connection's backlog (the
         connection is not read meanwhile). So its own pipelines never make a shard answer BUSY.
+Rule 6: a connection whose ``barrier`` is up (in a worker: an op of it is in flight through the
+        router, resp_worker Rule 1) runs no further command until it is down again.
 """
 
 from __future__ import annotations
@@ -126,10 +128,11 @@ class SubCall(Call):
 class Part:
     """One op of a several-op command (Plan); the command's reply waits for all of them."""
 
-    __slots__ = ("call", "index")
+    __slots__ = ("call", "conn", "index")
 
     def __init__(self, call: Call, index: int) -> None:
         self.call = call
+        self.conn = call.conn
         self.index = index
 
     def answer(self, status: int, value: Any) -> None:
@@ -159,8 +162,8 @@ RESP_TARGETS = (Call, SubCall, Part)
 
 
 class Connection:
-    __slots__ = ("addr", "backlog", "blocked", "calls", "closed", "fd", "out", "out_bytes", "parser", "paused",
-                 "server", "session", "sock")
+    __slots__ = ("addr", "backlog", "barrier", "blocked", "calls", "closed", "fd", "out", "out_bytes", "parser",
+                 "paused", "server", "session", "sock")
 
     def __init__(self, server: RespServer, sock: socket.socket, addr: str, client_id: int) -> None:
         self.server = server
@@ -173,7 +176,8 @@ class Connection:
         self.calls: deque[Call] = deque()  # Rule 1: commands not yet answered, oldest first
         self.out: list[bytes] = []          # replies ready to send, in order
         self.out_bytes = 0
-        self.backlog: list[list[bytes]] = []  # commands read but not run yet (Rule 5)
+        self.backlog: list[list[bytes]] = []  # commands read but not run yet (Rules 5 and 6)
+        self.barrier = 0  # ops of this connection in flight through the router (resp_worker, Rule 1)
         self.paused = False   # not read: too much pending (Rule 2), a backlog, or closing
         self.blocked = False  # its socket's send buffer is full: wait until writable
         self.closed = False
@@ -326,7 +330,7 @@ class RespServer:
         for at, args in enumerate(commands):
             if session.closing:
                 break
-            if self.inflight >= budget:
+            if self.inflight >= budget or conn.barrier:  # Rules 5 and 6
                 conn.backlog = commands[at:]
                 self.stalled.append(conn)
                 return
@@ -478,12 +482,18 @@ class RespServer:
     def flush(self) -> None:
         """Send every connection's ready replies: one send per connection per pass (Rule 3)."""
         stalled = self.stalled
-        while stalled and self.inflight < self.budget // 2:  # Rule 5: backlogs run again, oldest first
+        for _ in range(len(stalled)):  # Rules 5 and 6: backlogs run again, oldest first
+            if self.inflight >= self.budget // 2:
+                break
             conn = stalled.popleft()
-            if not conn.closed:
-                backlog, conn.backlog = conn.backlog, []
-                self._run(conn, backlog)
-                self.dirty.add(conn)  # (to be unpaused once its backlog is gone)
+            if conn.closed:
+                continue
+            if conn.barrier:
+                stalled.append(conn)  # still waiting for the router
+                continue
+            backlog, conn.backlog = conn.backlog, []
+            self._run(conn, backlog)
+            self.dirty.add(conn)  # (to be unpaused once its backlog is gone)
         if stalled:
             self.router.flush_outboxes()
         if not self.dirty:
@@ -575,6 +585,7 @@ def info_text(stats: dict[str, Any], wanted: set[str], server: RespServer) -> st
     """INFO's sections from a combined ``stats`` answer (router_stats.combine_stats)."""
     total = stats.get("total", {})
     router = stats.get("router", {})
+    resp = stats.get("resp") or {}  # every serving process's counters (router_stats.combine_resp)
     config = server.router.config
     uptime = int(time.monotonic() - server.started)
     sections: dict[str, list[tuple[str, Any]]] = {
@@ -582,20 +593,20 @@ def info_text(stats: dict[str, Any], wanted: set[str], server: RespServer) -> st
                    ("os", f"{os.uname().sysname} {os.uname().release} {os.uname().machine}"), ("arch_bits", 64),
                    ("process_id", os.getpid()), ("tcp_port", server.port), ("uptime_in_seconds", uptime),
                    ("uptime_in_days", uptime // 86400)],
-        "clients": [("connected_clients", len(server.conns)), ("maxclients", server.max_clients),
-                    ("blocked_clients", 0)],
+        "clients": [("connected_clients", resp.get("connections", len(server.conns))),
+                    ("maxclients", server.max_clients), ("blocked_clients", 0)],
         "memory": [("used_memory", total.get("used_bytes", 0)),
                    ("used_memory_human", _human(total.get("used_bytes", 0))),
                    ("used_memory_rss", total.get("rss_bytes", 0)),
                    ("maxmemory", config.max_memory), ("maxmemory_human", _human(config.max_memory)),
                    ("maxmemory_policy", config.eviction_policy)],
-        "stats": [("total_connections_received", server.accepted),
-                  ("total_commands_processed", server.commands),
+        "stats": [("total_connections_received", resp.get("accepted", server.accepted)),
+                  ("total_commands_processed", resp.get("commands", server.commands)),
                   ("instantaneous_ops_per_sec", int(total.get("ops_per_s", 0))),
-                  ("rejected_connections", server.rejected),
+                  ("rejected_connections", resp.get("rejected", server.rejected)),
                   ("expired_keys", total.get("expired", 0)), ("evicted_keys", total.get("evicted", 0)),
                   ("keyspace_hits", total.get("hits", 0)), ("keyspace_misses", total.get("misses", 0)),
-                  ("total_error_replies", server.errors)],
+                  ("total_error_replies", resp.get("errors", server.errors))],
         "cluster": [("cluster_enabled", 0)],  # (clients read it: redis-py's test harness does)
         "keyspace": ([("db0", f"keys={total.get('keys', 0)},expires={total.get('expiring', 0)},avg_ttl=0")]
                      if total.get("keys") else []),
@@ -608,9 +619,10 @@ def info_text(stats: dict[str, Any], wanted: set[str], server: RespServer) -> st
                      for row in stats.get("shards", [])]],
     }
     if "commandstats" in wanted or "all" in wanted or "everything" in wanted:
-        sections["commandstats"] = [(f"cmdstat_{name}", f"calls={calls},failed_calls="
-                                     f"{server.errors_by_command.get(name, 0)}")
-                                    for name, calls in sorted(server.calls_by_command.items())]
+        calls_by = resp.get("by_command", server.calls_by_command)
+        errors_by = resp.get("errors_by_command", server.errors_by_command)
+        sections["commandstats"] = [(f"cmdstat_{name}", f"calls={calls},failed_calls={errors_by.get(name, 0)}")
+                                    for name, calls in sorted(calls_by.items())]
     if wanted & {"default", "all", "everything"}:
         names = [n for n in sections if n != "commandstats" or "default" not in wanted or len(wanted) > 1]
     else:

@@ -13,17 +13,22 @@ connection's commands are parsed and answered by the worker that accepted it
 * a keyed op for another shard's key goes to that worker's inbox in a batch (one per peer per
   pass), which it applies with the same direct-client checks (it tells our batches from the
   router's by the DEALER identity, ``worker.PEER_IDENTITY``);
-* everything else — multi-key and fan-out ops, an op answered MOVED or TRYAGAIN (a resize is
-  moving the key), an op for a peer that is down — goes to the router over its control endpoint
-  (``RouterLink``), which places it as it places any request (re-routing included).
+* a multi-key op (MGET, MSET, DEL of several keys) is split per shard here, each part taking the
+  path of a keyed op for that shard, and gathered (router_types.Gather, as the router does);
+* everything else — fan-out ops (DBSIZE, INFO, FLUSHALL, SCAN), MSETNX, an op answered MOVED or
+  TRYAGAIN (a resize is moving the key), an op for a peer that is down — goes to the router over
+  its control endpoint (``RouterLink``), which places it as it places any request.
 
 Rules
 -----
-Rule 1: per connection, commands to one key run in the order sent: a key is either local (applied
-        while its command is read) or its owner's (sent in order on that peer's link, FIFO). A
-        key that a resize moves goes to the router from then on; ops already on their way to its
-        old owner are answered MOVED there and follow through the router, in order, since the
-        peer answers a batch in order and we re-send its MOVED ops in that order.
+Rule 1: per connection, commands run in the order sent. Every op for a shard takes one path
+        while no resize runs: applied here at once, or on that peer's link (FIFO). An op that
+        goes through the router raises its connection's ``barrier``, and the connection runs no
+        further command until the router has answered (resp_server holds them in its backlog):
+        so FLUSHALL then SET, or an op re-sent after MOVED then the next op on that key, keep
+        their order. (The one gap: mid-resize, a pipelined op answered TRYAGAIN by a peer is re-sent
+        through the router after that peer may already have applied a later op on the same key;
+        docs/resp.md says so.)
 Rule 2: every op sent to the router is answered exactly once: by the router's reply, or with
         UNAVAILABLE when the link goes down with it pending (the router restarted).
 """
@@ -36,11 +41,31 @@ from typing import Any
 
 from shardd import protocol as p
 from shardd.hashing import shard_for
+from shardd.router_types import Gather, split_multi
 from shardd.shard_link import ShardLink
 
 log = logging.getLogger("shardd.worker")
 
 _LOCAL = p.ops_where(kind=p.KEYED, direct=True)  # what a worker may answer for its own keys
+_SPLIT = frozenset((p.GetMany, p.SetMany, p.DeleteMany))  # split per shard here, as the router splits them
+
+
+class GatherPart:
+    """One shard's part of a multi-key op split here; the gather answers the command's target."""
+
+    __slots__ = ("conn", "context", "gather", "shard")
+
+    def __init__(self, gather: Gather, conn: Any, shard: int, context: Any) -> None:
+        self.gather = gather
+        self.conn = conn
+        self.shard = shard
+        self.context = context
+
+    def answer(self, status: int, value: Any) -> None:
+        gather = self.gather
+        result = gather.add(self.shard, self.context, None if status == p.OK else (status, value), value)
+        if result is not None:
+            gather.peer.answer(*result)
 
 
 class RouterLink:
@@ -62,6 +87,7 @@ class RouterLink:
             target.answer(p.UNAVAILABLE, "the router is not connected; retry shortly")
             return
         self.pending[request_id] = target
+        target.conn.barrier += 1  # Rule 1: the connection's next command waits for this answer
 
     def on_readable(self) -> None:
         pending = self.pending
@@ -73,6 +99,7 @@ class RouterLink:
                 continue
             target = pending.pop(reply.id, None)
             if target is not None:
+                target.conn.barrier -= 1
                 target.answer(reply.status, reply.value)
 
     def on_event(self, event: str | None) -> None:
@@ -82,6 +109,7 @@ class RouterLink:
             self.up = False
             pending, self.pending = self.pending, {}
             for target in pending.values():  # Rule 2
+                target.conn.barrier -= 1
                 target.answer(p.UNAVAILABLE, "the router restarted; retry")
 
 
@@ -108,25 +136,43 @@ class WorkerFront:
 
     def submit(self, target: Any, op: p.Op) -> None:
         shard = self.shard
-        if type(op) in _LOCAL and shard.cluster is None:
-            owner = shard_for(op.key, shard.shards)
-            if owner == shard.shard_id:
-                problem = p.check_op(op, shard.limits)  # what decoding a request checks (sizes, TTL bounds)
-                if problem is not None:
-                    target.answer(*problem)
+        cls = type(op)
+        if shard.cluster is None:
+            if cls in _LOCAL:
+                self._to(shard_for(op.key, shard.shards), target, op)
+                return
+            if cls in _SPLIT and shard.new_shards is None:  # (mid-resize: the router splits it per key)
+                parts, combine, empty = split_multi(op, shard.shards, per_key=False)
+                if not parts:
+                    target.answer(p.OK, empty)
                     return
-                shard.store.touch_clock()
-                status, value = shard.run(op)
-                if status != p.MOVED and status != p.TRYAGAIN:  # those: a resize is moving the key
-                    target.answer(status, value)
-                    return
-            else:
-                peer = self.peers.get(owner)
-                if peer is None:
-                    peer = self._connect(owner)
-                if peer.up and peer.inflight < shard.mailbox_limit:
-                    peer.queue(p.encode_request(0, op), target)  # the peer checks it as a direct request
-                    return
+                gather = Gather(target, 0, len(parts), combine)
+                for owner, sub_op, context in parts:
+                    self._to(owner, GatherPart(gather, target.conn, owner, context), sub_op)
+                return
+        self.link.send(target, op)
+
+    def _to(self, owner: int, target: Any, op: p.Op) -> None:
+        """An op whose keys are all ``owner``'s: applied here, queued for that peer, or (the peer is
+        away, full, or the op is answered MOVED/TRYAGAIN here) sent to the router."""
+        shard = self.shard
+        if owner == shard.shard_id:
+            problem = p.check_op(op, shard.limits)  # what decoding a request checks (sizes, TTL bounds)
+            if problem is not None:
+                target.answer(*problem)
+                return
+            shard.store.touch_clock()
+            status, value = shard.run(op)
+            if status != p.MOVED and status != p.TRYAGAIN:  # those: a resize is moving the key
+                target.answer(status, value)
+                return
+        else:
+            peer = self.peers.get(owner)
+            if peer is None:
+                peer = self._connect(owner)
+            if peer.up and peer.inflight < shard.mailbox_limit:
+                peer.queue(p.encode_request(0, op), target)  # the peer checks it as a direct request
+                return
         self.link.send(target, op)
 
     def _connect(self, owner: int) -> ShardLink:

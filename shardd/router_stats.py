@@ -56,7 +56,29 @@ def combine_stats(parts: list[Part], links: Sequence[ShardLink], router: dict[st
                    mailbox=link.inflight, mailbox_high=link.high, busy=link.busy)
         rows.append(row)
     missing = [{"shard": row["shard"], "status": row["status"]} for row in rows if row["status"] != "up"]
-    return {"router": router, "shards": rows, "missing": missing, **_totals(rows, threshold)}
+    combined = {"router": router, "shards": rows, "missing": missing, **_totals(rows, threshold)}
+    resp = combine_resp([router.get("resp"), *(row.get("resp") for row in rows)])
+    if resp is not None:
+        combined["resp"] = resp
+    return combined
+
+
+def combine_resp(parts: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """The RESP endpoint's counters over every process serving it (each worker, or the router):
+    numbers and per-command counts summed; None when no process serves one."""
+    present = [part for part in parts if part]
+    if not present:
+        return None
+    total: dict[str, Any] = {"bind": present[0].get("bind"), "processes": len(present)}
+    for part in present:
+        for field, value in part.items():
+            if isinstance(value, dict):
+                into = total.setdefault(field, {})
+                for name, count in value.items():
+                    into[name] = into.get(name, 0) + count
+            elif isinstance(value, int) and not isinstance(value, bool):
+                total[field] = total.get(field, 0) + value
+    return total
 
 
 def imbalance_news(stats: dict[str, Any], warned: dict[str, float], now: float,

@@ -504,6 +504,7 @@ class Shard:
             "compressed_raw_bytes": s.packed_raw_bytes,
             "compressed_bytes": s.packed_bytes,
             "rss_bytes": self._process.memory_info().rss,
+            **({"resp": self.resp.stats()} if self.resp is not None else {}),
             "ops": self.ops,
             "hits": s.hits,
             "misses": s.misses,

@@ -109,7 +109,7 @@ def _stats_view(data: dict[str, Any], rates: dict[int, float] | None = None) -> 
         warn = any(imbalance[d] > imbalance["threshold"] for d in ("keys", "ops"))
         lines.append(f"imbalance max/mean: {', '.join(hot)}; threshold {imbalance['threshold']:g}"
                      + (" (over)" if warn else ""))
-    resp = router.get("resp")
+    resp = data.get("resp")
     if resp:
         top = sorted(resp["by_command"].items(), key=lambda item: -item[1])[:4]
         lines.append(f"RESP {resp['bind']}: {resp['connections']} connections, {resp['commands']} commands "

@@ -239,3 +239,24 @@ def test_single_keys_do_not_need_the_router(make_daemon, tmp_path):
             os.kill(router_pid, signal.SIGCONT)
         waiting.join(60)
         assert got == {"mget": [b"during", b"during"]}
+
+
+@pytest.mark.parametrize("front", ["workers", "router"])
+def test_a_pipeline_runs_in_order_across_paths(make_daemon, tmp_path, front):
+    """Commands that take different paths (this worker, a peer, the router) still run in the order
+    sent: MSET then GET of its keys, FLUSHALL then SET, DEL of several keys then EXISTS."""
+    _, port = _start(make_daemon, tmp_path, front)
+    keys = keys_on_shard(0, 2, 3, "path0-") + keys_on_shard(1, 2, 3, "path1-")
+    with redis.Redis(port=port) as r:
+        for _ in range(20):  # new connections land on either worker: both sides of every path
+            with r.pipeline(transaction=False) as pipe:
+                pipe.mset(dict.fromkeys(keys, b"one"))
+                pipe.get(keys[0]).get(keys[-1])
+                pipe.flushall()
+                pipe.set(keys[1], b"two").get(keys[1]).get(keys[0])
+                pipe.mset({keys[2]: b"x", keys[-2]: b"y"})
+                pipe.delete(keys[2], keys[-2])
+                pipe.exists(keys[2], keys[-2])
+                got = pipe.execute()
+            assert got == [True, b"one", b"one", True, True, b"two", None, True, 2, 0]
+            r.connection_pool.disconnect()
