@@ -99,12 +99,7 @@ class Call:
         self.conn.ready(self)
 
     def answer_raw(self, frame: bytes) -> None:
-        try:
-            reply = p.decode_reply(frame)
-        except Exception:
-            self.answer(p.INTERNAL_ERROR, "a shard sent an undecodable reply")
-            return
-        self.answer(reply.status, reply.value)
+        _answer_raw(self, frame)
 
 
 class SubCall(Call):
@@ -150,12 +145,17 @@ class Part:
             call.done(out)
 
     def answer_raw(self, frame: bytes) -> None:
-        try:
-            reply = p.decode_reply(frame)
-        except Exception:
-            self.answer(p.INTERNAL_ERROR, "a shard sent an undecodable reply")
-            return
-        self.answer(reply.status, reply.value)
+        _answer_raw(self, frame)
+
+
+def _answer_raw(target: Call | Part, frame: bytes) -> None:
+    """A shard's encoded reply, relayed by the router (send_to), as (status, value)."""
+    try:
+        reply = p.decode_reply(frame)
+    except Exception:
+        target.answer(p.INTERNAL_ERROR, "a shard sent an undecodable reply")
+        return
+    target.answer(reply.status, reply.value)
 
 
 RESP_TARGETS = (Call, SubCall, Part)

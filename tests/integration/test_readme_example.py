@@ -66,24 +66,16 @@ def test_readme_cluster_example_runs(tmp_path, etcd_server):
 
 def test_readme_redis_client_example_runs(make_daemon, tmp_path):
     """"Use it from any Redis client": the redis-py block, against a daemon with resp_bind."""
-    import redis
 
     from tests.conftest import free_port
-    from tests.helpers import wait_until
+    from tests.resp_support import wait_resp
 
     code = _block("redis.Redis(")
     port = free_port()
     config = tmp_path / "resp.toml"
     config.write_text(f'resp_bind = "tcp://127.0.0.1:{port}"\n')
     d = make_daemon(shards=2, config=str(config))
-
-    def answers() -> bool:
-        try:
-            with redis.Redis(port=port, socket_timeout=2) as r:
-                return bool(r.ping())
-        except redis.RedisError:
-            return False
-    wait_until(answers, what="the RESP endpoint answering")
+    wait_resp(port)
     assert "port=6380" in code
     namespace: dict = {}
     exec(compile(code.replace("port=6380", f"port={port}"), str(README), "exec"), namespace)

@@ -24,6 +24,7 @@ from shardd.hashing import shard_for
 from tests.conftest import free_port
 from tests.helpers import keys_on_shard, wait_until
 from tests.integration.test_resize_window import NEW, OLD, _in_transit, _load, _resize_in_background, _wait_moving
+from tests.resp_support import wait_resp
 
 
 def _start(make_daemon, tmp_path, front: str, shards: int = 2, extra: str = ""):
@@ -31,16 +32,8 @@ def _start(make_daemon, tmp_path, front: str, shards: int = 2, extra: str = ""):
     config = tmp_path / f"resp-{front}-{port}.toml"
     config.write_text(f'resp_bind = "tcp://127.0.0.1:{port}"\nresp_front = "{front}"\n{extra}')
     d = make_daemon(shards=shards, config=str(config))
-    wait_until(lambda: _pings(port), what="the RESP endpoint answering PING")
+    wait_resp(port)
     return d, port
-
-
-def _pings(port: int) -> bool:
-    try:
-        with redis.Redis(port=port, socket_timeout=2) as r:
-            return bool(r.ping())
-    except redis.RedisError:
-        return False
 
 
 def _serving_pid(conn: redis.Redis) -> int:

@@ -14,7 +14,8 @@ from shardd.client import Client
 from shardd.config import build_config
 from shardd.errors import ConfigError
 from tests.conftest import free_port
-from tests.helpers import keys_on_shard, run_cli, wait_until
+from tests.helpers import keys_on_shard, run_cli
+from tests.resp_support import wait_resp
 
 
 def _start(make_daemon, tmp_path, text: str = "", shards: int = 2):
@@ -22,14 +23,7 @@ def _start(make_daemon, tmp_path, text: str = "", shards: int = 2):
     config = tmp_path / f"resp-{port}.toml"
     config.write_text(f'resp_bind = "tcp://127.0.0.1:{port}"\n{text}')
     d = make_daemon(shards=shards, config=str(config))
-
-    def answers() -> bool:
-        try:
-            with redis.Redis(port=port, socket_timeout=2) as r:
-                return bool(r.ping())
-        except redis.RedisError:
-            return False
-    wait_until(answers, what="the RESP endpoint answering PING")
+    wait_resp(port)
     return d, port
 
 
@@ -83,16 +77,8 @@ def test_max_clients(make_daemon, tmp_path):
     assert got == b"-ERR max number of clients reached\r\n"
     third.close()
     held[0].close()
-    wait_until(lambda: _pings(port), what="a free slot once a client left")
+    wait_resp(port)  # a free slot once a client left
     held[1].close()
-
-
-def _pings(port: int) -> bool:
-    try:
-        with redis.Redis(port=port, socket_timeout=2) as r:
-            return bool(r.ping())
-    except redis.RedisError:
-        return False
 
 
 def test_counters_in_stats_info_and_metrics(make_daemon, tmp_path):
