@@ -26,9 +26,10 @@ Rule 1: per connection, commands run in the order sent. Every op for a shard tak
         goes through the router raises its connection's ``barrier``, and the connection runs no
         further command until the router has answered (resp_server holds them in its backlog):
         so FLUSHALL then SET, or an op re-sent after MOVED then the next op on that key, keep
-        their order. (The one gap: mid-resize, a pipelined op answered TRYAGAIN by a peer is re-sent
-        through the router after that peer may already have applied a later op on the same key;
-        docs/resp.md says so.)
+        their order. Mid-resize every worker still places keys by the old layout (a worker started
+        for the resize too: it starts with the current shard count), so an op goes to the key's
+        old owner, which applies it while it holds the key and answers MOVED once it left; ops on
+        one key thus reach the router in the order sent, and it orders them after the entry.
 Rule 2: every op sent to the router is answered exactly once: by the router's reply, or with
         UNAVAILABLE when the link goes down with it pending (the router restarted).
 """
