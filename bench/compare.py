@@ -632,8 +632,8 @@ def format_targets(targets: Sequence[Target]) -> str:
 RESP_SYSTEMS = ("redis", "shardd-resp", "shardd-resp-router", "shardd-resp-gw")
 RESP_SERVERS = {
     "redis": "redis-server",
-    "shardd-resp": "shardd RESP endpoint, resp_front = workers (the default: every worker serves connections)",
-    "shardd-resp-router": "shardd RESP endpoint, resp_front = router (the router's poll loop serves them)",
+    "shardd-resp": "shardd RESP endpoint, resp_front = workers (every worker serves connections)",
+    "shardd-resp-router": "shardd RESP endpoint, resp_front = router (the default: the router's poll loop serves them)",
     "shardd-resp-gw": "bench/resp_gateway_proto.py: a gateway process per core (SO_REUSEPORT) → workers",
 }
 RESP_TESTS = ("set", "get")
@@ -1906,7 +1906,8 @@ def run_resp(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             resp_port = free_port()
             print(f"compare: resp: starting shardd with resp_bind on port {resp_port}", file=sys.stderr)
             daemon, shards = start_shardd(tmp, args.shards, direct="shardd-resp-gw" in systems, name="shardd-resp",
-                                          settings={"resp_bind": f"tcp://127.0.0.1:{resp_port}"})
+                                          settings={"resp_bind": f"tcp://127.0.0.1:{resp_port}",
+                                                    "resp_front": "workers"})
             servers["shardd-resp"] = daemon
             wait_resp(daemon, resp_port)
             ports["shardd-resp"] = resp_port

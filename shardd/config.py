@@ -83,7 +83,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     resp_password: str = ""         # Redis requirepass: the "default" user's password
     resp_admin_password: str = ""   # the "admin" user's; when set, FLUSHALL/FLUSHDB need it
     resp_max_clients: int = 10000   # Redis maxclients (per process serving the endpoint)
-    resp_front: RespFront = "workers"  # who serves RESP connections: every worker, or the router
+    resp_front: RespFront = "router"  # who serves RESP connections: the router's loop, or every worker
 
     def __post_init__(self) -> None:
         if not _ENDPOINT_RE.match(self.bind):

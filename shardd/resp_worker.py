@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-With ``resp_front = "workers"`` (the default) every worker listens on ``resp_bind`` with
+With ``resp_front = "workers"`` every worker listens on ``resp_bind`` with
 SO_REUSEPORT, so the kernel spreads Redis connections over the workers, one per core. A
 connection's commands are parsed and answered by the worker that accepted it
 (shardd.resp_server, the same code the router runs with ``resp_front = "router"``):

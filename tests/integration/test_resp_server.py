@@ -83,7 +83,7 @@ def test_max_clients(make_daemon, tmp_path):
 
 def test_counters_in_stats_info_and_metrics(make_daemon, tmp_path):
     metrics_port = free_port()
-    d, port = _start(make_daemon, tmp_path, f'metrics_bind = "127.0.0.1:{metrics_port}"\n')
+    d, port = _start(make_daemon, tmp_path, f'metrics_bind = "127.0.0.1:{metrics_port}"\nresp_front = "workers"\n')
     conns = [redis.Redis(port=port) for _ in range(6)]
     for i, conn in enumerate(conns):
         conn.set(f"c{i}", "v")
