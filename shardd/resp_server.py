@@ -163,7 +163,7 @@ RESP_TARGETS = (Call, SubCall, Part)
 
 class Connection:
     __slots__ = ("addr", "backlog", "barrier", "blocked", "calls", "closed", "fd", "out", "out_bytes", "parser",
-                 "paused", "server", "session", "sock")
+                 "paused", "server", "session", "sock", "tail")
 
     def __init__(self, server: RespServer, sock: socket.socket, addr: str, client_id: int) -> None:
         self.server = server
@@ -178,6 +178,7 @@ class Connection:
         self.out_bytes = 0
         self.backlog: list[list[bytes]] = []  # commands read but not run yet (Rules 5 and 6)
         self.barrier = 0  # ops of this connection in flight through the router (resp_worker, Rule 1)
+        self.tail: bytes | None = None  # a protocol error to answer once the backlog has run
         self.paused = False   # not read: too much pending (Rule 2), a backlog, or closing
         self.blocked = False  # its socket's send buffer is full: wait until writable
         self.closed = False
@@ -316,8 +317,12 @@ class RespServer:
             commands, problem = parser.feed(b"")
         if problem is not None:
             self.protocol_errors += 1
-            self._push(conn, r.error(f"ERR {problem}"), "protocol")
-            conn.session.closing = True
+            error = r.error(f"ERR {problem}")
+            if conn.backlog:  # Rule 1: the error goes after the replies of the commands read before it
+                conn.tail = error
+            else:
+                self._push(conn, error, "protocol")
+                conn.session.closing = True
             self._pause(conn)
         elif conn.backlog or len(conn.calls) > MAX_PENDING or conn.out_bytes > MAX_OUTPUT:
             self._pause(conn)  # Rule 2 (and Rule 5: a backlog waits for the budget)
@@ -493,6 +498,10 @@ class RespServer:
                 continue
             backlog, conn.backlog = conn.backlog, []
             self._run(conn, backlog)
+            if not conn.backlog and conn.tail is not None:  # a protocol error read after the backlog
+                self._push(conn, conn.tail, "protocol")
+                conn.tail = None
+                conn.session.closing = True
             self.dirty.add(conn)  # (to be unpaused once its backlog is gone)
         if stalled:
             self.router.flush_outboxes()

@@ -124,3 +124,25 @@ def test_config_keeps_the_endpoint_safe():
         build_config({"resp_bind": "ipc:///tmp/x.sock"})
     with pytest.raises(ConfigError, match="resp_front"):
         build_config({"resp_bind": "tcp://127.0.0.1:6380", "resp_front": "gateways"})
+
+
+def test_a_deep_pipeline_waits_and_a_protocol_error_comes_last(make_daemon, tmp_path):
+    """mailbox_limit 16: the endpoint keeps at most 16 ops in flight, so a 300-command pipeline runs
+    in slices from its backlog (never BUSY), and the protocol error read after it is answered after
+    all 300 replies, then the connection closes (as Redis: replies before the error, then close)."""
+    _, port = _start(make_daemon, tmp_path, 'resp_front = "router"\nmailbox_limit = 16\n')
+    keys = keys_on_shard(0, 2, 150, "deep0-") + keys_on_shard(1, 2, 150, "deep1-")
+    with redis.Redis(port=port) as r:
+        r.mset(dict.fromkeys(keys, b"v"))
+    s = socket.create_connection(("127.0.0.1", port), timeout=60)
+    try:
+        s.sendall(b"".join(b"GET %s\r\n" % key for key in keys) + b"*1\r\n$-1\r\n")
+        got = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+    finally:
+        s.close()
+    assert got == b"$1\r\nv\r\n" * len(keys) + b"-ERR Protocol error: invalid bulk length\r\n"
