@@ -162,8 +162,8 @@ RESP_TARGETS = (Call, SubCall, Part)
 
 
 class Connection:
-    __slots__ = ("addr", "backlog", "barrier", "blocked", "calls", "closed", "fd", "out", "out_bytes", "parser",
-                 "paused", "server", "session", "sock", "tail")
+    __slots__ = ("addr", "backlog", "barrier", "blocked", "calls", "closed", "deferred", "fd", "out", "out_bytes",
+                 "parser", "paused", "peer_flight", "server", "session", "sock", "tail")
 
     def __init__(self, server: RespServer, sock: socket.socket, addr: str, client_id: int) -> None:
         self.server = server
@@ -178,6 +178,8 @@ class Connection:
         self.out_bytes = 0
         self.backlog: list[list[bytes]] = []  # commands read but not run yet (Rules 5 and 6)
         self.barrier = 0  # ops of this connection in flight through the router (resp_worker, Rule 1)
+        self.peer_flight = 0  # its ops on a worker's peer links (resp_worker)
+        self.deferred: list[tuple[Any, Any]] = []  # its router-bound ops waiting for peer_flight 0
         self.tail: bytes | None = None  # a protocol error to answer once the backlog has run
         self.paused = False   # not read: too much pending (Rule 2), a backlog, or closing
         self.blocked = False  # its socket's send buffer is full: wait until writable

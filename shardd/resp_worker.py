@@ -151,7 +151,7 @@ class WorkerFront:
                 for owner, sub_op, context in parts:
                     self._to(owner, GatherPart(gather, target.conn, owner, context), sub_op)
                 return
-        self.link.send(target, op)
+        self._via_router(target, op)
 
     def _to(self, owner: int, target: Any, op: p.Op) -> None:
         """An op whose keys are all ``owner``'s: applied here, queued for that peer, or (the peer is
@@ -173,8 +173,27 @@ class WorkerFront:
                 peer = self._connect(owner)
             if peer.up and peer.inflight < shard.mailbox_limit:
                 peer.queue(p.encode_request(0, op), target)  # the peer checks it as a direct request
+                target.conn.peer_flight += 1
                 return
+        self._via_router(target, op)
+
+    def _via_router(self, target: Any, op: p.Op) -> None:
+        """Send an op through the router once none of its connection's ops is on a peer link (Rule 1:
+        an earlier op on the direct path must not be overtaken, e.g. MSET's part by a FLUSHALL)."""
+        conn = target.conn
+        if conn.peer_flight:
+            conn.deferred.append((target, op))
+            conn.barrier += 1  # its next commands wait, as behind any op through the router
+            return
         self.link.send(target, op)
+
+    def _peer_answered(self, conn: Any) -> None:
+        conn.peer_flight -= 1
+        if not conn.peer_flight and conn.deferred:
+            deferred, conn.deferred = conn.deferred, []
+            for target, op in deferred:
+                conn.barrier -= 1  # (link.send counts it again, until the router answers)
+                self.link.send(target, op)
 
     def _connect(self, owner: int) -> ShardLink:
         peer = self.peers[owner] = ShardLink(owner, self.connect_peer(owner))
@@ -187,7 +206,7 @@ class WorkerFront:
             if peer.out_frames:
                 failed = peer.flush()
                 if failed is not None:
-                    self._reroute(*failed)
+                    self._reroute(*failed, peer_answered=True)
 
     def _on_replies(self, peer: ShardLink) -> None:
         for frame in peer.channel.receive():
@@ -205,15 +224,17 @@ class WorkerFront:
                     self._reroute([target], [request])
                 else:
                     target.answer(reply.status, reply.value)
+                self._peer_answered(target.conn)
 
     def _on_event(self, peer: ShardLink, event: str | None) -> None:
         if event == "up":
             peer.up = True
         elif event == "down" and peer.up:
             for targets, frames in peer.go_down():  # Rule 2: each one answered, through the router
-                self._reroute(targets, frames)
+                self._reroute(targets, frames, peer_answered=True)
 
-    def _reroute(self, targets: list[Any], frames: list[bytes]) -> None:
+    def _reroute(self, targets: list[Any], frames: list[bytes], peer_answered: bool = False) -> None:
+        """Ops a peer did not apply (MOVED, TRYAGAIN, or it went away), through the router, in order."""
         for target, frame in zip(targets, frames, strict=True):
             env = p.decode_envelope(frame, self.shard.limits)
             if type(env) is bytes:
@@ -221,3 +242,5 @@ class WorkerFront:
                 target.answer(reply.status, reply.value)
             else:
                 self.link.send(target, env.op)
+            if peer_answered:  # (a MOVED reply counts as answered in _on_replies)
+                self._peer_answered(target.conn)

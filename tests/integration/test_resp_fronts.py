@@ -254,3 +254,43 @@ def test_a_pipeline_runs_in_order_across_paths(make_daemon, tmp_path, front):
                 got = pipe.execute()
             assert got == [True, b"one", b"one", True, True, b"two", None, True, 2, 0]
             r.connection_pool.disconnect()
+
+
+def test_an_op_through_the_router_waits_for_the_connections_ops_on_peer_links(make_daemon, tmp_path):
+    """Workers front, the window held open: worker 1 stopped while a connection on worker 0 sends
+    MSET (its shard-1 part waits on the peer link) then FLUSHALL (through the router). The FLUSHALL
+    must not leave before the MSET part is answered, or it could reach shard 1 first and the MSET
+    part would survive it: so while worker 1 is stopped, shard 0's key is still there."""
+    d, port = _start(make_daemon, tmp_path, "workers")
+    pids = _worker_pids(d)
+    k0, k1 = keys_on_shard(0, 2, 1, "defer0-")[0], keys_on_shard(1, 2, 1, "defer1-")[0]
+    keep, conn = [], None
+    for _ in range(64):
+        s = _raw(port)
+        if _info_pid(s) == pids[0]:
+            conn = s
+            break
+        keep.append(s)
+    assert conn is not None, "no connection landed on worker 0 in 64 tries"
+    conn.sendall(_command(b"GET", k1))  # worker 0's link to worker 1 is made, and up, before the stop
+    assert _read_exactly(conn, b"$-1\r\n") == b"$-1\r\n"
+    os.kill(pids[1], signal.SIGSTOP)
+    try:
+        conn.sendall(_command(b"MSET", k0, b"x", k1, b"x") + _command(b"FLUSHALL") + _command(b"GET", k0))
+        wait_until(lambda: _resp_commands(d).get("mset", 0) >= 1, what="worker 0 reading the pipeline")
+        with Client(d.endpoint, timeout=30) as c:
+            assert c.get(k0) == b"x", "FLUSHALL went ahead while the MSET part was still on its way"
+    finally:
+        os.kill(pids[1], signal.SIGCONT)
+    conn.settimeout(60)
+    expected = b"+OK\r\n+OK\r\n$-1\r\n"
+    assert _read_exactly(conn, expected) == expected
+    with Client(d.endpoint, timeout=30) as c:
+        assert c.get_many([k0, k1]) == {}  # both flushed: the MSET part did not survive the FLUSHALL
+    for s in [conn, *keep]:
+        s.close()
+
+
+def _resp_commands(d) -> dict[str, int]:
+    with Client(d.endpoint, timeout=5) as c:
+        return c.stats().get("resp", {}).get("by_command", {})
