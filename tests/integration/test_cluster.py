@@ -156,7 +156,15 @@ def test_sigkill_a_node_its_slots_move_and_only_its_keys_are_lost(cluster: Clust
     reader = threading.Thread(target=read_everything)
     reader.start()
     try:
-        victim.kill_all()  # SIGKILL the whole node: no handoff
+        with ClusterClient([survivors[0].endpoint], timeout=1.0, failover_timeout=0.3) as probe:
+            probe.get(next(iter(doomed)))  # (connected and mapped before the kill)
+            victim.kill_all()  # SIGKILL the whole node: no handoff
+            # Right after the kill its slots have an owner that is gone for at least a lease TTL
+            # (3 s): a read of its key fails here, whatever the reader thread got to do on a busy box.
+            try:
+                probe.get(next(iter(doomed)))
+            except SharddError:
+                errors.append(next(iter(doomed)))
         after = cluster.settled(survivors)
     finally:
         stop.set()
