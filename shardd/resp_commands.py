@@ -25,15 +25,12 @@ map to the Redis code a client already handles (docs/resp.md lists each one).
 from __future__ import annotations
 
 import fnmatch
-import os
-import platform
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from shardd import __version__
 from shardd import protocol as p
 from shardd import resp as r
 
@@ -230,10 +227,6 @@ def _parse_int(arg: bytes) -> int | None:
         return None
     value = int(arg)
     return value if _I64[0] <= value <= _I64[1] else None
-
-
-def _upper(arg: bytes) -> bytes:
-    return arg.upper()
 
 
 # --- strings ---------------------------------------------------------------------------------------
@@ -841,10 +834,3 @@ COMMANDS: dict[bytes, Command] = {c.name.encode(): c for c in [
     _c("unwatch", 1, "noscript loading stale fast allow_busy", _NOKEYS, _server_runs, "Does nothing."),
 ]}
 
-
-def server_os() -> str:
-    u = os.uname()
-    return f"{u.sysname} {u.release} {platform.machine()}"
-
-
-VERSION_LINE = f"shardd_version:{__version__}"
