@@ -1902,26 +1902,21 @@ def run_resp(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             servers["redis"] = start_redis(tmp, "redis-resp")
             ports["redis"] = servers["redis"].port
             procs_of["redis"] = servers["redis"].processes
+        def start_resp(system: str, front: str, direct: bool = False) -> None:
+            nonlocal shards
+            port = free_port()
+            print(f"compare: resp: starting shardd (resp_front = {front}) on port {port}", file=sys.stderr)
+            server, shards = start_shardd(tmp, args.shards, direct=direct, name=system,
+                                     settings={"resp_bind": f"tcp://127.0.0.1:{port}", "resp_front": front})
+            servers[system] = server
+            wait_resp(server, port)
+            ports[system] = port
+            procs_of[system] = server.processes
+
         if "shardd-resp" in systems or "shardd-resp-gw" in systems:
-            resp_port = free_port()
-            print(f"compare: resp: starting shardd with resp_bind on port {resp_port}", file=sys.stderr)
-            daemon, shards = start_shardd(tmp, args.shards, direct="shardd-resp-gw" in systems, name="shardd-resp",
-                                          settings={"resp_bind": f"tcp://127.0.0.1:{resp_port}",
-                                                    "resp_front": "workers"})
-            servers["shardd-resp"] = daemon
-            wait_resp(daemon, resp_port)
-            ports["shardd-resp"] = resp_port
-            procs_of["shardd-resp"] = daemon.processes
+            start_resp("shardd-resp", "workers", direct="shardd-resp-gw" in systems)
         if "shardd-resp-router" in systems:
-            router_port = free_port()
-            print(f"compare: resp: starting shardd (resp_front = router) on port {router_port}", file=sys.stderr)
-            routed, shards = start_shardd(tmp, args.shards, name="shardd-resp-router",
-                                          settings={"resp_bind": f"tcp://127.0.0.1:{router_port}",
-                                                    "resp_front": "router"})
-            servers["shardd-resp-router"] = routed
-            wait_resp(routed, router_port)
-            ports["shardd-resp-router"] = router_port
-            procs_of["shardd-resp-router"] = routed.processes
+            start_resp("shardd-resp-router", "router")
         if "shardd-resp" in servers:
             daemon = servers["shardd-resp"]
             if "shardd-resp-gw" in systems:

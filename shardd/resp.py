@@ -231,6 +231,14 @@ _ESCAPES = {ord("n"): b"\n", ord("r"): b"\r", ord("t"): b"\t", ord("b"): b"\b", 
 _HEX = re.compile(rb"[0-9a-fA-F]{2}")
 
 
+def _after_closing_quote(line: bytes, i: int) -> int:
+    """Where the next word may start after the closing quote at ``i``: a space must follow it
+    (sdssplitargs), or the line must end there."""
+    if i + 1 < len(line) and line[i + 1] not in b" \t\n\r\v\f":
+        raise ProtocolError("Protocol error: unbalanced quotes in request")
+    return i + 1
+
+
 def split_inline(line: bytes) -> list[bytes]:
     """An inline command's arguments, split as Redis's sdssplitargs does (quotes, escapes)."""
     args: list[bytes] = []
@@ -256,10 +264,7 @@ def split_inline(line: bytes) -> list[bytes]:
                     i += 1
                     current += _ESCAPES.get(line[i], bytes([line[i]]))
                 elif c == 34:
-                    if i + 1 < n and line[i + 1] not in b" \t\n\r\v\f":
-                        raise ProtocolError("Protocol error: unbalanced quotes in request")
-                    quote = 0
-                    i += 1
+                    i = _after_closing_quote(line, i)
                     break
                 else:
                     current.append(c)
@@ -268,10 +273,7 @@ def split_inline(line: bytes) -> list[bytes]:
                     i += 1
                     current.append(39)
                 elif c == 39:
-                    if i + 1 < n and line[i + 1] not in b" \t\n\r\v\f":
-                        raise ProtocolError("Protocol error: unbalanced quotes in request")
-                    quote = 0
-                    i += 1
+                    i = _after_closing_quote(line, i)
                     break
                 else:
                     current.append(c)
