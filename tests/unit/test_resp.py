@@ -23,6 +23,7 @@ from shardd.resp import (
     ProtocolError,
     Reply,
     RequestParser,
+    _unusual,
     encode,
     parse,
     split_inline,
@@ -310,7 +311,7 @@ def test_fast_path_never_accepts_what_the_exact_parser_would_not(pipeline: list[
     data = _mutate(rng, b"".join(multibulk(*c) for c in pipeline))
     if not data:
         return
-    if data[0] == 42 and data.endswith(b"\r\n"):
+    if data[0] == 42 and data.endswith(b"\r\n") and not _unusual(data):  # the fast path as feed takes it
         fast = RequestParser(MAX_BULK)._fast(data)
         if fast is not None:
             commands, pos, error, _ = parse(data, MAX_BULK, 1 << 20)
