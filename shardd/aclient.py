@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from typing import Any
 
 from shardd import protocol
@@ -54,7 +55,8 @@ from shardd.client_common import (
     timeout_error,
 )
 from shardd.commands import Convert, to_dict
-from shardd.errors import ConnectionClosed, ProtocolError, Timeout
+from shardd.errors import ConnectionClosed, ProtocolError, SharddError, Timeout
+from shardd.near_cache import MISS
 from shardd.placement import REDIRECTS, ROUTER, Placement, Plan
 from shardd.protocol import Reply, encode_request
 from shardd.transport_client import AsyncDealer
@@ -62,6 +64,7 @@ from shardd.transport_client import AsyncDealer
 __all__ = ["AsyncClient", "AsyncPipeline"]
 
 _getpid = os.getpid
+_Get = protocol.Get
 
 
 class AsyncClient(ClientBase):
@@ -166,6 +169,14 @@ class AsyncClient(ClientBase):
     # --- one call ------------------------------------------------------------------------
 
     async def _call(self, op: protocol.Op, convert: Convert) -> Any:
+        near = self._near
+        if near is not None:
+            if type(op) is _Get:
+                return await self._near_get(op.key, convert)
+            near.wrote(op)  # read-your-writes (near_cache, Rule 4)
+        return result(await self._reply(op), convert)
+
+    async def _reply(self, op: protocol.Op) -> Reply:
         link = self._live()
         placement = self.placement
         if placement is not None:
@@ -173,8 +184,38 @@ class AsyncClient(ClientBase):
             if shard != ROUTER:
                 reply = await self._direct(placement, shard, op)
                 if reply is not None:
-                    return result(reply, convert)
-        return result(await self._exchange(link, op, self.endpoint), convert)
+                    return reply
+        return await self._exchange(link, op, self.endpoint)
+
+    async def _near_get(self, key: bytes, convert: Convert) -> Any:
+        """A GET through the near cache (shardd.near_cache): a kept copy, or near_get and maybe keep it."""
+        now = time.monotonic()
+        if self._feed is not None:
+            value = self._near_lookup(key, now)
+            if value is not MISS:
+                return convert(value)
+        elif self._near_due(now):  # a hot key was seen: learn where the feeds are (once; retried 1/s)
+            await self._follow_feeds(now)
+        near = self._near
+        assert near is not None
+        writes = near.writes  # a write of ours sent while this read is out: not kept (near_cache, Rule 1)
+        reply = await self._reply(near.request(key))
+        if reply.status == protocol.BAD_REQUEST:  # a daemon without near_get: plain GETs from now on
+            self._near_off()
+            return result(await self._reply(_Get(key)), convert)
+        return convert(self._near_admit(key, reply, now, writes))
+
+    async def _follow_feeds(self, now: float) -> None:
+        """Learn (again) where the workers' invalidation feeds are; a failure is retried a second later."""
+        self._near_retry_at = now + 1.0
+        try:
+            if self.placement is not None:
+                await self._refresh_topology()  # learns the feeds too (ClientBase._learn)
+            else:
+                self._near_learn(result(await self._exchange(self._live(), protocol.Topology(), self.endpoint),
+                                        to_dict))
+        except SharddError:
+            pass  # reads go to the daemon meanwhile
 
     async def _exchange(self, link: AsyncDealer, op: protocol.Op, where: str | int,
                         send_within: float | None = None) -> Reply:
@@ -258,6 +299,10 @@ class AsyncClient(ClientBase):
         link = self._live()
         if not calls:
             return []
+        near = self._near
+        if near is not None:
+            for op, _ in calls:
+                near.wrote(op)
         loop = self._loop
         assert loop is not None
         deadline = loop.time() + self.timeout

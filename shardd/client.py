@@ -59,7 +59,8 @@ from shardd.client_common import (
     timeout_error,
 )
 from shardd.commands import Convert, to_dict
-from shardd.errors import Timeout
+from shardd.errors import SharddError, Timeout
+from shardd.near_cache import MISS
 from shardd.placement import REDIRECTS, ROUTER, Placement, Plan
 from shardd.protocol import Reply, encode_request
 from shardd.transport_client import Dealer
@@ -67,6 +68,7 @@ from shardd.transport_client import Dealer
 __all__ = ["DEFAULT_ENDPOINT", "DEFAULT_TIMEOUT", "Client", "Pipeline"]
 
 _monotonic = time.monotonic
+_Get = protocol.Get
 _getpid = os.getpid
 
 
@@ -105,6 +107,14 @@ class Client(ClientBase):
         return link
 
     def _call(self, op: protocol.Op, convert: Convert) -> Any:
+        near = self._near
+        if near is not None:
+            if type(op) is _Get:
+                return self._near_get(op.key, convert)
+            near.wrote(op)  # read-your-writes (near_cache, Rule 4)
+        return result(self._reply(op), convert)
+
+    def _reply(self, op: protocol.Op) -> Reply:
         link = self._live()
         placement = self.placement
         if placement is not None:
@@ -112,8 +122,37 @@ class Client(ClientBase):
             if shard != ROUTER:
                 reply = self._direct(placement, shard, op)
                 if reply is not None:
-                    return result(reply, convert)
-        return result(self._exchange(link, op, self.endpoint), convert)
+                    return reply
+        return self._exchange(link, op, self.endpoint)
+
+    def _near_get(self, key: bytes, convert: Convert) -> Any:
+        """A GET through the near cache (shardd.near_cache): a kept copy, or near_get and maybe keep it."""
+        now = _monotonic()
+        if self._feed is not None:
+            value = self._near_lookup(key, now)
+            if value is not MISS:
+                return convert(value)
+        elif self._near_due(now):  # a hot key was seen: learn where the feeds are (once; retried 1/s)
+            self._follow_feeds(now)
+        near = self._near
+        assert near is not None
+        writes = near.writes
+        reply = self._reply(near.request(key))
+        if reply.status == protocol.BAD_REQUEST:  # a daemon without near_get: plain GETs from now on
+            self._near_off()
+            return result(self._reply(_Get(key)), convert)
+        return convert(self._near_admit(key, reply, now, writes))
+
+    def _follow_feeds(self, now: float) -> None:
+        """Learn (again) where the workers' invalidation feeds are; a failure is retried a second later."""
+        self._near_retry_at = now + 1.0
+        try:
+            if self.placement is not None:
+                self._refresh_topology()  # learns the feeds too (ClientBase._learn)
+            else:
+                self._near_learn(result(self._exchange(self._live(), protocol.Topology(), self.endpoint), to_dict))
+        except SharddError:
+            pass  # reads go to the daemon meanwhile
 
     def _exchange(self, link: Dealer, op: protocol.Op, where: str | int, send_within: float | None = None) -> Reply:
         """Send ``op`` on ``link`` and return its Reply; raises Timeout (Rule 2). With ``send_within``
@@ -196,6 +235,10 @@ class Client(ClientBase):
         link = self._live()
         if not calls:
             return []
+        near = self._near
+        if near is not None:
+            for op, _ in calls:
+                near.wrote(op)
         deadline = _monotonic() + self.timeout
         waiting: dict[int, int] = {}  # request id -> index in calls
         for index, (op, _) in enumerate(calls):

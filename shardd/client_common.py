@@ -38,8 +38,10 @@ from shardd.errors import (
     Timeout,
     error_for_status,
 )
+from shardd.near_cache import NearCache
 from shardd.placement import REFRESH, Placement
 from shardd.serde import Serde
+from shardd.transport_client import Subscriber
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:7400"
 DEFAULT_TIMEOUT = 1.0  # seconds; a local round trip is ~0.2 ms, so this only trips on trouble
@@ -143,6 +145,9 @@ class ClientBase(Commands):
     ``serde``: converts values to and from bytes (:mod:`shardd.serde`; default: values are bytes).
     ``placement``: the direct-mode policy (:mod:`shardd.placement`); ``direct=True`` is
     ``placement=Placement()``. Subclasses name their connection class as ``_dealer``.
+    ``near_cache``: keep the daemon's hot keys in this client (:mod:`shardd.near_cache`,
+    docs/near-cache.md): True (default) with the default bounds, a NearCache to choose them,
+    False for none (every read then goes to the daemon: per-key linearizable reads).
     """
 
     _dealer: ClassVar[Callable[..., Any]]
@@ -162,6 +167,7 @@ class ClientBase(Commands):
         *,
         serde: Serde | None = None,
         placement: Placement | None = None,
+        near_cache: bool | NearCache = True,
     ) -> None:
         self.endpoint = check_endpoint(endpoint)
         self.timeout = check_timeout(timeout)
@@ -178,6 +184,13 @@ class ClientBase(Commands):
         self._last_id = 0
         self._workers: list[Any] = []          # a connection per shard id, as placement.endpoints
         self._worker_links: dict[str, Any] = {}  # endpoint → connection, kept across epochs
+        if near_cache is True:
+            near_cache = NearCache()
+        elif near_cache is not False and not isinstance(near_cache, NearCache):
+            raise TypeError(f"near_cache must be a bool or a NearCache, not {type(near_cache).__name__}")
+        self._near: NearCache | None = None if near_cache is False else near_cache
+        self._feed: Subscriber | None = None  # followed once the daemon has said where its feeds are
+        self._near_retry_at = 0.0  # when to ask for the feeds (again): the first read, then at most 1/s
 
     def __repr__(self) -> str:
         state = "closed" if self._link is None else "open"
@@ -218,6 +231,7 @@ class ClientBase(Commands):
         placement = self.placement
         assert placement is not None
         placement.learn(topology)
+        self._near_learn(topology)
         links = self._worker_links
         workers: list[Any] = []
         for endpoint in placement.endpoints:
@@ -227,12 +241,77 @@ class ClientBase(Commands):
             workers.append(link)
         self._workers = workers
 
+    # --- the near cache's bookkeeping around a read (the reads themselves are each client's) ---
+
+    def near_cache_stats(self) -> dict[str, Any] | None:
+        """The near cache's counters (hits, misses, entries, invalidations, ...), or None if it is off."""
+        near = self._near
+        if near is None:
+            return None
+        return {**near.stats(), "following": self._feed is not None}
+
+    def _near_due(self, now: float) -> bool:
+        """Whether to (re)read where the feeds are: a reply named a hot key from a feed this client
+        does not follow (none yet, or a restarted worker's), and the last try was over a second ago."""
+        near = self._near
+        return near is not None and near.unfollowed and now >= self._near_retry_at
+
+    def _near_learn(self, topology: dict[str, Any]) -> None:
+        """Follow the feeds a topology names; a daemon that names none (older, or near_cache off):
+        no near cache for this client."""
+        near = self._near
+        if near is None:
+            return
+        endpoints = topology.get("invalidations")
+        if not isinstance(endpoints, list):
+            self._near_off()
+            return
+        if self._feed is None:
+            self._feed = Subscriber(self._curve, self._context)
+        self._feed.follow({e for e in endpoints if isinstance(e, str) and e})
+        near.unfollowed = False
+
+    def _near_off(self) -> None:
+        """No near cache for this client from now on (the daemon has none)."""
+        self._near = None
+        if self._feed is not None:
+            self._feed.close()
+            self._feed = None
+
+    def _near_lookup(self, key: bytes, now: float) -> Any:
+        """A copy to serve, or MISS; the feed is drained first (near_cache, Rule 3)."""
+        feed = self._feed
+        near = self._near
+        assert feed is not None and near is not None
+        if feed.pending():
+            self._drain(feed, near, now)
+        return near.lookup(key, now)
+
+    def _near_admit(self, key: bytes, reply: protocol.Reply, sent_at: float, writes_then: int) -> Any:
+        """The value of a near_get reply, kept if near_cache's Rule 1 allows; an error status raises."""
+        if reply.status != protocol.OK:
+            raise server_error(reply)
+        feed, near = self._feed, self._near
+        assert near is not None
+        if feed is not None and feed.pending():
+            self._drain(feed, near, sent_at)
+        return near.admit(key, reply.value, sent_at, writes_then)  # no feed followed yet: refused, unfollowed
+
+    @staticmethod
+    def _drain(feed: Subscriber, near: NearCache, now: float) -> None:
+        take, on_message = feed.take, near.on_message
+        while (frame := take()) is not None:
+            on_message(frame, now)
+
     def _close_links(self, link: Any) -> None:
         """Close ``link`` and every worker connection, unless inherited through fork (the parent's)."""
         if self._pid == os.getpid():
             link.close()
             for worker in self._worker_links.values():
                 worker.close()
+            if self._feed is not None:
+                self._feed.close()
+        self._feed = None
         self._worker_links.clear()
         self._workers = []
 

@@ -84,6 +84,12 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     resp_admin_password: str = ""   # the "admin" user's; when set, FLUSHALL/FLUSHDB need it
     resp_max_clients: int = 10000   # Redis maxclients (per process serving the endpoint)
     resp_front: RespFront = "router"  # who serves RESP connections: the router's loop, or every worker
+    # Near caches (docs/near-cache.md): each worker marks its hot keys and publishes their invalidations.
+    near_cache: bool = True
+    hot_key_share: float = 0.01     # marked hot at >= this share of its shard's served ops (unmarked below half)
+    hot_key_min_rate: float = 200.0  # ...and at >= this many reads per second (an idle shard marks nothing)
+    hot_keys_max: int = 64          # at most this many keys marked per shard; 0: none
+    near_cache_lease_ms: int = 1000  # a client keeps a hot value at most this long without hearing from the shard
 
     def __post_init__(self) -> None:
         if not _ENDPOINT_RE.match(self.bind):
@@ -130,6 +136,10 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
              "a fraction in [0, 1): a compressed value is kept only if it saves at least this much"),
             ("hotkeys_capacity", 0 <= self.hotkeys_capacity <= 100_000, "between 0 (off) and 100000"),
             ("resp_max_clients", 1 <= self.resp_max_clients <= 1_000_000, "between 1 and 1000000"),
+            ("hot_key_share", 0.0 < self.hot_key_share <= 1.0, "a fraction in (0, 1]"),
+            ("hot_key_min_rate", 0.0 <= self.hot_key_min_rate <= 1e9, "between 0 and 1e9 reads per second"),
+            ("hot_keys_max", 0 <= self.hot_keys_max <= 10_000, "between 0 (none) and 10000"),
+            ("near_cache_lease_ms", 1 <= self.near_cache_lease_ms <= 60_000, "between 1 and 60000"),
             ("metrics_bind", self.metrics_bind == "" or _HOST_PORT_RE.match(self.metrics_bind) is not None,
              '"" (off) or HOST:PORT, e.g. "127.0.0.1:9400"'),
         ]
@@ -243,6 +253,11 @@ SETTINGS: dict[str, Setting] = {
     "resp_admin_password": Setting(RESTART),
     "resp_max_clients": Setting(RESTART),
     "resp_front": Setting(RESTART),
+    "near_cache": Setting(RESTART),  # the invalidation feed's socket is bound at start
+    "hot_key_share": Setting(frozenset({WORKER})),
+    "hot_key_min_rate": Setting(frozenset({WORKER})),
+    "hot_keys_max": Setting(frozenset({WORKER})),
+    "near_cache_lease_ms": Setting(frozenset({WORKER})),
     "mailbox_limit": Setting(frozenset({ROUTER, WORKER})),  # workers: direct clients' bound
     "max_memory": Setting(frozenset({WORKER})),
     "eviction_policy": Setting(frozenset({WORKER})),

@@ -57,6 +57,15 @@ class SpaceSaving:
         if floor:
             self.errors[key] = floor
 
+    def credit(self, key: bytes, n: int) -> None:
+        """Count ``n`` accesses of ``key`` at once (reads a client answered from its near cache)."""
+        count = self.counts.get(key)
+        if count is None:
+            self.add(key)  # admitted as Space-Saving admits a new key (may prune)
+            n -= 1
+            count = self.counts[key]
+        self.counts[key] = count + n
+
     def resize(self, capacity: int) -> None:
         """Keep ``capacity`` counters from now on; a table past ``2 * capacity`` is pruned now (Rule 3)."""
         if capacity < 1:
@@ -107,6 +116,7 @@ class HotKeys:
         self.previous: SpaceSaving | None = None
         self.started = now
         self.add = self.current.add
+        self.credit = self.current.credit
 
     def rotate(self, now: float) -> None:
         """Start a new window if the current one is over (call it from a timer).

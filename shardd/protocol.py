@@ -246,6 +246,22 @@ class Strlen(_Op, tag="strlen"):
     key: bytes
 
 
+class NearGet(_Op, tag="near_get"):
+    """A GET from a client with a near cache (docs/near-cache.md). The reply's value is
+    ``[value, lease_ms, shard, incarnation, seq]``: ``lease_ms`` > 0 says the key is hot and the
+    client may keep the value that long unless an invalidation from ``shard`` (publisher
+    ``incarnation``) with a sequence number above ``seq`` names it first; 0: do not keep it.
+    ``hits``: how many reads of ``key`` the client answered from its copy since it last asked,
+    so the shard counts the key's real demand (a cached hot key must not look cold)."""
+
+    key: bytes
+    hits: int | None = 0  # nil on the wire: 0
+
+    def __post_init__(self) -> None:
+        if self.hits is None:
+            _force_setattr(self, "hits", 0)
+
+
 # --- multi-key ops (split per shard by the router) --------------------------------
 
 
@@ -550,7 +566,7 @@ Op = (
     | Drain | Snapshot | Hotkeys | Tune | Topology | Resize | ResizeStart | Migrate | MigrateOut | MigrateIn
     | MigrateDone | SetTopology | SetMaintenance | Describe | ClusterSet | SlotFreeze | SlotGive | SlotTake | SlotDrop
     | SlotPut | SlotImport | Leave | SlotCopy | ReplPull | ReplRead | ReplApply | SlotStates | SetGet | ExpireIf
-    | GetEx | Strlen | SetManyNx | Scan
+    | GetEx | Strlen | SetManyNx | Scan | NearGet
 )
 
 
@@ -633,6 +649,7 @@ OPS: dict[type, OpSpec] = {
     # getex without ttl_ms or persist is a GET with another name.
     GetEx: OpSpec(KEYED, write=True, direct=True, resize=MOVES, query=lambda op: op.ttl_ms is None and not op.persist),
     Strlen: _READ,
+    NearGet: _READ,
     GetMany: OpSpec(MULTI, direct=True, resize=SPLIT),
     SetMany: OpSpec(MULTI, write=True, direct=True, resize=SPLIT),
     DeleteMany: OpSpec(MULTI, write=True, direct=True, resize=SPLIT),
@@ -750,6 +767,24 @@ class BatchReply(msgspec.Struct, array_like=True, frozen=True):
     replies: list[msgspec.Raw]
 
 
+class Invalidation(msgspec.Struct, array_like=True, frozen=True):
+    """Worker → near-cache clients, on its invalidation feed (docs/near-cache.md):
+    ``[shard, incarnation, seq, kind, keys]``. ``seq`` counts KEYS and RESET messages of this
+    publisher (incarnation: one per worker process); HEARTBEAT repeats the last one, so a client
+    that sees a number jump knows it missed something."""
+
+    shard: int
+    incarnation: int
+    seq: int
+    kind: int
+    keys: list[bytes] = []
+
+
+INVALIDATE_KEYS = 0   # drop these keys
+INVALIDATE_ALL = 1    # drop every key of this shard (flush, resize, feature off)
+HEARTBEAT = 2         # nothing changed; sent periodically and to every new subscriber
+
+
 # Encoders and decoders are reused: building them is the expensive part.
 _encoder = msgspec.msgpack.Encoder()
 encode = _encoder.encode
@@ -758,6 +793,8 @@ _reply_decoder = msgspec.msgpack.Decoder(Reply)
 _batch_decoder = msgspec.msgpack.Decoder(Batch)
 _batch_reply_decoder = msgspec.msgpack.Decoder(BatchReply)
 _loose_decoder = msgspec.msgpack.Decoder()
+_invalidation_decoder = msgspec.msgpack.Decoder(Invalidation)
+decode_invalidation = _invalidation_decoder.decode
 
 _U64 = (1 << 64) - 1
 
@@ -869,6 +906,8 @@ def check_op(op: Op, limits: Limits) -> tuple[int, str] | None:
         return BAD_REQUEST, f"version must be an unsigned 64-bit integer, got {op.version}"
     elif cls is DebugSleep and not 0 <= op.ms <= 60_000:
         return BAD_REQUEST, f"debug_sleep ms must be in [0, 60000], got {op.ms}"
+    elif cls is NearGet and not 0 <= op.hits <= _U64:
+        return BAD_REQUEST, f"near_get hits must be an unsigned 64-bit integer, got {op.hits}"
     elif cls is Hotkeys and not 1 <= op.top <= 10_000:
         return BAD_REQUEST, f"hotkeys top must be in [1, 10000], got {op.top}"
     elif (cls is Resize or cls is ResizeStart or cls is SetTopology) and not 1 <= op.shards <= MAX_SHARDS:

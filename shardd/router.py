@@ -564,6 +564,8 @@ class Router:
             # replication stream (the router notes written keys), so no direct mode then.
             "endpoints": [None if self.cluster is not None and self.cluster.replicated else link.direct
                           for link in self.links],
+            # Each worker's invalidation feed (docs/near-cache.md); None where it has none (yet).
+            "invalidations": [link.invalidations for link in self.links],
             **(mig.topology_fields() if mig is not None else {"resizing": None, "pending_resize": None}),
             **({"cluster": self.cluster.describe()} if self.cluster is not None else {}),
         }
@@ -613,7 +615,8 @@ class Router:
     def _on_step(self, step: MigrationStep, status: int, value: Any) -> None:
         if step.kind is StepKind.DESCRIBE:
             if status == p.OK and step.shard < len(self.links):
-                self.links[step.shard].direct = value.get("direct")
+                link = self.links[step.shard]
+                link.direct, link.invalidations = value.get("direct"), value.get("invalidations")
         elif step.kind is StepKind.NOTICE:
             if status != p.OK:
                 log.error("shard %d did not take a notice: status %d: %s", step.shard, status, value)

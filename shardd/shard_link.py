@@ -29,8 +29,21 @@ Batch = tuple[list[Any], list[bytes]]
 class ShardLink:
     """One shard's channel, mailbox and sequence accounting (Rules 1-3)."""
 
-    __slots__ = ("busy", "channel", "direct", "high", "inflight", "moved_until", "next_seq", "out_frames",
-                 "out_targets", "pending", "shard", "up")
+    __slots__ = (
+        "busy",
+        "channel",
+        "direct",
+        "high",
+        "inflight",
+        "invalidations",
+        "moved_until",
+        "next_seq",
+        "out_frames",
+        "out_targets",
+        "pending",
+        "shard",
+        "up",
+    )
 
     def __init__(self, shard: int, channel: Any) -> None:
         self.shard = shard
@@ -46,6 +59,7 @@ class ShardLink:
         # Replies to batches with a seq below this may carry MOVED (a resize is or was running).
         self.moved_until: float = 0
         self.direct: str | None = None  # the worker's own endpoint, for direct-mode clients
+        self.invalidations: str | None = None  # its invalidation feed, for near-cache clients (hot_marks)
 
     def refusal(self, limit: int, heavy: bool) -> tuple[int, str] | None:
         """Why an op may not be queued now (UNAVAILABLE, BUSY), or None. ``heavy``: the sender is
@@ -91,7 +105,7 @@ class ShardLink:
     def go_down(self) -> list[Batch]:
         """The worker disconnected: forget its endpoint and hand back every pending batch."""
         self.up = False
-        self.direct = None
+        self.direct = self.invalidations = None
         failed = list(self.pending.values())
         self.pending = {}
         for targets, _ in failed:

@@ -259,6 +259,9 @@ class Store:
         self.expired = 0
         self.evictions: dict[str, int] = {}
         self.oom_rejected = 0
+        # Called with each key removed without an op naming it (active expiry, eviction), before it
+        # goes: the worker tells near-cache clients that hold it (shardd.hot_marks, Rule 2).
+        self.vanishing: Callable[[bytes], None] | None = None
         self.max_bytes = 0
         self.policy = "allkeys-lru"
         self._limit = sys.maxsize
@@ -969,7 +972,7 @@ class Store:
     def _reclaim_if_expired(self, hd: int, now: int) -> bool:
         if self._expires(hd) > now:
             return False
-        self._remove_handle(hd)
+        self._vanish(hd)
         self.expired += 1
         return True
 
@@ -1471,8 +1474,12 @@ class Store:
         self._head, self._head_pos, self._written, self._garbage = -1, 0, 0, 0
         self._victim, self._victim_pos = -1, 0
 
-    def _remove_handle(self, hd: int) -> None:
-        self._delete_at(self._slot_of(self._key_at(hd), hd), hd)
+    def _vanish(self, hd: int) -> None:
+        """Remove an entry no op named (expiry, eviction), telling ``vanishing`` first."""
+        key = self._key_at(hd)
+        if self.vanishing is not None:
+            self.vanishing(key)
+        self._delete_at(self._slot_of(key, hd), hd)
 
     def _untrack(self, position: int) -> None:
         """Swap-remove position ``position`` of the TTL array (Rule 2)."""
@@ -1609,7 +1616,7 @@ class Store:
                 continue
             expires = self._expires(hd)
             if expires and expires <= now:
-                self._remove_handle(hd)
+                self._vanish(hd)
                 self.expired += 1
                 return True
             found += 1
@@ -1625,7 +1632,7 @@ class Store:
                     break
             else:
                 return False
-        self._remove_handle(best_hd)
+        self._vanish(best_hd)
         self.evictions[policy] = self.evictions.get(policy, 0) + 1
         return True
 
@@ -1644,7 +1651,7 @@ class Store:
                 break
             hd = handles[randrange(len(handles))]
             if self._expires(hd) <= now and self._key_at(hd) not in keep:
-                self._remove_handle(hd)
+                self._vanish(hd)
                 self.expired += 1
                 removed += 1
         return removed

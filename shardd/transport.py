@@ -2,7 +2,7 @@
 
 Owns socket options (each with its reason), framing, monitor events, reconnects, CURVE/ZAP and
 what a failed send means. The router and the worker see only the server-side channels at the
-bottom of this file (``Hub``, ``ClientInbox``, ``ShardChannel``); they never see a socket,
+bottom of this file (``Hub``, ``ClientInbox``, ``ShardChannel``, ``Publisher``); they never see a socket,
 a flag or a zmq exception.
 
 Frames are sent and received one at a time with plain-int flags: on this machine
@@ -368,6 +368,34 @@ class ShardChannel:
             close_shard_dealer(self._sock, self._monitor)
 
 
+class Publisher:
+    """A worker's invalidation feed for near-cache clients (shardd.hot_marks): an XPUB on a free
+    tcp port (``.endpoint``). XPUB rather than PUB so the worker hears each new subscription and
+    can greet it at once with the feed's current sequence number (``on_subscribe``)."""
+
+    # Per subscriber: far more than a client falls behind between two calls. Past it ZeroMQ drops
+    # messages for that subscriber, which then sees the sequence number jump and drops its copies.
+    HWM = 100_000
+
+    def __init__(self, sock: zmq.Socket, endpoint: str) -> None:
+        self._sock = sock
+        self.endpoint = endpoint
+
+    def send(self, frame: bytes) -> None:
+        with contextlib.suppress(zmq.Again):  # an XPUB drops rather than blocks; never block the shard anyway
+            self._sock.send(frame, NOBLOCK)
+
+    def subscriptions(self) -> int:
+        """Read the (un)subscription messages waiting; how many were subscriptions."""
+        sock, joined = self._sock, 0
+        while True:
+            try:
+                message = sock.recv(NOBLOCK)
+            except zmq.Again:
+                return joined
+            joined += message[:1] == b"\x01"
+
+
 class Hub:
     """One process's server-side transport: its Context, its CURVE authenticator (Rule 4) and
     the poll set of every inbox, channel and fd it waits on. Create it after the process has
@@ -418,6 +446,20 @@ class Hub:
             raise BindError(f"cannot bind tcp://{host}: {exc}") from None
         return ClientInbox(sock, admin_ids, f"tcp://{host}:{port}")
 
+    def publisher(self, host: str) -> Publisher:
+        """A worker's invalidation feed on a free tcp port of ``host`` (CURVE when auth is on)."""
+        sock = self._ctx.socket(zmq.XPUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, Publisher.HWM)
+        sock.setsockopt(zmq.XPUB_VERBOSE, 1)  # every subscription, not only a topic's first
+        self._secure(sock)
+        try:
+            port = sock.bind_to_random_port(f"tcp://{host}")
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise BindError(f"cannot bind tcp://{host}: {exc}") from None
+        return Publisher(sock, f"tcp://{host}:{port}")
+
     def worker_inbox(self, endpoint: str) -> ClientInbox:
         """A worker's inbox for the router's batches, on its ipc endpoint in the runtime directory."""
         try:
@@ -436,7 +478,7 @@ class Hub:
         self._poller.register(handle, POLLIN)
         self._handlers[handle] = handler
 
-    def watch(self, source: ClientInbox | ShardChannel, on_readable: Callable[[], None],
+    def watch(self, source: ClientInbox | ShardChannel | Publisher, on_readable: Callable[[], None],
               on_event: Callable[[str | None], None] | None = None) -> None:
         """Call ``on_readable`` when ``source`` has input, ``on_event`` with a channel's up/down news."""
         self._watch(source._sock, on_readable)

@@ -38,6 +38,7 @@ from shardd.codec import codec_for
 from shardd.config import RESTART_KEYS, Config, allowed_cpus, build_config
 from shardd.errors import BadRequest, ConfigError, ExitCode, InternalError, ServerError
 from shardd.hashing import shard_for, shards_for
+from shardd.hot_marks import HotMarks
 from shardd.hotkeys import HotKeys
 from shardd.keyscan import KeyScans
 from shardd.logs import setup_logging
@@ -63,6 +64,13 @@ _MOVES = p.ops_where(resize=p.MOVES)  # mid-resize, a key this shard does not ho
 _DIRECT = p.ops_where(direct=True)  # what a worker's own endpoint accepts
 _CONFIG_KEYS = frozenset(Config.__struct_fields__)
 _MULTI_KEYS = frozenset((p.GetMany, p.DeleteMany))
+# What may change a key a near-cache client holds (hot_marks, Rule 2): every keyed write (those
+# that only ask, like touch without a TTL, too: an extra invalidation costs a miss, never a stale read).
+_KEYED_WRITES = p.ops_where(kind=p.KEYED, write=True)
+_MULTI_WRITES = frozenset((p.SetMany, p.DeleteMany, p.SetManyNx))
+# How often hot keys are re-marked, and the feed's heartbeat (hot_marks, Rule 4).
+MARK_EVERY_S = 1.0
+HEARTBEAT_S = 0.1
 
 
 def monotonic_ms() -> int:
@@ -118,6 +126,7 @@ class Shard:
         self.mailbox_limit = config.mailbox_limit
         self.busy = 0  # direct requests answered BUSY
         self.direct_endpoint: str | None = None  # set once the direct socket is bound
+        self.feed_endpoint: str | None = None    # the invalidation feed's, once bound (hot_marks)
         self.resp: Any = None  # this worker's RESP endpoint (resp_worker), with resp_front = "workers"
         self._to_scan: list[bytes] = []
         self._scan_at = 0
@@ -136,6 +145,13 @@ class Shard:
         self._track: Callable[[bytes], None] | None = None  # self.hot.add, bound once (hotkeys Rule 4)
         self.scans = KeyScans(store.keys, store.exists, clock)  # the scan op's snapshots (keyscan)
         self._set_hotkeys_capacity(config.hotkeys_capacity)
+        # Near caches (hot_marks): not in cluster mode, where slots move between nodes under the keys.
+        self.near: HotMarks | None = None
+        if config.near_cache and not config.clustered:
+            self.near = HotMarks(shard_id, config.hot_key_share, config.hot_key_min_rate, config.hot_keys_max,
+                                 config.near_cache_lease_ms)
+            store.vanishing = self.near.touched
+        self._next_marking = self._started + MARK_EVERY_S
         s = store
         # type(op) → function(op) → reply value. Built once: the dispatch is a dict lookup. Every
         # keyed, multi-key, fan-out and internal op of the op table (protocol.OPS) is here, and of
@@ -158,12 +174,13 @@ class Shard:
             p.ExpireIf: lambda op: s.expire_if(op.key, op.ttl_ms, op.when),
             p.GetEx: lambda op: s.getex(op.key, op.ttl_ms, op.persist),
             p.Strlen: lambda op: s.strlen(op.key),
+            p.NearGet: self.near_get,
             p.SetManyNx: lambda op: s.set_many_nx(op.items, op.ttl_ms),  # the router sent it whole: one shard
             p.Scan: lambda op: self.scans.scan(op.cursor, op.count, op.match),
             p.GetMany: lambda op: s.get_many(op.keys),
             p.SetMany: lambda op: s.set_many(op.items, op.ttl_ms),
             p.DeleteMany: lambda op: s.delete_many(op.keys),
-            p.Flush: lambda op: s.flush(),
+            p.Flush: self.flush,
             p.Ping: lambda op: 1,  # the number of shards that answered, as through the router: this one
             p.Health: lambda op: 1,  # the router fans health out as ping; the same answer if it is not
             p.Stats: lambda op: self.stats(),
@@ -177,7 +194,8 @@ class Shard:
             p.MigrateDone: self.migrate_done,
             p.SetMaintenance: self.set_maintenance,
             p.SetTopology: self.set_topology,
-            p.Describe: lambda op: {"shard": self.shard_id, "pid": os.getpid(), "direct": self.direct_endpoint},
+            p.Describe: lambda op: {"shard": self.shard_id, "pid": os.getpid(), "direct": self.direct_endpoint,
+                                   "invalidations": self.feed_endpoint},
             p.SlotTake: self.slot_take,
             p.SlotDrop: self.slot_drop,
             p.SlotPut: self.slot_put,
@@ -216,6 +234,12 @@ class Shard:
                 deque(map(track, op.keys), 0)  # no Python loop per key
             elif cls is p.SetMany or cls is p.SetManyNx:
                 deque(map(track, next(zip(*op.items, strict=True), ())), 0)
+        near = self.near
+        if near is not None and near.marked:  # a near-cache client may hold this key (hot_marks, Rule 2)
+            if cls in _KEYED_WRITES:
+                near.touched(op.key)
+            elif cls in _MULTI_WRITES:
+                deque(map(near.touched, op.keys if cls is p.DeleteMany else next(zip(*op.items, strict=True), ())), 0)
         if self.new_shards is not None and cls in _MOVES:
             key = op.key
             if shard_for(key, self.new_shards) != self.shard_id and not self.store.exists(key):
@@ -256,8 +280,11 @@ class Shard:
         return p.encode_batch_reply(batch.seq, replies)
 
     def tick(self) -> None:
-        """Timer work between batches: start a new rate window when the current one is over."""
+        """Timer work between batches: start a new rate window when the current one is over, re-mark hot keys."""
         now = self._clock()
+        if now >= self._next_marking:
+            self._next_marking = now + MARK_EVERY_S
+            self.mark_hot(now)
         if now - self._window_started >= WINDOW_S:
             self._last = (self._window_started, self._window_ops, self._window_service)
             self._window_started, self._window_ops, self._window_service = now, self.ops, list(self.service)
@@ -331,6 +358,8 @@ class Shard:
 
     def migrate(self, op: p.Migrate) -> int:
         """Enter migrating mode; returns the number of keys to scan."""
+        if self.near is not None:
+            self.near.reset()  # keys are about to move: clients drop this shard's copies (hot_marks, Rule 3)
         self.shards, self.new_shards, self.epoch = op.shards, op.new_shards, op.epoch
         self._awaiting = set(range(op.shards)) - {self.shard_id}
         self._to_scan = self.store.keys()  # keys made later are never created here (MOVED)
@@ -465,6 +494,38 @@ class Shard:
         max_bytes = None if max_memory is None else max_memory // max(1, self.shards)
         return self.store.configure(max_bytes, policy)
 
+    def flush(self, op: p.Flush) -> int:
+        if self.near is not None:
+            self.near.reset()
+        return self.store.flush()
+
+    def near_get(self, op: p.NearGet) -> tuple[bytes | None, int, int, int, int]:
+        """A GET that says whether the client may keep the value (protocol.NearGet, hot_marks)."""
+        key = op.key
+        if op.hits and self.hot is not None:
+            self.hot.credit(key, op.hits)
+        value = self.store.get(key)
+        near = self.near
+        if near is None:
+            return value, 0, self.shard_id, 0, 0
+        lease = 0
+        if value is not None and key in near.marked and self.new_shards is None:
+            lease = near.lease(key, self.store.ttl(key))
+        return value, lease, self.shard_id, near.incarnation, near.seq
+
+    def mark_hot(self, now: float) -> None:
+        """Re-mark this shard's hot keys from the last one to two windows' rates (hot_marks, Rule 1)."""
+        near, hot = self.near, self.hot
+        if near is None:
+            return
+        if hot is None or self.new_shards is not None:  # no counts, or keys on the move: nothing is hot
+            if near.marked:
+                near.evaluate([], 0.0)
+            return
+        span, rows = hot.top(max(2 * near.max_keys, 16), now)
+        base = self._last[1] if hot.previous is not None else self._window_ops
+        near.evaluate([(key, rate) for key, rate, _, _ in rows], (self.ops - base) / span)
+
     def hotkeys(self, op: p.Hotkeys) -> dict[str, Any]:
         if self.hot is None:
             return {"top": op.top, "window_s": 0.0, "keys": []}
@@ -504,6 +565,7 @@ class Shard:
             "compressed_raw_bytes": s.packed_raw_bytes,
             "compressed_bytes": s.packed_bytes,
             "rss_bytes": self._process.memory_info().rss,
+            **({"near": self.near.stats()} if self.near is not None else {}),
             **({"resp": self.resp.stats()} if self.resp is not None else {}),
             "ops": self.ops,
             "hits": s.hits,
@@ -563,6 +625,13 @@ class Shard:
         if "hotkeys_capacity" in settings:
             self._set_hotkeys_capacity(int(settings["hotkeys_capacity"]))
             applied.append("hotkeys_capacity")
+        near_keys = [k for k in ("hot_key_share", "hot_key_min_rate", "hot_keys_max", "near_cache_lease_ms")
+                     if k in settings]
+        if near_keys and self.near is not None:  # taken at the next marking (hot_marks, Rule 1)
+            near = self.near
+            near.share, near.min_rate = checked.hot_key_share, checked.hot_key_min_rate
+            near.max_keys, near.lease_ms = checked.hot_keys_max, checked.near_cache_lease_ms
+        applied.extend(near_keys)
         if "mailbox_limit" in settings:  # bounds what direct clients may queue here
             self.mailbox_limit = int(settings["mailbox_limit"])
             applied.append("mailbox_limit")
@@ -627,6 +696,14 @@ def run_worker(config: Config, shard_id: int) -> int:
         shard = Shard(store, config, shard_id, cpu)
         if direct is not None:
             shard.direct_endpoint = direct.endpoint
+        feed = None
+        if shard.near is not None:
+            try:
+                feed = hub.publisher(config.direct_host())
+                shard.feed_endpoint = feed.endpoint
+            except transport.BindError as exc:
+                log.error("%s; no near caches for this shard", exc)
+                shard.near = store.vanishing = None
         if config.resp_bind and config.resp_front == "workers":
             try:
                 shard.resp = _start_resp(config, shard, hub)
@@ -635,7 +712,7 @@ def run_worker(config: Config, shard_id: int) -> int:
                 return ExitCode.BOOT_FAILED
         log.info("serving shard %d on %s (cpu %s)", shard_id, config.worker_endpoint(shard_id), cpu)
         try:
-            _serve(hub, inbox, shard, wakeup, lambda: stopping, direct)
+            _serve(hub, inbox, shard, wakeup, lambda: stopping, direct, feed)
         finally:
             if shard.resp is not None:
                 shard.resp.close()
@@ -664,26 +741,40 @@ def _start_resp(config: Config, shard: Shard, hub: transport.Hub) -> Any:
 
 
 def _serve(hub: transport.Hub, inbox: transport.ClientInbox, shard: Shard, wakeup: int,
-           should_stop: Callable[[], bool], direct: transport.ClientInbox | None = None) -> None:
+           should_stop: Callable[[], bool], direct: transport.ClientInbox | None = None,
+           feed: transport.Publisher | None = None) -> None:
     apply_batch, send = shard.apply_batch, inbox.send
+    publish = _publisher(shard, feed)
 
     def on_batches() -> None:
         for peer, frame, _, _ in inbox.receive(_DRAIN_LIMIT):  # extra frames are dropped
             reply = apply_batch(frame, peer.startswith(PEER_IDENTITY))
             if reply is not None:
+                publish()  # invalidations before the acknowledgements (hot_marks, Rule 2)
                 send(peer, reply)
 
     hub.watch(inbox, on_batches)
     hub.watch_fd(wakeup, lambda: transport.drain_fd(wakeup))
     if direct is not None:
-        hub.watch(direct, lambda: _serve_direct(direct, shard))
+        hub.watch(direct, lambda: _serve_direct(direct, shard, publish))
+    heartbeat_every_ms = int(HEARTBEAT_S * 1000)
+    next_heartbeat = 0 if feed is not None else 1 << 62
+    if feed is not None and shard.near is not None:
+        near = shard.near
+
+        def greet() -> None:  # a new subscriber learns the feed's sequence number at once
+            if feed.subscriptions():
+                feed.send(near.heartbeat())
+
+        hub.watch(feed, greet)
     active_expire, maintain = shard.store.active_expire, shard.store.maintain
     next_expiry = monotonic_ms() + shard.expiry_interval_ms
     resp = shard.resp
     while not should_stop():
-        hub.poll(max(0, next_expiry - monotonic_ms()))
+        hub.poll(max(0, min(next_expiry, next_heartbeat) - monotonic_ms()))
         if resp is not None:
             resp.router.flush_outboxes()  # this pass's ops for other shards, one batch per shard
+            publish()
             resp.flush()
         now = monotonic_ms()
         if now >= next_expiry:
@@ -691,9 +782,28 @@ def _serve(hub: transport.Hub, inbox: transport.ClientInbox, shard: Shard, wakeu
             maintain()  # segment cleaning between batches, so that writes seldom pay for it
             shard.tick()
             next_expiry = now + shard.expiry_interval_ms
+            publish()  # what expiry, eviction and re-marking queued
+        if now >= next_heartbeat and feed is not None and shard.near is not None:
+            publish()
+            feed.send(shard.near.heartbeat())
+            next_heartbeat = now + heartbeat_every_ms
 
 
-def _serve_direct(inbox: transport.ClientInbox, shard: Shard) -> None:
+def _publisher(shard: Shard, feed: transport.Publisher | None) -> Callable[[], None]:
+    """A function that sends the invalidations the shard owes, if any (hot_marks, Rule 2)."""
+    near = shard.near
+    if feed is None or near is None:
+        return lambda: None
+    take, send = near.take, feed.send
+
+    def publish() -> None:
+        if near.pending or near.all_pending:
+            send(take())  # type: ignore[arg-type]
+
+    return publish
+
+
+def _serve_direct(inbox: transport.ClientInbox, shard: Shard, publish: Callable[[], None]) -> None:
     """Requests from direct-mode clients: one envelope per frame, one reply each.
 
     The mailbox limit holds here too: of the requests waiting when we look, those past
@@ -727,6 +837,7 @@ def _serve_direct(inbox: transport.ClientInbox, shard: Shard) -> None:
         else:
             admitted += 1
             reply = apply(frame, True)
+            publish()  # invalidations before the acknowledgement (hot_marks, Rule 2)
         send(peer, reply)
 
 

@@ -22,6 +22,7 @@ NEW_VALUES: dict[str, Any] = {
     "imbalance_threshold": 3.0, "imbalance_check_s": 5.0, "stop_timeout": 9.0, "ready_timeout": 9.0,
     "snapshot_on_stop": False, "snapshot_interval": 60.0, "snapshot_timeout": 30.0,
     "compression": "zstd", "compression_min_bytes": 200, "compression_min_saving": 0.25,
+    "hot_key_share": 0.05, "hot_key_min_rate": 50.0, "hot_keys_max": 8, "near_cache_lease_ms": 250,
 }
 
 
@@ -64,6 +65,7 @@ def test_a_worker_applies_every_setting_the_table_gives_it() -> None:
     assert s.store.max_bytes == 32 * 1024**2  # its half of max_memory
     assert s.config == msgspec.structs.replace(s.config, **NEW_VALUES)
     assert s.store.entry(b"x") is None
+    assert (s.near.share, s.near.min_rate, s.near.max_keys, s.near.lease_ms) == (0.05, 50.0, 8, 250)
     s.store.set(b"x", b"a" * 300)  # 300 bytes >= 200: compressed now
     assert s.store.entry(b"x")["packed"] and s.store.get(b"x") == b"a" * 300
     assert configure(s, {"compression": "off"}).status == p.OK

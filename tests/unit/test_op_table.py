@@ -45,6 +45,7 @@ SAMPLES: dict[type, Any] = {
     p.ReplApply: p.ReplApply([(b"k", b"v", 0, 1)], []), p.SlotStates: p.SlotStates(None, 0.0),
     p.SetGet: p.SetGet(b"k", b"v"), p.ExpireIf: p.ExpireIf(b"k", 1000, p.EXPIRE_XX), p.GetEx: p.GetEx(b"k", 1000),
     p.Strlen: p.Strlen(b"k"),
+    p.NearGet: p.NearGet(b"k", 3),
     p.SetManyNx: p.SetManyNx([(b"x", b"1"), (b"y", b"2")]),  # both on shard 0 of 2: the router sends it on
     p.Scan: p.Scan(0),
 }

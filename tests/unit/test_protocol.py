@@ -86,7 +86,7 @@ def test_op_names_are_the_documented_ones() -> None:
         "topology", "resize", "resize_start", "migrate", "migrate_out", "migrate_in", "migrate_done", "set_maintenance",
         "set_topology", "describe", "cluster_set", "slot_freeze", "slot_give", "slot_take", "slot_drop", "slot_put",
         "slot_import", "leave", "slot_copy", "repl_pull", "repl_read", "repl_apply", "slot_states",
-        "setget", "expire_if", "getex", "strlen", "set_many_nx", "scan",
+        "setget", "expire_if", "getex", "strlen", "set_many_nx", "scan", "near_get",
     } == p.OP_NAMES
 
 
@@ -176,6 +176,8 @@ EXAMPLE_OPS: list[p.Op] = [
     p.GetEx(b"k", -5),
     p.GetEx(b"k", None, True),
     p.Strlen(b"k"),
+    p.NearGet(b"k"),
+    p.NearGet(b"k", 5),
     p.SetManyNx([(b"a", b"1"), (b"b", b"2")]),
     p.SetManyNx([(b"a", b"1")], p.MAX_TTL_MS),
     p.Scan(0),
