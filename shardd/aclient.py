@@ -194,7 +194,7 @@ class AsyncClient(ClientBase):
             value = self._near_lookup(key, now)
             if value is not MISS:
                 return convert(value)
-        elif self._near_due(now):  # a hot key was seen: learn where the feeds are (once; retried 1/s)
+        if self._near_due(now):  # a hot key came from a feed we do not follow: learn where they are (<= 1/s)
             await self._follow_feeds(now)
         near = self._near
         assert near is not None

@@ -191,6 +191,7 @@ class ClientBase(Commands):
         self._near: NearCache | None = None if near_cache is False else near_cache
         self._feed: Subscriber | None = None  # followed once the daemon has said where its feeds are
         self._near_retry_at = 0.0  # when to ask for the feeds (again): the first read, then at most 1/s
+        self._feed_shards: dict[str, int] = {}  # feed endpoint -> shard, as the last topology said
 
     def __repr__(self) -> str:
         state = "closed" if self._link is None else "open"
@@ -268,7 +269,9 @@ class ClientBase(Commands):
             return
         if self._feed is None:
             self._feed = Subscriber(self._curve, self._context)
-        self._feed.follow({e for e in endpoints if isinstance(e, str) and e})
+        shards = {e: shard for shard, e in enumerate(endpoints) if isinstance(e, str) and e}
+        self._feed.follow(set(shards))
+        self._feed_shards = shards
         near.unfollowed = False
 
     def _near_off(self) -> None:
@@ -291,17 +294,24 @@ class ClientBase(Commands):
         """The value of a near_get reply, kept if near_cache's Rule 1 allows; an error status raises."""
         if reply.status != protocol.OK:
             raise server_error(reply)
+        answer = reply.value
+        if type(answer) is list and len(answer) == 5 and answer[1] == -1:  # a daemon with near caches off
+            self._near_off()
+            return answer[0]
         feed, near = self._feed, self._near
         assert near is not None
         if feed is not None and feed.pending():
             self._drain(feed, near, sent_at)
         return near.admit(key, reply.value, sent_at, writes_then)  # no feed followed yet: refused, unfollowed
 
-    @staticmethod
-    def _drain(feed: Subscriber, near: NearCache, now: float) -> None:
+    def _drain(self, feed: Subscriber, near: NearCache, now: float) -> None:
         take, on_message = feed.take, near.on_message
         while (frame := take()) is not None:
             on_message(frame, now)
+        for endpoint in feed.lost():  # its worker died or restarted: a new one listens elsewhere
+            shard = self._feed_shards.get(endpoint)
+            if shard is not None:
+                near.feed_lost(shard)
 
     def _close_links(self, link: Any) -> None:
         """Close ``link`` and every worker connection, unless inherited through fork (the parent's)."""

@@ -19,7 +19,8 @@ Rule 1: a value is kept only if the client follows the shard's feed (same incarn
 Rule 2: a kept value is served until the first of: an invalidation naming the key, an ALL
         message, a sequence gap or a new incarnation on its shard's feed, its lease (counted
         from when the read was *sent*, so never longer than the shard granted), or the feed
-        falling silent for ``silence_s`` (the worker heartbeats every 0.1 s).
+        falling silent for ``silence_s`` (the worker heartbeats every 0.1 s), or its connection
+        dropping (``feed_lost``: the worker died).
 Rule 3: the client drains its feed before every lookup and before every admit, so an
         invalidation that has reached the client's socket is applied before the next read.
 Rule 4: a client's own write drops its copy of every key the write names before it is sent
@@ -124,7 +125,9 @@ class NearCache:
             value, lease_ms, shard, incarnation, seq = answer
         except (TypeError, ValueError):
             raise ProtocolError(f"expected [value, lease_ms, shard, incarnation, seq], got {answer!r:.80}") from None
-        if not lease_ms or value is None:
+        if type(lease_ms) is not int or type(seq) is not int:
+            raise ProtocolError(f"expected int lease_ms and seq, got {answer!r:.80}")
+        if lease_ms <= 0 or value is None:
             return value
         if type(value) is not bytes:
             raise ProtocolError(f"expected bytes or nil, got {type(value).__name__}")
@@ -190,6 +193,16 @@ class NearCache:
             if entry is not None and entry[2] is feed:
                 self._drop(key)
                 self.invalidations += 1
+
+    def feed_lost(self, shard: int) -> None:
+        """The connection to ``shard``'s feed dropped: drop its copies, keep nothing from it until a
+        feed speaks again, and have the client re-read where the feeds are (a restarted worker)."""
+        feed = self.feeds.get(shard)
+        if feed is not None:
+            self.resets += 1
+            self._drop_shard(feed)
+            feed.restart(0, 0)
+        self.unfollowed = True
 
     # --- this client's own writes (Rule 4) -------------------------------------------------
 

@@ -564,11 +564,17 @@ class Router:
             # replication stream (the router notes written keys), so no direct mode then.
             "endpoints": [None if self.cluster is not None and self.cluster.replicated else link.direct
                           for link in self.links],
-            # Each worker's invalidation feed (docs/near-cache.md); None where it has none (yet).
-            "invalidations": [link.invalidations for link in self.links],
+            **self._feeds(),
             **(mig.topology_fields() if mig is not None else {"resizing": None, "pending_resize": None}),
             **({"cluster": self.cluster.describe()} if self.cluster is not None else {}),
         }
+
+    def _feeds(self) -> dict[str, Any]:
+        """Each worker's invalidation feed (docs/near-cache.md), None where it has none yet; left out
+        when the daemon has no near caches, so that clients turn theirs off."""
+        if not self.config.near_cache or self.cluster is not None:
+            return {}
+        return {"invalidations": [link.invalidations for link in self.links]}
 
     def _request_resize(self, peer: Any, request_id: int, op: p.Resize) -> None:
         """A client asks for M shards (protocol checked the bound): wake the supervisor, which starts

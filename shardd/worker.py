@@ -506,8 +506,8 @@ class Shard:
             self.hot.credit(key, op.hits)
         value = self.store.get(key)
         near = self.near
-        if near is None:
-            return value, 0, self.shard_id, 0, 0
+        if near is None:  # -1: this daemon has no near caches; the client stops asking
+            return value, -1, self.shard_id, 0, 0
         lease = 0
         if value is not None and key in near.marked and self.new_shards is None:
             lease = near.lease(key, self.store.ttl(key))
