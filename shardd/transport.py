@@ -375,7 +375,7 @@ class Publisher:
 
     # Per subscriber: far more than a client falls behind between two calls. Past it ZeroMQ drops
     # messages for that subscriber, which then sees the sequence number jump and drops its copies.
-    HWM = 100_000
+    HWM = 10_000
 
     def __init__(self, sock: zmq.Socket, endpoint: str) -> None:
         self._sock = sock

@@ -142,11 +142,11 @@ class Subscriber:
     event loop (its Context shadows the client's, or is the shared one).
     """
 
-    __slots__ = ("_epoll", "_monitor", "_sock", "endpoints")
+    __slots__ = ("_dirty", "_epoll", "_monitor", "_sock", "endpoints")
 
     # Far more than a client falls behind between two reads; past it the feed drops messages,
     # the client sees the sequence number jump and drops that shard's copies (near_cache, Rule 2).
-    HWM = 100_000
+    HWM = 10_000
 
     def __init__(self, curve: Curve | None = None, context: Any = None) -> None:
         if context is None:
@@ -169,6 +169,9 @@ class Subscriber:
         for s in (sock, self._monitor):
             self._epoll.register(s.getsockopt(zmq.FD), select.EPOLLIN)
         self.endpoints: set[str] = set()
+        # True after anything that may have processed the socket's commands (connect, disconnect)
+        # and so consumed a signal: the next ``pending`` says yes, and ``take`` reads until empty.
+        self._dirty = False
 
     def follow(self, endpoints: set[str]) -> None:
         """Be connected to exactly these feeds."""
@@ -182,10 +185,11 @@ class Subscriber:
             except zmq.ZMQError as exc:
                 raise BadEndpoint(f"bad endpoint {endpoint!r}: {exc.strerror}", exc.strerror) from None
         self.endpoints = set(endpoints)
+        self._dirty = True
 
     def pending(self) -> bool:
         """Whether a message or a lost connection may be waiting (then drain with ``take`` and ``lost``)."""
-        return bool(self._epoll.poll(0))
+        return self._dirty or bool(self._epoll.poll(0))
 
     def take(self) -> bytes | None:
         """The next waiting message, or None."""
@@ -195,6 +199,7 @@ class Subscriber:
                 return sock.recv(_NOBLOCK)
             except _Again:
                 pass
+        self._dirty = False  # read until empty: the next message signals ZMQ_FD again
         return None
 
     def lost(self) -> list[str]:
