@@ -57,3 +57,36 @@ def test_a_missing_auth_dir_is_a_clear_start_up_error(tmp_path):
                 "--runtime-dir", str(tmp_path / "run"))
     assert r.returncode == 2
     assert "auth_dir" in r.stderr and "shardd keys generate" in r.stderr
+
+
+def test_the_invalidation_feeds_are_secured_too(make_daemon, auth_dir):
+    """Near caches under CURVE: an allowed client follows the feeds (hot keys served locally,
+    another client's write seen), a subscriber without keys hears nothing, not even heartbeats."""
+    import time
+
+    import zmq
+
+    d = make_daemon("--auth-dir", auth_dir, shards=1)
+    with Client(d.endpoint, timeout=30, curve=load_curve(auth_dir, "app")) as app, \
+            Client(d.endpoint, timeout=30, curve=load_curve(auth_dir, "admin")) as other:
+        app.set("hot", b"v1")
+        deadline = time.monotonic() + 60
+        while app.near_cache_stats()["admitted"] < 1:  # read until the shard marks it and the copy is kept
+            assert time.monotonic() < deadline, app.near_cache_stats()
+            assert app.get("hot") == b"v1"
+        hits = app.near_cache_stats()["hits"]
+        assert app.get("hot") == b"v1" and app.near_cache_stats()["hits"] == hits + 1  # served locally
+        assert other.set("hot", b"v2") is True
+        while app.get("hot") != b"v2":  # the invalidation arrives over the secured feed
+            assert time.monotonic() < deadline, app.near_cache_stats()
+        assert app.near_cache_stats()["invalidations"] >= 1
+        feeds = [e for e in other.topology()["invalidations"] if e]
+    assert feeds
+    sock = zmq.Context.instance().socket(zmq.SUB)
+    try:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SUBSCRIBE, b"")
+        sock.connect(feeds[0])
+        assert not sock.poll(2000)  # heartbeats go out every 0.1 s, to authenticated subscribers only
+    finally:
+        sock.close(0)
