@@ -58,6 +58,12 @@ _COUNTERS = [
     ("oom_rejected", "oom_rejections", "Writes refused with OUT_OF_MEMORY."),
     ("busy", "busy_replies", "BUSY replies the router gave for this shard."),
 ]
+# (field of a shard's "near" stats block, metric name without prefix, help); counters, per shard.
+_NEAR_COUNTERS = [
+    ("messages", "near_invalidation_messages", "Invalidation messages (keys or all) sent on the shard's feed."),
+    ("keys_invalidated", "near_keys_invalidated", "Keys named in the shard's invalidation messages."),
+    ("resets", "near_resets", "Times the shard told near caches to drop all its keys (flush, resize)."),
+]
 
 
 class StatsCollector(Collector):
@@ -121,6 +127,18 @@ def families(stats: dict[str, Any] | None) -> Iterator[Metric]:
         pairs.append(("+Inf", row["service_count"]))
         svc.add_metric([str(row["shard"])], pairs, row["service_sum_s"])
     yield svc
+    near = [row for row in live if row.get("near")]
+    if near:  # near caches (docs/near-cache.md): each shard's marks and invalidation feed
+        hot = GaugeMetricFamily("shardd_near_hot_keys", "Keys the shard has marked hot for clients' near caches.",
+                                labels=["shard"])
+        for row in near:
+            hot.add_metric([str(row["shard"])], row["near"]["marked"])
+        yield hot
+        for field, name, doc in _NEAR_COUNTERS:
+            c = CounterMetricFamily(f"shardd_{name}", doc, labels=["shard"])
+            for row in near:
+                c.add_metric([str(row["shard"])], row["near"][field])
+            yield c
     imbalance = stats.get("imbalance") or {}
     ratio = GaugeMetricFamily("shardd_imbalance_ratio", "Busiest shard / mean over shards.", labels=["dimension"])
     for dim in ("keys", "ops"):

@@ -60,7 +60,23 @@ def combine_stats(parts: list[Part], links: Sequence[ShardLink], router: dict[st
     resp = combine_resp([router.get("resp"), *(row.get("resp") for row in rows)])
     if resp is not None:
         combined["resp"] = resp
+    near = combine_near([row.get("near") for row in rows if row["status"] == "up"])
+    if near is not None:
+        combined["near_cache"] = near
     return combined
+
+
+def combine_near(parts: list[dict[str, Any] | None]) -> dict[str, int] | None:
+    """The near-cache side of the shards that answered (each one's ``near`` block, hot_marks):
+    keys marked hot now and invalidations sent, summed; None when no shard has near caches on."""
+    present = [part for part in parts if part]
+    if not present:
+        return None
+    return {"marked": sum(part.get("marked", 0) for part in present),
+            "invalidation_messages": sum(part.get("messages", 0) for part in present),
+            "keys_invalidated": sum(part.get("keys_invalidated", 0) for part in present),
+            "resets": sum(part.get("resets", 0) for part in present),
+            "shards": len(present)}
 
 
 def combine_resp(parts: list[dict[str, Any] | None]) -> dict[str, Any] | None:
@@ -108,10 +124,16 @@ def imbalance_news(stats: dict[str, Any], warned: dict[str, float], now: float,
 def combine_hotkeys(parts: list[Part]) -> dict[str, Any]:
     """Every shard's top keys, merged: [key, shard, rate/s, count, error], hottest first.
 
-    "down" lists the shards not included; "missing" says why ("down" or "timeout").
+    "down" lists the shards not included; "missing" says why ("down" or "timeout"). With near
+    caches on, "hot" lists the keys of "keys" their shard has marked hot (a key has one owner,
+    so the key names its row), and "marked" has one {"shard", "marked"} per shard that answered,
+    in shard order: how many keys it has marked in all. Both are empty when no shard has near
+    caches (or the workers predate them); the rows themselves are unchanged.
     """
     rows: list[list[Any]] = []
     top, window, down, missing = 1, 0.0, [], []
+    hot: set[tuple[bytes, int]] = set()
+    marked: list[dict[str, int]] = []
     for shard, _, value in parts:
         if not isinstance(value, dict):
             down.append(shard)
@@ -120,9 +142,15 @@ def combine_hotkeys(parts: list[Part]) -> dict[str, Any]:
         top = max(top, value["top"])
         window = max(window, value["window_s"])
         rows.extend([key, shard, rate, count, error] for key, rate, count, error in value["keys"])
+        if "marked" in value:
+            marked.append({"shard": shard, "marked": value["marked"]})
+            hot.update((key, shard) for key in value.get("hot") or ())
     rows.sort(key=lambda row: row[2], reverse=True)
-    return {"window_s": window, "keys": rows[:top], "down": sorted(down),
-            "missing": sorted(missing, key=lambda row: row["shard"])}
+    rows = rows[:top]
+    return {"window_s": window, "keys": rows, "down": sorted(down),
+            "missing": sorted(missing, key=lambda row: row["shard"]),
+            "hot": [row[0] for row in rows if (row[0], row[1]) in hot],
+            "marked": sorted(marked, key=lambda row: row["shard"])}
 
 
 def combine_health(parts: list[Part], shards: int, maintenance: bool) -> dict[str, Any]:

@@ -527,11 +527,19 @@ class Shard:
         near.evaluate([(key, rate) for key, rate, _, _ in rows], (self.ops - base) / span)
 
     def hotkeys(self, op: p.Hotkeys) -> dict[str, Any]:
+        """This shard's top keys; with near caches on, also "hot" (those of them marked for near
+        caches) and "marked" (how many keys it has marked in all, listed or not)."""
         if self.hot is None:
-            return {"top": op.top, "window_s": 0.0, "keys": []}
-        span, rows = self.hot.top(op.top, self._clock())
-        return {"top": op.top, "window_s": round(span, 3),
-                "keys": [[key, round(rate, 3), count, error] for key, rate, count, error in rows]}
+            reply: dict[str, Any] = {"top": op.top, "window_s": 0.0, "keys": []}
+        else:
+            span, rows = self.hot.top(op.top, self._clock())
+            reply = {"top": op.top, "window_s": round(span, 3),
+                     "keys": [[key, round(rate, 3), count, error] for key, rate, count, error in rows]}
+        near = self.near
+        if near is not None:
+            reply["hot"] = [row[0] for row in reply["keys"] if row[0] in near.marked]
+            reply["marked"] = len(near.marked)
+        return reply
 
     def stats(self) -> dict[str, Any]:
         s = self.store

@@ -114,6 +114,10 @@ def _stats_view(data: dict[str, Any], rates: dict[int, float] | None = None) -> 
         top = sorted(resp["by_command"].items(), key=lambda item: -item[1])[:4]
         lines.append(f"RESP {resp['bind']}: {resp['connections']} connections, {resp['commands']} commands "
                      f"({', '.join(f'{name} {count}' for name, count in top) or 'none'}), {resp['errors']} errors")
+    near = data.get("near_cache")
+    if near:
+        lines.append(f"near cache: {near['marked']} hot keys marked, {_human_count(near['invalidation_messages'])} "
+                     f"invalidations sent ({_human_count(near['keys_invalidated'])} keys), {near['resets']} resets")
     return Group(table, *(Text(line) for line in lines))
 
 
@@ -162,26 +166,40 @@ def hotkeys(
     endpoint: Endpoint = DEFAULT_ENDPOINT,
     timeout: TimeoutOpt = 2.0,
 ) -> None:
-    """List the most accessed keys over all shards, with their shard and estimated rate."""
+    """List the most accessed keys over all shards, with their shard and estimated rate.
+
+    With near caches on, "hot" marks the keys their shard has marked for clients' near caches,
+    and a last line says how many keys each shard has marked."""
     data = ask(endpoint, timeout, lambda client: client.hotkeys(top))
+    hot = set(data.get("hot") or ())
+    marked = data.get("marked") or []  # absent from daemons without near caches
     if as_json:
         rows = [{"key": key.decode("utf-8", "backslashreplace"), "shard": shard, "rate_per_s": rate,
-                 "count": count, "error": error} for key, shard, rate, count, error in data["keys"]]
-        typer.echo(json.dumps({"window_s": data["window_s"], "down": data["down"], "missing": _missing(data),
-                               "keys": rows}, indent=2))
+                 "count": count, "error": error, **({"hot": key in hot} if marked else {})}
+                for key, shard, rate, count, error in data["keys"]]
+        out = {"window_s": data["window_s"], "down": data["down"], "missing": _missing(data), "keys": rows}
+        if marked:
+            out["marked"] = marked
+        typer.echo(json.dumps(out, indent=2))
         _warn_missing(_missing(data), "their keys are not listed")
         return
     from rich import box
     from rich.table import Table
 
     table = Table(title=f"hot keys, last {data['window_s']:.0f} s", box=box.SIMPLE_HEAD, pad_edge=False)
-    for title in ("#", "key", "shard", "ops/s", "count", "±error"):
-        table.add_column(title, justify="left" if title == "key" else "right", no_wrap=True)
+    titles = ("#", "key", "shard", "ops/s", "count", "±error", *(("hot",) if marked else ()))
+    for title in titles:
+        table.add_column(title, justify="left" if title in ("key", "hot") else "right", no_wrap=True)
     for rank, (key, shard, rate, count, error) in enumerate(data["keys"], 1):
-        table.add_row(str(rank), _safe_key(key), str(shard), f"{rate:.1f}", str(count), str(error))
+        table.add_row(str(rank), _safe_key(key), str(shard), f"{rate:.1f}", str(count), str(error),
+                      *(("hot" if key in hot else "",) if marked else ()))
     console = _console()
     console.print(table)
     console.print("estimates: count - error <= true accesses <= count")
+    if marked:
+        per_shard = ", ".join(f"shard {row['shard']} {row['marked']}" for row in marked)
+        console.print(fit_width(f"near cache: keys marked hot: {per_shard} "
+                                f"(total {sum(row['marked'] for row in marked)})"))
     _warn_missing(_missing(data), "their keys are not listed")
 
 
