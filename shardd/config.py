@@ -87,7 +87,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Near caches (docs/near-cache.md): each worker marks its hot keys and publishes their invalidations.
     near_cache: bool = True
     hot_key_share: float = 0.01     # marked hot at >= this share of its shard's served ops (unmarked below half)
-    hot_key_min_rate: float = 200.0  # ...and at >= this many reads per second (an idle shard marks nothing)
+    hot_key_min_rate: float = 200.0  # ...and at >= this many accesses per second (an idle shard marks nothing)
     hot_keys_max: int = 64          # at most this many keys marked per shard; 0: none
     near_cache_lease_ms: int = 1000  # a client keeps a hot value at most this long without hearing from the shard
 

@@ -30,6 +30,9 @@ Rule 3: ``reset`` (flush, resize, the feature turned off) unmarks every key and 
         message: clients drop everything they hold from this shard.
 Rule 4: heartbeats carry the current ``seq`` without advancing it; a client that sees any
         message whose ``seq`` skips one has missed an invalidation and drops the shard's keys.
+Rule 5: caching a key that is written as often as it is read saves nothing and costs a message
+        per write: a marked key at least half of whose accesses in the last period were writes
+        is unmarked and not marked again for ``BENCH_S`` seconds.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ import heapq
 import os
 
 from shardd import protocol as p
+
+BENCH_S = 30.0  # how long a write-heavy key is not marked again (Rule 5)
 
 
 def new_incarnation() -> int:
@@ -48,8 +53,8 @@ def new_incarnation() -> int:
 class HotMarks:
     """One shard's hot keys and its invalidation feed's state (see the module docstring)."""
 
-    __slots__ = ("all_pending", "incarnation", "keys_invalidated", "lease_ms", "marked", "max_keys",
-                 "messages", "min_rate", "pending", "resets", "seq", "shard", "share")
+    __slots__ = ("all_pending", "benched", "evaluated_at", "incarnation", "keys_invalidated", "lease_ms", "marked",
+                 "max_keys", "messages", "min_rate", "pending", "resets", "seq", "shard", "share", "written")
 
     def __init__(self, shard: int, share: float, min_rate: float, max_keys: int, lease_ms: int,
                  incarnation: int | None = None) -> None:
@@ -66,13 +71,28 @@ class HotMarks:
         self.messages = 0                # KEYS and ALL messages taken for sending
         self.keys_invalidated = 0        # keys named in them
         self.resets = 0
+        self.written: dict[bytes, int] = {}   # writes to each marked key since the last evaluation (Rule 5)
+        self.benched: dict[bytes, float] = {}  # write-heavy key -> when it may be marked again
+        self.evaluated_at: float | None = None
 
-    def evaluate(self, rates: list[tuple[bytes, float]], served_rate: float) -> tuple[int, int]:
-        """Re-mark from ``rates`` ((key, accesses/s), hottest first) (Rule 1): (marked, unmarked)."""
+    def evaluate(self, rates: list[tuple[bytes, float]], served_rate: float, now: float) -> tuple[int, int]:
+        """Re-mark from ``rates`` ((key, accesses/s), hottest first) (Rules 1 and 5): (marked, unmarked)."""
         on = max(self.min_rate, self.share * served_rate)
         off = on / 2
-        marked = self.marked
-        qualify = [(rate, key) for key, rate in rates if rate >= (off if key in marked else on)]
+        marked, benched = self.marked, self.benched
+        if self.written:
+            period = max(now - self.evaluated_at, 1e-3) if self.evaluated_at is not None else 1.0
+            rate_of = dict(rates)
+            for key, writes in self.written.items():
+                if 2 * writes / period >= rate_of.get(key, 0.0):
+                    benched[key] = now + BENCH_S
+            self.written = {}
+        if benched:
+            for key in [key for key, until in benched.items() if until <= now]:
+                del benched[key]
+        self.evaluated_at = now
+        qualify = [(rate, key) for key, rate in rates
+                   if rate >= (off if key in marked else on) and key not in benched]
         keep = {key for _, key in heapq.nlargest(self.max_keys, qualify)} if self.max_keys else set()
         gone = marked - keep
         added = len(keep - marked)
@@ -82,9 +102,15 @@ class HotMarks:
         return added, len(gone)
 
     def touched(self, key: bytes) -> None:
-        """``key`` may change (a write, expiry or eviction): queue its invalidation if it is marked."""
+        """``key`` may change or go (expiry, eviction): queue its invalidation if it is marked."""
         if key in self.marked:
             self.pending.append(key)
+
+    def wrote(self, key: bytes) -> None:
+        """An op that may change ``key`` was applied: as ``touched``, and counted for Rule 5."""
+        if key in self.marked:
+            self.pending.append(key)
+            self.written[key] = self.written.get(key, 0) + 1
 
     def reset(self) -> None:
         """Unmark everything and queue an ALL message (Rule 3)."""

@@ -234,17 +234,17 @@ class Shard:
                 deque(map(track, op.keys), 0)  # no Python loop per key
             elif cls is p.SetMany or cls is p.SetManyNx:
                 deque(map(track, next(zip(*op.items, strict=True), ())), 0)
-        near = self.near
-        if near is not None and near.marked:  # a near-cache client may hold this key (hot_marks, Rule 2)
-            if cls in _KEYED_WRITES:
-                near.touched(op.key)
-            elif cls in _MULTI_WRITES:
-                deque(map(near.touched, op.keys if cls is p.DeleteMany else next(zip(*op.items, strict=True), ())), 0)
         if self.new_shards is not None and cls in _MOVES:
             key = op.key
             if shard_for(key, self.new_shards) != self.shard_id and not self.store.exists(key):
                 # Moved out already, or never here: either way its new owner answers.
                 return p.MOVED, {"epoch": self.epoch, "shard": shard_for(key, self.new_shards)}
+        near = self.near
+        if near is not None and near.marked:  # a near-cache client may hold this key (hot_marks, Rule 2)
+            if cls in _KEYED_WRITES:
+                near.wrote(op.key)
+            elif cls in _MULTI_WRITES:
+                deque(map(near.wrote, op.keys if cls is p.DeleteMany else next(zip(*op.items, strict=True), ())), 0)
         try:
             return p.OK, self._handlers.get(cls, _router_only)(op)
         except ServerError as exc:  # e.g. NotInteger from INCR: the op's own failure
@@ -520,11 +520,11 @@ class Shard:
             return
         if hot is None or self.new_shards is not None:  # no counts, or keys on the move: nothing is hot
             if near.marked:
-                near.evaluate([], 0.0)
+                near.evaluate([], 0.0, now)
             return
         span, rows = hot.top(max(2 * near.max_keys, 16), now)
         base = self._last[1] if hot.previous is not None else self._window_ops
-        near.evaluate([(key, rate) for key, rate, _, _ in rows], (self.ops - base) / span)
+        near.evaluate([(key, rate) for key, rate, _, _ in rows], (self.ops - base) / span, now)
 
     def hotkeys(self, op: p.Hotkeys) -> dict[str, Any]:
         """This shard's top keys; with near caches on, also "hot" (those of them marked for near
