@@ -500,7 +500,8 @@ def shard_snapshot(client: Any) -> dict[str, Any]:
         with contextlib.suppress(Exception):
             ct = psutil.Process(s["pid"]).cpu_times()
             cpu = ct.user + ct.system
-        shards.append({"ops": s.get("ops", 0), "near": s.get("near"), "cpu": cpu})
+        shards.append({"ops": s.get("ops", 0), "near": s.get("near"), "cpu": cpu,
+                       "service_s": s.get("service_sum_s", 0.0), "served": s.get("service_count", 0)})
     return {"t": (t0 + t1) / 2, "shards": shards}
 
 
@@ -598,6 +599,7 @@ def analyse(mode: str, phase: str, write_ratio: float, names: list[bytes], a: di
     by_kind = [Histogram() for _ in OP_KINDS]
     ops = 0
     hits = misses = 0
+    near_counts: dict[str, int] = {}
     client_cpu = 0.0
     op_errors: dict[str, int] = {}
     for rep in reports:
@@ -615,6 +617,8 @@ def analyse(mode: str, phase: str, write_ratio: float, names: list[bytes], a: di
         if nf is not None and nt is not None:
             hits += nt["hits"] - nf["hits"]
             misses += nt["misses"] - nf["misses"]
+            for name in ("admitted", "refused", "invalidations", "expired", "resets", "gaps"):
+                near_counts[name] = near_counts.get(name, 0) + nt[name] - nf[name]
         if rep["cpu_from"] is not None:
             client_cpu += rep["cpu_to"] - rep["cpu_from"]
         for name, n in rep["errors"].items():
@@ -625,6 +629,9 @@ def analyse(mode: str, phase: str, write_ratio: float, names: list[bytes], a: di
     mean = total / len(shard_ops)
     shard_cpu = [None if sa["cpu"] is None or sb["cpu"] is None else (sb["cpu"] - sa["cpu"]) / span
                  for sa, sb in zip(a["shards"], b["shards"], strict=True)]
+    service_us = [(sb["service_s"] - sa["service_s"]) * 1e6 / max(1, sb["served"] - sa["served"])
+                  for sa, sb in zip(a["shards"], b["shards"], strict=True)]
+    cpu_us = [None if c is None or not n else c * 1e6 / n for c, n in zip(shard_cpu, shard_ops, strict=True)]
     near_a = [s["near"] or {} for s in a["shards"]]
     near_b = [s["near"] or {} for s in b["shards"]]
     result: dict[str, Any] = {
@@ -637,8 +644,10 @@ def analyse(mode: str, phase: str, write_ratio: float, names: list[bytes], a: di
                             for name, h in zip(OP_KINDS, by_kind, strict=True) if h.count},
         "shard_ops_per_s": shard_ops, "shard_share": [x / total for x in shard_ops],
         "hot_over_mean": shard_ops[0] / mean if mean else None, "server_ops_per_s": sum(shard_ops),
-        "shard_cpu": shard_cpu, "daemon_cpu_per_s": daemon_cpu_s / span, "client_cpu_per_s": client_cpu / span,
+        "shard_cpu": shard_cpu, "shard_service_us": service_us, "shard_cpu_us_per_op": cpu_us,
+        "daemon_cpu_per_s": daemon_cpu_s / span, "client_cpu_per_s": client_cpu / span,
         "near_hit_ratio": hits / (hits + misses) if hits + misses else None, "near_hits": hits,
+        "near_counts": near_counts,
         "marked_from": [n.get("marked") for n in near_a], "marked_to": [n.get("marked") for n in near_b],
         "messages": sum(n.get("messages", 0) for n in near_b) - sum(n.get("messages", 0) for n in near_a),
         "keys_invalidated": (sum(n.get("keys_invalidated", 0) for n in near_b)
@@ -783,10 +792,18 @@ def format_results(results: list[dict[str, Any]], args: argparse.Namespace) -> s
                                                for r in rows])
         row("hot shard ops / mean", [f"{fmt(r['hot_over_mean'], 2)}{X}" for r in rows])
         row("worker CPU s/s by shard", ["/".join(fmt(c, 2) for c in r["shard_cpu"]) for r in rows])
+        row("worker CPU µs per op by shard", ["/".join(fmt(c, 0) for c in r["shard_cpu_us_per_op"]) for r in rows])
+        row("op service µs (in apply) by shard", ["/".join(fmt(c, 1) for c in r["shard_service_us"]) for r in rows])
         row("daemon CPU s/s (all processes)", [fmt(r["daemon_cpu_per_s"], 2) for r in rows])
         row("client CPU s/s (all clients)", [fmt(r["client_cpu_per_s"], 2) for r in rows])
         row("near-cache hit ratio", ["-" if r["near_hit_ratio"] is None else f"{r['near_hit_ratio']:.1%}"
                                      for r in rows])
+        row("  copies admitted / refused", [f"{r['near_counts'].get('admitted', 0):,} / "
+                                            f"{r['near_counts'].get('refused', 0):,}" if r["near_counts"] else "-"
+                                            for r in rows])
+        row("  dropped: invalidated / expired", [f"{r['near_counts'].get('invalidations', 0):,} / "
+                                                 f"{r['near_counts'].get('expired', 0):,}" if r["near_counts"] else "-"
+                                                 for r in rows])
         row("keys marked per shard (end)", ["/".join(str(m) for m in r["marked_to"]) if r["marked_to"][0] is not None
                                             else "-" for r in rows])
         row("invalidation msgs / keys (window)", [f"{r['messages']:,} / {r['keys_invalidated']:,}" for r in rows])
