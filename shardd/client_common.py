@@ -306,8 +306,14 @@ class ClientBase(Commands):
 
     def _drain(self, feed: Subscriber, near: NearCache, now: float) -> None:
         take, on_message = feed.take, near.on_message
+        taken = 0
         while (frame := take()) is not None:
             on_message(frame, now)
+            taken += 1
+        if taken >= Subscriber.HWM // 2:
+            # So far behind that the feed may have dropped messages past its high-water mark, and the
+            # message that would reveal the gap may not have come yet: drop every copy now.
+            near.reset_all()
         for endpoint in feed.lost():  # its worker died or restarted: a new one listens elsewhere
             shard = self._feed_shards.get(endpoint)
             if shard is not None:

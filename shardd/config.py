@@ -86,10 +86,15 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     resp_front: RespFront = "router"  # who serves RESP connections: the router's loop, or every worker
     # Near caches (docs/near-cache.md): each worker marks its hot keys and publishes their invalidations.
     near_cache: bool = True
-    hot_key_share: float = 0.01     # marked hot at >= this share of its shard's served ops (unmarked below half)
-    hot_key_min_rate: float = 200.0  # ...and at >= this many accesses per second (an idle shard marks nothing)
+    hot_key_share: float = 0.005    # marked hot at >= this share of its shard's served ops (unmarked below half)
+    # ...and at >= this many accesses per second (an idle shard marks nothing). At 200/s a 2-core machine serving
+    # ~4k ops/s marked only its top 2-3 Zipf keys (bench/RESULTS.md, "Near caches").
+    hot_key_min_rate: float = 10.0
     hot_keys_max: int = 64          # at most this many keys marked per shard; 0: none
-    near_cache_lease_ms: int = 1000  # a client keeps a hot value at most this long without hearing from the shard
+    # How long a client may keep a hot value, counted from its read. Gaps, heartbeats, a lost connection and
+    # the 0.5 s silence rule catch lost messages first; the lease is the last resort, and sets how often
+    # every client re-reads every hot key (a 1 s lease cost shard 0 41% of its remaining work in the bench).
+    near_cache_lease_ms: int = 5000
 
     def __post_init__(self) -> None:
         if not _ENDPOINT_RE.match(self.bind):
@@ -137,7 +142,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             ("hotkeys_capacity", 0 <= self.hotkeys_capacity <= 100_000, "between 0 (off) and 100000"),
             ("resp_max_clients", 1 <= self.resp_max_clients <= 1_000_000, "between 1 and 1000000"),
             ("hot_key_share", 0.0 < self.hot_key_share <= 1.0, "a fraction in (0, 1]"),
-            ("hot_key_min_rate", 0.0 <= self.hot_key_min_rate <= 1e9, "between 0 and 1e9 reads per second"),
+            ("hot_key_min_rate", 0.0 <= self.hot_key_min_rate <= 1e9, "between 0 and 1e9 accesses per second"),
             ("hot_keys_max", 0 <= self.hot_keys_max <= 10_000, "between 0 (none) and 10000"),
             ("near_cache_lease_ms", 1 <= self.near_cache_lease_ms <= 60_000, "between 1 and 60000"),
             ("metrics_bind", self.metrics_bind == "" or _HOST_PORT_RE.match(self.metrics_bind) is not None,
