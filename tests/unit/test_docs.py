@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-DOCS = ["README.md", "bench/README.md", "bench/RESULTS.md", "docs/design.md", "docs/protocol.md", "docs/resp.md", "docs/near-cache.md"]
+DOCS = ["README.md", "bench/README.md", "bench/RESULTS.md", "docs/design.md", "docs/protocol.md", "docs/resp.md",
+        "docs/near-cache.md"]
 DEFAULT_PORT = 7400
 
 
