@@ -192,6 +192,10 @@ class ClientBase(Commands):
         self._feed: Subscriber | None = None  # followed once the daemon has said where its feeds are
         self._near_retry_at = 0.0  # when to ask for the feeds (again): the first read, then at most 1/s
         self._feed_shards: dict[str, int] = {}  # feed endpoint -> shard, as the last topology said
+        # When the feed was last seen with nothing waiting: what is drained later arrived after it. Messages
+        # are stamped with it, not with the time they are read, so a heartbeat that sat in the socket while
+        # its worker died does not count as heard just now (near_cache, Rule 2: silence).
+        self._near_quiet_at = 0.0
 
     def __repr__(self) -> str:
         state = "closed" if self._link is None else "open"
@@ -287,7 +291,8 @@ class ClientBase(Commands):
         near = self._near
         assert feed is not None and near is not None
         if feed.pending():
-            self._drain(feed, near, now)
+            self._drain(feed, near, self._near_quiet_at)
+        self._near_quiet_at = now
         return near.lookup(key, now)
 
     def _near_admit(self, key: bytes, reply: protocol.Reply, sent_at: float, writes_then: int) -> Any:
@@ -301,7 +306,8 @@ class ClientBase(Commands):
         feed, near = self._feed, self._near
         assert near is not None
         if feed is not None and feed.pending():
-            self._drain(feed, near, sent_at)
+            self._drain(feed, near, self._near_quiet_at)
+            self._near_quiet_at = max(self._near_quiet_at, sent_at)  # empty now, at some time after sent_at
         return near.admit(key, reply.value, sent_at, writes_then)  # no feed followed yet: refused, unfollowed
 
     def _drain(self, feed: Subscriber, near: NearCache, now: float) -> None:

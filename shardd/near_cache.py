@@ -167,7 +167,8 @@ class NearCache:
         if feed is None:
             self.feeds[shard] = Feed(msg.incarnation, seq, now)  # nothing of this shard is held yet
             return
-        feed.heard = now
+        if now > feed.heard:
+            feed.heard = now
         if feed.incarnation != msg.incarnation or seq != feed.seq + (kind != p.HEARTBEAT):
             # A restarted worker, or a gap: whatever was missed may have named any key we hold.
             if feed.incarnation == msg.incarnation:

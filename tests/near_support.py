@@ -78,7 +78,7 @@ class FakeDaemon:
 
     def mark(self, *keys: bytes) -> None:
         with self.lock:
-            self.near.evaluate([(key, 1e12) for key in sorted(self.near.marked | set(keys))], 0.0)
+            self.near.evaluate([(key, 1e12) for key in sorted(self.near.marked | set(keys))], 0.0, 0.0)
 
     def put(self, key: bytes, value: bytes) -> None:
         """A write by some other client (through the shard: it owes the key's invalidation)."""

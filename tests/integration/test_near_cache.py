@@ -326,8 +326,8 @@ def test_a_killed_workers_values_are_not_served_past_the_lease_and_the_new_feed_
         assert reader.get(key) == b"after"
 
 
-def test_bug_a_router_mode_client_follows_the_feed_of_a_restarted_worker(short_lease: Daemon) -> None:
-    """BUG: a router-mode client never follows a restarted worker's feed (see the unit test
+def test_a_router_mode_client_follows_the_feed_of_a_restarted_worker(short_lease: Daemon) -> None:
+    """Was a bug (fixed in issue 15): a router-mode client never follows a restarted worker's feed (see the unit test
     test_bug_a_router_mode_client_follows_a_restarted_workers_feed for the cause and the fix):
     every reply of the new worker is refused, so the shard's hot keys are never kept again."""
     key = keys_on_shard(0, 2, 1, prefix="kill-router-")[0]
@@ -339,7 +339,7 @@ def test_bug_a_router_mode_client_follows_the_feed_of_a_restarted_worker(short_l
         wait_until(lambda: time.monotonic() > killed_at + LEASE_MS / 1000, what="the lease")
         for _ in range(50):
             assert reader.get(key) == b"after"  # (this part holds: the lease bounds the old copy)
-        read_until_held(reader, key, timeout=5)  # BUG: never again (the fixed client retries within 1 s)
+        read_until_held(reader, key, timeout=5)  # the client re-reads the topology within 1 s
 
 
 # --- a daemon without near caches, an old daemon, a client without one -------------------------------
@@ -366,9 +366,9 @@ def test_a_daemon_with_near_caches_off_serves_near_cache_clients_as_before(near_
 
 
 @pytest.mark.parametrize("mode", ["router", "direct"])
-def test_bug_a_daemon_with_near_caches_off_names_no_feeds_and_clients_turn_theirs_off(near_off: Daemon,
+def test_a_daemon_with_near_caches_off_names_no_feeds_and_clients_turn_theirs_off(near_off: Daemon,
                                                                                       mode: str) -> None:
-    """BUG: docs/near-cache.md: "``near_cache = false`` ... leaves ``invalidations`` out of the
+    """Was a bug (fixed): docs/near-cache.md: "``near_cache = false`` ... leaves ``invalidations`` out of the
     topology" and "a daemon whose topology has no ``invalidations`` ... gets plain ``get``s from
     then on". The router always lists them (``[None, None]`` here), and a router-mode client
     never reads the topology unless a reply is hot, so neither client turns its near cache off:

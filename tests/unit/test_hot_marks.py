@@ -48,31 +48,31 @@ def decoded(frame: bytes | None) -> tuple[int, int, int, int, list[bytes]]:
 def test_a_key_is_marked_at_the_larger_of_the_floor_rate_and_its_share(served: float, threshold: float) -> None:
     hm = marks()
     rates = [(b"above", threshold), (b"below", threshold * 0.999)]
-    assert hm.evaluate(rates, served) == (1, 0)
+    assert hm.evaluate(rates, served, 0.0) == (1, 0)
     assert hm.marked == {b"above"}
     assert hm.pending == []  # marking a key owes nobody anything
 
 
 def test_a_marked_key_stays_marked_down_to_half_the_threshold_and_its_unmarking_is_published() -> None:
     hm = marks(min_rate=100.0)
-    hm.evaluate([(b"k", 100.0)], 0.0)
+    hm.evaluate([(b"k", 100.0)], 0.0, 0.0)
     for rate in (99.0, 60.0, 50.0):  # hysteresis: not unmarked while >= half
-        assert hm.evaluate([(b"k", rate)], 0.0) == (0, 0)
+        assert hm.evaluate([(b"k", rate)], 0.0, 0.0) == (0, 0)
         assert hm.marked == {b"k"}
     assert hm.take() is None
-    assert hm.evaluate([(b"k", 49.9)], 0.0) == (0, 1)
+    assert hm.evaluate([(b"k", 49.9)], 0.0, 0.0) == (0, 1)
     assert hm.marked == set()
     # A client may hold it under a lease; it is told, since nothing will name it again.
     assert decoded(hm.take()) == (3, INC, 1, p.INVALIDATE_KEYS, [b"k"])
     # An unmarked key needs the full threshold again.
-    assert hm.evaluate([(b"k", 99.0)], 0.0) == (0, 0)
-    assert hm.evaluate([(b"k", 100.0)], 0.0) == (1, 0)
+    assert hm.evaluate([(b"k", 99.0)], 0.0, 0.0) == (0, 0)
+    assert hm.evaluate([(b"k", 100.0)], 0.0, 0.0) == (1, 0)
 
 
 def test_a_key_missing_from_the_rates_is_unmarked() -> None:
     hm = marks(min_rate=1.0)
-    hm.evaluate([(b"a", 5.0), (b"b", 5.0)], 0.0)
-    hm.evaluate([(b"a", 5.0)], 0.0)
+    hm.evaluate([(b"a", 5.0), (b"b", 5.0)], 0.0, 0.0)
+    hm.evaluate([(b"a", 5.0)], 0.0, 0.0)
     assert hm.marked == {b"a"}
     assert decoded(hm.take())[4] == [b"b"]
 
@@ -80,19 +80,19 @@ def test_a_key_missing_from_the_rates_is_unmarked() -> None:
 def test_at_most_max_keys_are_marked_the_hottest() -> None:
     hm = marks(min_rate=1.0, max_keys=3)
     rates = [(b"k%d" % i, float(10 + i)) for i in range(10)]
-    assert hm.evaluate(rates, 0.0) == (3, 0)
+    assert hm.evaluate(rates, 0.0, 0.0) == (3, 0)
     assert hm.marked == {b"k9", b"k8", b"k7"}
     # A hotter key displaces the coolest marked one, even though that one still qualifies.
-    hm.evaluate([*rates, (b"new", 100.0)], 0.0)
+    hm.evaluate([*rates, (b"new", 100.0)], 0.0, 0.0)
     assert hm.marked == {b"new", b"k9", b"k8"}
     assert decoded(hm.take())[4] == [b"k7"]
 
 
 def test_max_keys_zero_marks_nothing_and_unmarks_everything() -> None:
     hm = marks(min_rate=1.0)
-    hm.evaluate([(b"a", 1000.0), (b"b", 1000.0)], 0.0)
+    hm.evaluate([(b"a", 1000.0), (b"b", 1000.0)], 0.0, 0.0)
     hm.max_keys = 0  # hot_keys_max = 0, live
-    assert hm.evaluate([(b"a", 1000.0), (b"b", 1000.0)], 0.0) == (0, 2)
+    assert hm.evaluate([(b"a", 1000.0), (b"b", 1000.0)], 0.0, 0.0) == (0, 2)
     assert hm.marked == set()
     assert sorted(decoded(hm.take())[4]) == [b"a", b"b"]
 
@@ -103,15 +103,15 @@ def test_as_marked_keys_move_to_the_clients_the_next_hottest_qualify() -> None:
     # falls, the threshold with it, and cooler keys qualify.
     hm = marks(share=0.1, min_rate=10.0)
     rates = [(b"a", 5000.0), (b"b", 900.0), (b"c", 300.0), (b"d", 50.0), (b"e", 5.0)]
-    hm.evaluate(rates, 20_000.0)  # threshold 2000/s
+    hm.evaluate(rates, 20_000.0, 0.0)  # threshold 2000/s
     assert hm.marked == {b"a"}
-    hm.evaluate(rates, 10_000.0)  # a's reads are answered by the clients now: threshold 1000
+    hm.evaluate(rates, 10_000.0, 0.0)  # a's reads are answered by the clients now: threshold 1000
     assert hm.marked == {b"a"}
-    hm.evaluate(rates, 8_000.0)  # and some of b's: threshold 800
+    hm.evaluate(rates, 8_000.0, 0.0)  # and some of b's: threshold 800
     assert hm.marked == {b"a", b"b"}
-    hm.evaluate(rates, 2_500.0)  # threshold 250
+    hm.evaluate(rates, 2_500.0, 0.0)  # threshold 250
     assert hm.marked == {b"a", b"b", b"c"}
-    hm.evaluate(rates, 100.0)  # the floor (10/s) now: d qualifies, e never does
+    hm.evaluate(rates, 100.0, 0.0)  # the floor (10/s) now: d qualifies, e never does
     assert hm.marked == {b"a", b"b", b"c", b"d"}
     assert hm.take() is None  # nothing was unmarked on the way
 
@@ -121,7 +121,7 @@ def test_as_marked_keys_move_to_the_clients_the_next_hottest_qualify() -> None:
 
 def test_touched_queues_only_marked_keys_and_take_numbers_each_message() -> None:
     hm = marks(min_rate=1.0)
-    hm.evaluate([(b"hot", 5.0), (b"warm", 5.0)], 0.0)
+    hm.evaluate([(b"hot", 5.0), (b"warm", 5.0)], 0.0, 0.0)
     hm.touched(b"cold")
     assert hm.take() is None and hm.seq == 0  # nothing owed: no message, no number used
     hm.touched(b"hot")
@@ -136,7 +136,7 @@ def test_touched_queues_only_marked_keys_and_take_numbers_each_message() -> None
 
 def test_a_key_touched_many_times_is_named_once_in_order_of_first_touch() -> None:
     hm = marks(min_rate=1.0)
-    hm.evaluate([(b"a", 5.0), (b"b", 5.0), (b"c", 5.0)], 0.0)
+    hm.evaluate([(b"a", 5.0), (b"b", 5.0), (b"c", 5.0)], 0.0, 0.0)
     for key in (b"b", b"a", b"b", b"b", b"c", b"a"):
         hm.touched(key)
     assert decoded(hm.take())[2:] == (1, p.INVALIDATE_KEYS, [b"b", b"a", b"c"])
@@ -145,7 +145,7 @@ def test_a_key_touched_many_times_is_named_once_in_order_of_first_touch() -> Non
 
 def test_reset_unmarks_everything_and_owes_one_all_message_that_covers_the_queue() -> None:
     hm = marks(min_rate=1.0)
-    hm.evaluate([(b"a", 5.0), (b"b", 5.0)], 0.0)
+    hm.evaluate([(b"a", 5.0), (b"b", 5.0)], 0.0, 0.0)
     hm.touched(b"a")
     hm.reset()
     assert hm.marked == set()
@@ -162,7 +162,7 @@ def test_reset_unmarks_everything_and_owes_one_all_message_that_covers_the_queue
 def test_a_heartbeat_repeats_the_last_number_without_advancing_it() -> None:
     hm = marks(min_rate=1.0)
     assert decoded(hm.heartbeat()) == (3, INC, 0, p.HEARTBEAT, [])
-    hm.evaluate([(b"a", 5.0)], 0.0)
+    hm.evaluate([(b"a", 5.0)], 0.0, 0.0)
     hm.touched(b"a")
     assert decoded(hm.heartbeat())[2] == 0  # owed but not taken: not yet numbered
     assert decoded(hm.take())[2] == 1
@@ -189,7 +189,7 @@ def test_every_feed_has_its_own_incarnation() -> None:
 def test_the_lease_is_for_marked_keys_and_never_outlives_the_key(marked: bool, ttl_ms: int, lease: int) -> None:
     hm = marks(min_rate=1.0)
     if marked:
-        hm.evaluate([(b"k", 5.0)], 0.0)
+        hm.evaluate([(b"k", 5.0)], 0.0, 0.0)
     assert hm.lease(b"k", ttl_ms) == lease
 
 
@@ -275,7 +275,7 @@ def test_without_near_caches_near_get_is_a_get_that_never_grants_a_lease() -> No
         w.ok(p.NearGet(b"k"))
     w.advance(MARK_EVERY_S)
     w.shard.tick()
-    assert w.ok(p.NearGet(b"k")) == [b"v", 0, 0, 0, 0]
+    assert w.ok(p.NearGet(b"k")) == [b"v", -1, 0, 0, 0]  # -1: this daemon has none, the client stops asking
     assert "near" not in w.ok(p.Stats())
 
 

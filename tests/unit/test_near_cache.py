@@ -477,7 +477,7 @@ class Model:
     def mark(self, shard: int, hot: set[bytes]) -> None:
         sh = self.shards[shard]
         if not sh.resizing:
-            sh.hm.evaluate([(key, 10.0) for key in sorted(hot) if KEYS[key] == shard], 0.0)
+            sh.hm.evaluate([(key, 10.0) for key in sorted(hot) if KEYS[key] == shard], 0.0, 0.0)
 
     def publish(self, shard: int) -> None:
         sh = self.shards[shard]
@@ -901,8 +901,8 @@ def test_near_cache_must_be_a_bool_or_a_near_cache() -> None:
         Client("tcp://127.0.0.1:1", near_cache=1024)  # type: ignore[arg-type]
 
 
-def test_bug_silence_is_measured_from_when_the_feed_last_spoke_not_from_when_the_client_read_it() -> None:
-    """BUG: a copy is served after its feed has been silent for longer than silence_s.
+def test_silence_is_measured_from_when_the_feed_last_spoke_not_from_when_the_client_read_it() -> None:
+    """Was a bug (fixed in issue 15): a copy is served after its feed has been silent for longer than silence_s.
 
     docs/near-cache.md, guarantee 4: a copy is "not [served] at all once its shard's feed has been
     silent for 0.5 s (a dead worker or connection)". The client stamps each feed message with the
@@ -927,8 +927,8 @@ def test_bug_silence_is_measured_from_when_the_feed_last_spoke_not_from_when_the
         assert fake.tags()[n:] == ["near_get"], "the copy was served though the feed was silent > silence_s"
 
 
-def test_bug_a_router_mode_client_follows_a_restarted_workers_feed() -> None:
-    """BUG: after a worker restarts (new incarnation, new feed port), a router-mode client never
+def test_a_router_mode_client_follows_a_restarted_workers_feed() -> None:
+    """Was a bug (fixed): after a worker restarts (new incarnation, new feed port), a router-mode client never
     reads the topology again, so it never follows the new feed and keeps nothing of that shard.
 
     Client._near_get / AsyncClient._near_get only consult ``_near_due`` in the ``elif`` of ``if
