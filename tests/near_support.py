@@ -27,6 +27,7 @@ from shardd.config import build_config
 from shardd.hot_marks import HotMarks
 from shardd.store import Store
 from shardd.worker import Shard
+from tests import helpers
 
 WAIT = 30.0  # seconds: a deadline against a hang, never a bound a test asserts on
 HEARTBEAT_S = 0.02
@@ -165,14 +166,8 @@ def fake_daemon(**kwargs: Any) -> Iterator[FakeDaemon]:
 
 
 def wait_until(condition: Any, timeout: float = WAIT, what: str = "the condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not hold within {timeout} s")
-        time.sleep(0.002)
+    """tests.helpers.wait_until with this module's deadline and a finer poll (a near-cache read is µs)."""
+    return helpers.wait_until(condition, timeout, 0.002, what)
 
 
 def stat(client: Any, name: str) -> int:
