@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Callable
 from typing import Any, ClassVar, Self
 
@@ -271,12 +272,16 @@ class ClientBase(Commands):
         if not isinstance(endpoints, list):
             self._near_off()
             return
-        if self._feed is None:
-            self._feed = Subscriber(self._curve, self._context)
+        feed = self._feed
+        if feed is None:
+            feed = self._feed = Subscriber(self._curve, self._context)
+        elif feed.pending():  # what came before the new connections, stamped as it arrived
+            self._drain(feed, near, self._near_quiet_at)
         shards = {e: shard for shard, e in enumerate(endpoints) if isinstance(e, str) and e}
-        self._feed.follow(set(shards))
+        feed.follow(set(shards))
         self._feed_shards = shards
         near.unfollowed = False
+        self._near_quiet_at = time.monotonic()  # anything from the new connections arrives after this
 
     def _near_off(self) -> None:
         """No near cache for this client from now on (the daemon has none)."""
