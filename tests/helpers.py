@@ -43,6 +43,22 @@ def wait_until(condition, timeout: float = 60.0, interval: float = 0.01, what: s
 _SLEEP_SYSCALLS = {"x86_64": {35, 230}, "aarch64": {101, 115}}
 
 
+def scrape_metrics(port: int) -> str:
+    """The text of the daemon's /metrics on ``port``, waiting for the endpoint to come up (deadline
+    against a hang only)."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 def wait_until_sleeping(pid: int, timeout: float = 60.0) -> None:
     """Wait until process ``pid``'s main thread is inside a sleep (e.g. a debug_sleep op), from
     /proc/PID/syscall or /proc/PID/wchan: the readiness a test needs before queueing requests

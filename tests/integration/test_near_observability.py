@@ -5,8 +5,6 @@ own counters, on a real daemon that marks a key hot after a client reads it in a
 from __future__ import annotations
 
 import json
-import time
-import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -16,22 +14,14 @@ from shardd.hashing import shard_for
 from shardd.metrics import families
 from shardd.router_stats import combine_hotkeys, combine_near
 from tests.conftest import free_port
-from tests.helpers import run_cli, wait_until
+from tests.helpers import run_cli, scrape_metrics, wait_until
 from tests.integration.test_memory_bound import write_config
 
 KEY = b"celebrity"
 
 
 def _scrape(port: int) -> dict[tuple[str, tuple], float]:
-    deadline = time.monotonic() + 60  # against a hang only: the endpoint comes up with the daemon
-    while True:
-        try:
-            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+    text = scrape_metrics(port)
     fams = {f.name: f for f in text_string_to_metric_families(text)}
     assert fams["shardd_near_hot_keys"].type == "gauge"
     for name in ("shardd_near_invalidation_messages", "shardd_near_keys_invalidated", "shardd_near_resets"):

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import random
-import time
-import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
 import shardd
 from shardd.hashing import shard_for
 from tests.conftest import free_port
-from tests.helpers import keys_on_shard, run_cli
+from tests.helpers import keys_on_shard, run_cli, scrape_metrics
 from tests.integration.test_memory_bound import write_config
 
 
@@ -90,15 +88,7 @@ def test_prometheus_metrics_scrape(make_daemon, tmp_path):
         noise = random.Random(1).randbytes(2000)  # incompressible: zstd would shrink b"x" * 2000 to nothing
         client.set_many({f"m{i}": noise for i in range(5000)})  # ~11 MiB: evicts
         client.get("m1")
-    deadline = time.monotonic() + 60  # against a hang only
-    while True:
-        try:
-            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+    text = scrape_metrics(port)
     families = {f.name: f for f in text_string_to_metric_families(text)}
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
     assert samples[("shardd_up", ())] == 1
