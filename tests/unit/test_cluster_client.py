@@ -29,7 +29,7 @@ from shardd.slots import SLOTS, Node, SlotMap, slot_of
 
 OK, MOVED, TRYAGAIN, UNAVAILABLE = protocol.OK, protocol.MOVED, protocol.TRYAGAIN, protocol.UNAVAILABLE
 TIMEOUT = 0.5    # the fake clock's cost of a node that does not answer (sans-IO tests)
-IO_TIMEOUT = 0.25  # the clients' timeout in the I/O tests: a dead node costs this much (0.05 s failed beside a 2nd suite)
+IO_TIMEOUT = 0.25  # the clients' I/O timeout here: a dead node costs this much (0.05 s failed beside a 2nd suite)
 SILENT = object()  # a rule's answer: the node does not reply
 
 
