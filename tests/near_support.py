@@ -242,6 +242,16 @@ def peek(client: Any) -> Peeking:
     return feed
 
 
+def hold_and_peek(readers: list[Any], *keys: bytes) -> list[Peeking]:
+    """Have every reader hold a copy of each key, then put a Peeking in front of each one's feed."""
+    feeds = []
+    for reader in readers:
+        for key in keys:
+            read_until_held(reader, key)
+        feeds.append(peek(reader))
+    return feeds
+
+
 def keys_in(message: p.Invalidation) -> set[bytes]:
     return set(message.keys)
 

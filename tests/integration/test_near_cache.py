@@ -37,7 +37,16 @@ from shardd.near_cache import NearCache
 from shardd.transport_client import Subscriber
 from tests.conftest import Daemon
 from tests.helpers import keys_on_shard
-from tests.near_support import WAIT, Blocking, fake_daemon, peek, read_until_held, stat, wait_until
+from tests.near_support import (
+    WAIT,
+    Blocking,
+    fake_daemon,
+    hold_and_peek,
+    peek,
+    read_until_held,
+    stat,
+    wait_until,
+)
 
 HOT_AT_ONCE = "hot_key_min_rate = 1.0\nhot_key_share = 0.001\n"
 
@@ -211,11 +220,7 @@ def test_a_flush_drops_every_clients_copies(daemon: Daemon) -> None:
     k1 = keys_on_shard(1, 2, 1, prefix="flush-")[0]
     with Client(daemon.endpoint, timeout=WAIT) as admin, clients(daemon, "router", "direct", "async") as readers:
         admin.set_many({k0: b"a", k1: b"b"})
-        feeds = []
-        for reader in readers:
-            read_until_held(reader, k0)
-            read_until_held(reader, k1)
-            feeds.append(peek(reader))
+        feeds = hold_and_peek(readers, k0, k1)
         before = [stat(reader, "resets") for reader in readers]
         admin.flush()
         for reader, feed, resets_before in zip(readers, feeds, before, strict=True):
@@ -262,11 +267,7 @@ def test_a_resize_drops_the_copies_and_reads_after_it_are_right(tmp_path: Path) 
         staying = next(k for k in keys_on_shard(0, 2, 50, prefix="rs-") if shard_for(k, 3) == 0)
         with Client(d.endpoint, timeout=WAIT) as admin, clients(d, "router", "direct") as readers:
             admin.set_many({moving: b"1", staying: b"1"})
-            feeds = []
-            for reader in readers:
-                read_until_held(reader, moving)
-                read_until_held(reader, staying)
-                feeds.append(peek(reader))
+            feeds = hold_and_peek(readers, moving, staying)
             assert admin.resize(3)["to"] == 3
             for feed in feeds:
                 feed.wait_for(resets(0))  # sent when the resize started
